@@ -1,0 +1,1 @@
+"""marginflow.analysis (filled in by its issue)."""

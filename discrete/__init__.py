@@ -1,0 +1,1 @@
+"""marginflow.discrete (filled in by its issue)."""

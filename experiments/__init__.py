@@ -1,0 +1,1 @@
+"""marginflow.experiments (filled in by its issue)."""

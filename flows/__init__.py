@@ -1,0 +1,12 @@
+"""Continuous flows of GD, AdaGrad, RMSProp and Adam (w/m), `simulate` and `Trajectory`."""
+
+from ._flow import AbstractFlow as AbstractFlow
+from ._flow import AdaGradFlow as AdaGradFlow
+from ._flow import AdamFlow as AdamFlow
+from ._flow import GradientFlow as GradientFlow
+from ._flow import RMSPropFlow as RMSPropFlow
+from ._simulate import SimulationError as SimulationError
+from ._simulate import default_save_times as default_save_times
+from ._simulate import simulate as simulate
+from ._solvers import default_solver as default_solver
+from ._trajectory import Trajectory as Trajectory

@@ -1,0 +1,280 @@
+"""The continuous flows of GD, AdaGrad, RMSProp and Adam without momentum (MATH.md section 2).
+
+State (w, m) in R^p x R^p, m(0) = 0, g = grad L(w), all operations elementwise:
+
+    dw/dt = -h * g,    h = 1 / sqrt(eps + psi(m, t))   ("eps_inside", the paper's)
+                       h = 1 / (sqrt(psi(m, t)) + eps)  ("eps_outside", PyTorch's)
+    dm/dt = phi(m, g)
+
+| flow     | phi(m, g)          | psi(m, t)                                        |
+|----------|--------------------|--------------------------------------------------|
+| GD       | none (m stays 0)   | h = 1                                            |
+| AdaGrad  | g^2                | m                                                |
+| RMSProp  | (1 - b)(g^2 - m)   | m                                                |
+| Adam w/m | (1 - b)(g^2 - m)   | m / (1 - b^t) ("paper"), m / (1 - e^{-(1-b)t}) ("ema") |
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+_CONVENTIONS = ("eps_inside", "eps_outside")
+
+
+def _is_concrete(x) -> bool:
+    try:
+        np.asarray(x)
+        return True
+    except Exception:  # a tracer under jit/vmap: nothing to check here
+        return False
+
+
+def check_eps(eps, where: str):
+    if _is_concrete(eps):
+        e = np.asarray(eps)
+        if not np.all(np.isfinite(e)) or np.any(e <= 0):
+            raise ValueError(
+                f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
+                "eps = 1e-5 (try 1e-8 .. 1)."
+            )
+    return jnp.asarray(eps, dtype=float)
+
+
+def check_b(b, where: str):
+    if _is_concrete(b):
+        v = np.asarray(b)
+        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
+            raise ValueError(
+                f"{where}: `b` must be in [0, 1), got {b!r}; the paper uses b = 0.9 "
+                "(the m-equation decays at rate 1 - b)."
+            )
+    return jnp.asarray(b, dtype=float)
+
+
+def check_convention(conditioner: str, where: str) -> str:
+    if conditioner not in _CONVENTIONS:
+        raise ValueError(
+            f"{where}: `conditioner` must be one of {_CONVENTIONS}, got {conditioner!r}: "
+            "'eps_inside' is h = 1/sqrt(eps + psi) (the paper), 'eps_outside' is "
+            "h = 1/(sqrt(psi) + eps) (PyTorch)."
+        )
+    return conditioner
+
+
+class AbstractFlow(eqx.Module):
+    """A flow dw/dt = -h(t) * g, dm/dt = phi(m, g) (module docstring for the table).
+
+    Subclasses define `phi` (the m-equation) and `psi` (the second-moment estimate inside
+    the conditioner). Everything else (h, the vector field, d log h / dt for the paper's
+    Lemma 3) is derived here, once, from those two.
+    """
+
+    name: ClassVar[str]
+    conditioner: eqx.AbstractVar[str]
+
+    @abc.abstractmethod
+    def phi(self, t, m, g) -> Float[Array, " p"]:
+        """dm/dt."""
+
+    @abc.abstractmethod
+    def psi_and_rate(self, t, m, dm, g):
+        """(psi(m, t), d psi/dt along the flow), given dm/dt."""
+
+    def init_state(self, w0: Float[Array, " p"]):
+        """(w0, m0) with m0 = 0."""
+        return w0, jnp.zeros_like(w0)
+
+    def h_of_psi(self, psi):
+        eps = self.eps
+        if self.conditioner == "eps_inside":
+            return 1.0 / jnp.sqrt(eps + psi)
+        return 1.0 / (jnp.sqrt(psi) + eps)
+
+    def h(self, t, m, g) -> Float[Array, " p"]:
+        """The conditioner h(t) (g is only used by Adam's 'paper' correction at t = 0)."""
+        psi, _ = self.psi_and_rate(t, m, jnp.zeros_like(m), g)
+        return self.h_of_psi(psi)
+
+    def vector_field(self, t, w, m, g):
+        """(dw/dt, dm/dt, h, d log h/dt) at state (w, m) with gradient g = grad L(w)."""
+        dm = self.phi(t, m, g)
+        psi, dpsi = self.psi_and_rate(t, m, dm, g)
+        h = self.h_of_psi(psi)
+        if self.conditioner == "eps_inside":
+            dlogh = -0.5 * dpsi / (self.eps + psi)
+        else:
+            root = jnp.sqrt(psi)
+            safe = jnp.where(root > 0, root, 1.0)
+            dlogh = jnp.where(root > 0, -0.5 * dpsi / (safe * (safe + self.eps)), 0.0)
+        return -h * g, dm, h, dlogh
+
+    def hyperparameters(self) -> dict:
+        return {}
+
+
+class GradientFlow(AbstractFlow):
+    """Gradient flow dw/dt = -grad L(w): h = 1, no second moment (m stays 0).
+
+    Example: `simulate(GradientFlow(), Linear(2, key=k), soudry_dataset(), 1e6)`.
+    """
+
+    name: ClassVar[str] = "gd"
+    conditioner: str = eqx.field(static=True, default="eps_inside")
+
+    def __init__(self, *, conditioner: str = "eps_inside"):
+        self.conditioner = check_convention(conditioner, "GradientFlow")
+
+    def phi(self, t, m, g):
+        return jnp.zeros_like(m)
+
+    def psi_and_rate(self, t, m, dm, g):
+        return jnp.zeros_like(m), jnp.zeros_like(m)
+
+    def h_of_psi(self, psi):
+        return jnp.ones_like(psi)
+
+    def vector_field(self, t, w, m, g):
+        zero = jnp.zeros_like(m)
+        return -g, zero, jnp.ones_like(m), zero
+
+
+class AdaGradFlow(AbstractFlow):
+    """AdaGrad flow: dm/dt = g^2, h = 1/sqrt(eps + m), so m(t) = int_0^t g^2 ds.
+
+    Theorem 4: h is non-increasing and converges to h_inf > 0; the limit direction is a
+    KKT point of (PA) min 1/2 ||h_inf^{-1/2} w||^2 s.t. q_i(w) >= 1.
+    Args: eps > 0 (paper: 1e-5); conditioner "eps_inside" (paper) or "eps_outside".
+    """
+
+    name: ClassVar[str] = "adagrad"
+    eps: Float[Array, ""]
+    conditioner: str = eqx.field(static=True, default="eps_inside")
+
+    def __init__(self, eps=1e-5, *, conditioner: str = "eps_inside"):
+        self.eps = check_eps(eps, "AdaGradFlow")
+        self.conditioner = check_convention(conditioner, "AdaGradFlow")
+
+    def phi(self, t, m, g):
+        return g * g
+
+    def psi_and_rate(self, t, m, dm, g):
+        return m, dm
+
+    def hyperparameters(self):
+        return {"eps": float(self.eps)}
+
+
+class RMSPropFlow(AbstractFlow):
+    """RMSProp flow: dm/dt = (1 - b)(g^2 - m), h = 1/sqrt(eps + m).
+
+    Theorem 5: m -> 0, h -> eps^{-1/2}; the limit direction is a KKT point of
+    (P) min 1/2 ||w||^2 s.t. q_i(w) >= 1. Args: eps > 0, b in [0, 1) (paper: 1e-5, 0.9).
+    """
+
+    name: ClassVar[str] = "rmsprop"
+    eps: Float[Array, ""]
+    b: Float[Array, ""]
+    conditioner: str = eqx.field(static=True, default="eps_inside")
+
+    def __init__(self, eps=1e-5, b=0.9, *, conditioner: str = "eps_inside"):
+        self.eps = check_eps(eps, "RMSPropFlow")
+        self.b = check_b(b, "RMSPropFlow")
+        self.conditioner = check_convention(conditioner, "RMSPropFlow")
+
+    def phi(self, t, m, g):
+        return (1.0 - self.b) * (g * g - m)
+
+    def psi_and_rate(self, t, m, dm, g):
+        return m, dm
+
+    def hyperparameters(self):
+        return {"eps": float(self.eps), "b": float(self.b)}
+
+
+class AdamFlow(AbstractFlow):
+    """Adam without momentum: dm/dt = (1 - b)(g^2 - m), h = 1/sqrt(eps + m / c(t)).
+
+    bias_correction "paper": c(t) = 1 - b^t (eq. 9). At t = 0 both m and c vanish; the
+    limit is psi(0+) = (1 - b) g(0)^2 / (-log b), used there so the field is finite.
+    bias_correction "ema": c(t) = 1 - e^{-(1-b) t}, which makes psi an exact weighted
+    average of g^2 (limit g(0)^2) and is the flow a discrete Adam follows (MATH.md sec. 5).
+    Theorem 5: h -> eps^{-1/2}; limit direction a KKT point of (P).
+    """
+
+    name: ClassVar[str] = "adam"
+    eps: Float[Array, ""]
+    b: Float[Array, ""]
+    bias_correction: str = eqx.field(static=True, default="paper")
+    conditioner: str = eqx.field(static=True, default="eps_inside")
+
+    def __init__(
+        self,
+        eps=1e-5,
+        b=0.9,
+        *,
+        bias_correction: str = "paper",
+        conditioner: str = "eps_inside",
+    ):
+        self.eps = check_eps(eps, "AdamFlow")
+        self.b = check_b(b, "AdamFlow")
+        if bias_correction not in ("paper", "ema"):
+            raise ValueError(
+                "AdamFlow: `bias_correction` must be 'paper' (1 - b^t, eq. 9) or 'ema' "
+                f"(1 - e^{{-(1-b) t}}, the limit of discrete Adam), got {bias_correction!r}."
+            )
+        self.bias_correction = bias_correction
+        self.conditioner = check_convention(conditioner, "AdamFlow")
+
+    def phi(self, t, m, g):
+        return (1.0 - self.b) * (g * g - m)
+
+    def _correction(self, t):
+        """(c(t), c'(t), lim_{t->0} psi / g^2)."""
+        t = jnp.asarray(t, dtype=self.b.dtype)
+        if self.bias_correction == "paper":
+            # b = 0 gives log b = -inf: c(t) = 1 for t > 0 and the limit ratio is 0.
+            log_b = jnp.log(self.b)
+            tlog = jnp.where(t > 0, t * log_b, 0.0)
+            c = -jnp.expm1(tlog)
+            dc = jnp.where(self.b > 0, -jnp.exp(tlog) * log_b, 0.0)
+            limit = jnp.where(self.b > 0, (1.0 - self.b) / -jnp.where(self.b > 0, log_b, -1.0),
+                              0.0)
+        else:
+            rate = 1.0 - self.b
+            c = -jnp.expm1(-rate * t)
+            dc = rate * jnp.exp(-rate * t)
+            limit = jnp.ones_like(c)
+        return c, dc, limit
+
+    def psi_and_rate(self, t, m, dm, g):
+        c, dc, limit = self._correction(t)
+        positive = c > 0
+        c_safe = jnp.where(positive, c, 1.0)
+        psi = jnp.where(positive, m / c_safe, limit * g * g)
+        # d/dt (m / c) = dm / c - m c' / c^2; at t = 0 (where c = 0) the rate is not
+        # needed (a single point of the integral I(t)) and is set to 0.
+        dpsi = jnp.where(positive, dm / c_safe - m * dc / (c_safe * c_safe), 0.0)
+        return psi, dpsi
+
+    def hyperparameters(self):
+        return {
+            "eps": float(self.eps),
+            "b": float(self.b),
+            "bias_correction": self.bias_correction,
+        }
+
+
+FLOWS = {cls.name: cls for cls in (GradientFlow, AdaGradFlow, RMSPropFlow, AdamFlow)}
+
+
+def flow_from_meta(name: str, hyper: dict, conditioner: str) -> AbstractFlow:
+    """Rebuild a flow from its name and hyper-parameters (used when loading a Trajectory)."""
+    if name not in FLOWS:
+        raise ValueError(f"unknown flow {name!r}; known: {sorted(FLOWS)}.")
+    return FLOWS[name](**hyper, conditioner=conditioner)

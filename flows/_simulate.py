@@ -1,0 +1,469 @@
+"""`simulate`: integrate a flow on a model and data set with a diffrax adaptive solver.
+
+The integration runs in segments, one per decade of t ([0, 1], [1, 10], [10, 100], ...),
+each a call of ONE jit-compiled diffeqsolve that carries the solver's and the step-size
+controller's state across the boundary (so nothing restarts). Segments give a progress
+meter that moves on the log scale the theory lives on, and a place to stop, report and
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import diffrax as dfx
+import optimistix as optx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models import Objective
+from ..models._objective import flatten
+from ._flow import AbstractFlow
+from ._solvers import default_solver, solver_name
+from ._trajectory import Trajectory
+
+_RESULT_NAMES = [
+    "successful",
+    "max_steps_reached",
+    "singular",
+    "breakdown",
+    "diverged",
+    "max_steps_rejected",
+    "internal_error",
+    "event_occurred",
+    "dt_min_reached",
+    "nonlinear_max_steps_reached",
+    "nonlinear_divergence",
+]
+
+_HINTS = {
+    "max_steps_reached": "increase `max_steps` (a limit per decade of t), loosen rtol, or "
+    "use an implicit solver (solver=None picks one)",
+    "dt_min_reached": "the step size underflowed: loosen rtol/atol or check the model for "
+    "a kink the solver cannot step over",
+    "nonlinear_divergence": "the implicit solver's root finder diverged: loosen rtol or "
+    "pass another solver",
+    "nonlinear_max_steps_reached": "the implicit solver's root finder did not converge: "
+    "loosen rtol or pass another solver",
+    "breakdown": "the state became non-finite (NaN/inf): check the data scale and the "
+    "initialisation, or lower t1",
+}
+
+
+class SimulationError(RuntimeError):
+    """A failed integration. `.trajectory` holds everything computed up to the failure."""
+
+    def __init__(self, message: str, trajectory: Trajectory):
+        super().__init__(message)
+        self.trajectory = trajectory
+
+
+def _result_name(code) -> str:
+    for name in _RESULT_NAMES:
+        item = getattr(dfx.RESULTS, name, None)
+        if item is not None and int(code) == int(item._value):
+            return name
+    return "unknown_failure"
+
+
+def _result_message(code) -> str:
+    for name in _RESULT_NAMES:
+        item = getattr(dfx.RESULTS, name, None)
+        if item is not None and int(code) == int(item._value):
+            return str(dfx.RESULTS[item])
+    return "the solver stopped."
+
+
+# ------------------------------------------------------------------------ the ODE
+def _vector_field(t, y, args):
+    flow, objective = args
+    w, m, _ = y
+    _, g = objective.log_loss_and_grad(w)
+    dw, dm, _, dlogh = flow.vector_field(t, w, m, g)
+    # Lemma 3's penalty rate: sum_i (-1/2 d log h_i/dt)_+, exact from the vector field.
+    dI = jnp.sum(jnp.maximum(-0.5 * dlogh, 0.0))
+    return dw, dm, dI
+
+
+def _wm_norm(y):
+    # Error control on (w, m) only. I(t) is a quadrature driven by the state: its rate
+    # contains m c'(t)/c(t)^2 for Adam, so near t = 0 trial stages with m off by the
+    # tolerance give huge rates and would stall the controller, while its value is only
+    # used after separation, where it inherits the accuracy of (w, m).
+    w, m, _ = y
+    return optx.rms_norm((w, m))
+
+
+def _save_fn(t, y, args):
+    flow, objective = args
+    w, m, I = y
+    log_l, g = objective.log_loss_and_grad(w)
+    return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, m, g)}
+
+
+@eqx.filter_jit
+def _segment(flow, objective, y0, t_start, t_end, save_ts, solver, controller, max_steps,
+             state):
+    """Integrate one segment [t_start, t_end], saving at save_ts (padded with t_end)."""
+    controller_state, solver_state = state if state is not None else (None, None)
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_vector_field),
+        solver,
+        t_start,
+        t_end,
+        None,
+        y0,
+        args=(flow, objective),
+        saveat=dfx.SaveAt(
+            subs=[
+                dfx.SubSaveAt(ts=save_ts, fn=_save_fn),
+                dfx.SubSaveAt(t1=True),
+            ],
+            controller_state=True,
+            solver_state=True,
+        ),
+        stepsize_controller=controller,
+        max_steps=max_steps,
+        throw=False,
+        controller_state=controller_state,
+        solver_state=solver_state,
+        made_jump=None if state is None else False,
+    )
+    saved, final = sol.ys
+    saved_ts = sol.ts[0]
+    y_end = jax.tree.map(lambda x: x[-1], final)
+    return (
+        saved_ts,
+        saved,
+        y_end,
+        (sol.controller_state, sol.solver_state),
+        sol.result._value,
+        sol.stats["num_steps"],
+        sol.stats["num_accepted_steps"],
+        sol.stats["num_rejected_steps"],
+    )
+
+
+def _segment_bounds(t0: float, t1: float) -> list[float]:
+    """t0, the powers of ten strictly between t0 and t1, t1: one segment per decade."""
+    lo = 0 if t0 <= 0 else math.floor(math.log10(t0)) + 1
+    hi = math.ceil(math.log10(t1)) - 1
+    inner = [10.0**k for k in range(lo, hi + 1) if t0 < 10.0**k < t1]
+    return [t0, *inner, t1]
+
+
+def default_save_times(t0: float, t1: float, n_save: int) -> np.ndarray:
+    """t0 then n_save - 1 log-spaced times of t - t0 up to t1 (first at min(1e-2, span/100))."""
+    span = t1 - t0
+    first = min(1e-2, span / 100.0)
+    return np.concatenate([[t0], t0 + np.geomspace(first, span, n_save - 1)])
+
+
+# ------------------------------------------------------------------- validation
+def _check_number(x, name: str, rule: str, ok) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"simulate: `{name}` must be a real number, got {x!r}.") from None
+    if not ok(v):
+        raise ValueError(f"simulate: `{name}` {rule}, got {x!r}.")
+    return v
+
+
+def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
+    if not isinstance(flow, AbstractFlow):
+        raise TypeError(
+            "simulate: `flow` must be a marginflow flow (GradientFlow(), AdaGradFlow(eps), "
+            f"RMSPropFlow(eps, b), AdamFlow(eps, b)), got {type(flow).__name__}."
+        )
+    t0 = _check_number(t0, "t0", "must be finite and >= 0", lambda v: math.isfinite(v) and v >= 0)
+    t1 = _check_number(t1, "t1", "must be finite", math.isfinite)
+    if not t1 > t0:
+        raise ValueError(
+            f"simulate: `t1` must be greater than `t0`, got t0 = {t0!r}, t1 = {t1!r}; "
+            "pass the end time of the integration as t1 (e.g. 1e6)."
+        )
+    if t1 > 1e300:
+        raise ValueError(f"simulate: `t1` must be <= 1e300 (float64 time axis), got {t1!r}.")
+    rtol = _check_number(rtol, "rtol", "must be in (0, 1)", lambda v: 0 < v < 1)
+    atol = _check_number(atol, "atol", "must be > 0", lambda v: math.isfinite(v) and v > 0)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or \
+            max_steps < 1:
+        raise ValueError(f"simulate: `max_steps` must be a positive integer, got {max_steps!r}.")
+    if ts is None:
+        if isinstance(n_save, bool) or not isinstance(n_save, (int, np.integer)) or n_save < 2:
+            raise ValueError(f"simulate: `n_save` must be an integer >= 2, got {n_save!r}.")
+        ts = default_save_times(t0, t1, int(n_save))
+    else:
+        ts = np.asarray(ts, dtype=np.float64)
+        if ts.ndim != 1 or ts.size < 1:
+            raise ValueError(f"simulate: `ts` must be a 1-D array of save times, got shape "
+                             f"{ts.shape}.")
+        if not np.all(np.isfinite(ts)):
+            raise ValueError("simulate: `ts` must be finite, found NaN/inf save times.")
+        if ts[0] < t0 or ts[-1] > t1:
+            raise ValueError(
+                f"simulate: save times `ts` must lie in [t0, t1] = [{t0}, {t1}], got "
+                f"[{ts[0]}, {ts[-1]}]; clip them or change t0/t1."
+            )
+        if np.any(np.diff(ts) <= 0):
+            raise ValueError(
+                "simulate: save times `ts` must be strictly increasing; sort them and "
+                "drop duplicates (np.unique)."
+            )
+    return t0, t1, ts, rtol, atol, int(max_steps)
+
+
+def _check_params(w0, where: str):
+    w = np.asarray(w0)
+    if not np.all(np.isfinite(w)):
+        raise ValueError(
+            f"{where}: the initial parameters must be finite, found "
+            f"{int(np.sum(~np.isfinite(w)))} NaN/inf entries; re-initialise the model."
+        )
+
+
+def _check_homogeneous(objective: Objective, where: str):
+    """A cheap entry check that Phi(2w; x) = 2^L Phi(w; x) on a few samples."""
+    w = objective.w0()
+    if w.ndim != 1:
+        return
+    small = Objective(objective.model, _head(objective.data), objective.loss, where=where)
+    a = np.asarray(small.outputs(w))
+    b = np.asarray(small.outputs(2.0 * w))
+    scale = np.max(np.abs(b)) + np.max(np.abs(a)) * 2.0**objective.degree + 1e-300
+    err = np.max(np.abs(b - 2.0**objective.degree * a)) / scale
+    if err > 1e-8:
+        raise ValueError(
+            f"{where}: the model is not homogeneous of the degree it claims "
+            f"(degree = {objective.degree}): Phi(2w) differs from 2^L Phi(w) by {err:.2e} "
+            "relative; remove biases and non-homogeneous activations, or fix `degree`."
+        )
+
+
+def _head(data, n: int = 8):
+    from ..models import Dataset
+
+    return Dataset(np.asarray(data.X[:n]), np.asarray(data.y[:n]))
+
+
+# ----------------------------------------------------------------------- simulate
+def simulate(
+    flow: AbstractFlow,
+    model,
+    data,
+    t1: float,
+    *,
+    loss=None,
+    t0: float = 0.0,
+    n_save: int = 200,
+    ts=None,
+    solver=None,
+    rtol: float = 1e-8,
+    atol: float = 1e-12,
+    max_steps: int = 100_000,
+    progress: bool = False,
+    throw: bool = True,
+    batch: bool = False,
+    dtype=jnp.float64,
+) -> Trajectory:
+    """Integrate `flow` on `model` and `data` from t0 to t1 and save a Trajectory.
+
+    dw/dt = -h(t) * grad L(w), dm/dt = phi(m, grad L(w)), w(t0) = the model's parameters,
+    m(t0) = 0, with L(w) = sum_i exp(-f(q_i(w))) (MATH.md sections 1-2). The integral
+    I(t) = int_{t0}^t sum_i (-1/2 d log h_i/ds)_+ ds of Lemma 3 is integrated alongside.
+
+    Args:
+        flow: GradientFlow(), AdaGradFlow(eps), RMSPropFlow(eps, b) or AdamFlow(eps, b).
+        model: a marginflow model; its parameters are the initial point w(t0). With
+            batch=True every parameter array has a leading axis B of initialisations
+            (build them with eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)).
+        data: a Dataset. loss: "exponential" (default, binary), "logistic" or
+            "cross_entropy" (default, multi-class).
+        t1, t0: end and start time, 0 <= t0 < t1 <= 1e300.
+        n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
+        solver: a diffrax solver; None picks `default_solver(flow, p)`.
+        rtol, atol: the step-size controller's tolerances.
+        max_steps: the most solver steps per decade of t.
+        progress: a tqdm meter over the decades of t.
+        throw: raise SimulationError (holding the partial Trajectory) if the solver stops
+            early; with throw=False the partial Trajectory is returned and its `result` /
+            `message` say why.
+        dtype: jnp.float64 (default; every theory check) or jnp.float32 (GPU speed runs).
+
+    Example:
+        >>> import jax
+        >>> from marginflow.flows import RMSPropFlow, simulate
+        >>> from marginflow.models import ToyLeaky, toy_dataset
+        >>> traj = simulate(RMSPropFlow(1e-5, 0.9), ToyLeaky(key=jax.random.key(0)),
+        ...                 toy_dataset(0), t1=1e6)
+    """
+    t0, t1, save_ts, rtol, atol, max_steps = _check_args(
+        flow, t0, t1, n_save, ts, rtol, atol, max_steps
+    )
+    if dtype not in (jnp.float64, jnp.float32):
+        raise ValueError(f"simulate: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
+    if batch:
+        template = jax.tree.map(
+            lambda x: x[0] if eqx.is_inexact_array(x) else x, model
+        )
+        w0 = eqx.filter_vmap(flatten)(model)
+    else:
+        template = model
+        w0 = flatten(model) if _is_model(model) else None
+    objective = Objective(template, data, loss, where="simulate")
+    if w0 is None:
+        w0 = objective.w0()
+    if batch and w0.ndim != 2:
+        raise ValueError("simulate: batch=True needs parameters with a leading batch axis.")
+    _check_params(w0, "simulate")
+    _check_homogeneous(objective, "simulate")
+
+    w0 = jnp.asarray(w0, dtype=dtype)
+    flow = jax.tree.map(lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, flow)
+    p = int(w0.shape[-1])
+    if solver is None:
+        solver = default_solver(flow, p, rtol=rtol, atol=atol)
+    controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4, 
+                                   norm=_wm_norm)
+
+    zero = jnp.zeros((), dtype)
+    m0 = jnp.zeros_like(w0)
+    y = (w0, m0, jnp.zeros(w0.shape[:-1], dtype))
+    bounds = _segment_bounds(t0, t1)
+    per_segment = [
+        save_ts[(save_ts > lo) & (save_ts <= hi)] if k else save_ts[save_ts <= hi]
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
+    width = max(1, max(len(s) for s in per_segment))
+
+    seg = _segment
+    if batch:
+        seg = eqx.filter_vmap(
+            _segment, in_axes=(None, None, 0, None, None, None, None, None, None, 0)
+        )
+
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "w", "m", "I", "log_loss", "h")}
+    steps = accepted = rejected = 0
+    state = None
+    result, message = "successful", ""
+    wall_time = 0.0
+    bar = _progress_bar(len(bounds) - 1) if progress else None
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        wanted = per_segment[k]
+        pad = np.full(width, hi)
+        pad[: len(wanted)] = wanted
+        start = time.perf_counter()
+        out = seg(flow, objective, y, zero + lo, zero + hi, jnp.asarray(pad, dtype), solver,
+                  controller, max_steps, state)
+        out = jax.block_until_ready(out)
+        wall_time += time.perf_counter() - start
+        saved_ts, saved, y, state, code, n, na, nr = out
+        steps += np.asarray(n)
+        accepted += np.asarray(na)
+        rejected += np.asarray(nr)
+        codes = np.atleast_1d(np.asarray(code))
+        ok = codes == int(dfx.RESULTS.successful._value)
+        n_keep = len(wanted)
+        saved_ts = np.asarray(saved_ts)
+        if not ok.all():
+            # Keep every save the solver reached; diffrax writes the state where it stopped
+            # into the first unfilled slot, so keep that one too.
+            row_ts = saved_ts if saved_ts.ndim == 1 else saved_ts[np.argmin(ok)]
+            reached = np.isfinite(row_ts)
+            n_keep = int(min(np.sum(reached), width))
+            kept_ts = row_ts[:n_keep]
+        else:
+            kept_ts = pad[:n_keep]
+        chunks["ts"].append(np.asarray(kept_ts, np.float64))
+        for key in ("w", "m", "I", "log_loss", "h"):
+            arr = np.asarray(saved[key])
+            arr = arr[:, :n_keep] if batch else arr[:n_keep]
+            chunks[key].append(arr)
+        if bar is not None:
+            bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}")
+            bar.update(1)
+        if not ok.all():
+            bad = codes[~ok][0]
+            result = _result_name(bad)
+            failed = int(np.sum(~ok))
+            where = f"{failed} of {codes.size} runs" if batch else "the run"
+            reached_t = float(np.nanmax(np.where(np.isfinite(kept_ts), kept_ts, np.nan))) \
+                if len(kept_ts) else lo
+            message = (
+                f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
+                f"{_result_message(bad)} Fix: {_HINTS.get(result, 'see the diffrax result')}."
+            )
+            break
+    if bar is not None:
+        bar.close()
+
+    axis = 1 if batch else 0
+    cat = {k: np.concatenate(v, axis=0 if k == "ts" else axis) for k, v in chunks.items()}
+    meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
+    meta["wall_time_s"] = wall_time  # includes compilation on a first call
+    traj = Trajectory(
+        ts=cat["ts"],
+        w=cat["w"],
+        m=cat["m"],
+        conditioner=cat["h"],
+        log_loss=cat["log_loss"],
+        I=cat["I"],
+        stats={
+            "num_steps": steps,
+            "num_accepted_steps": accepted,
+            "num_rejected_steps": rejected,
+            "num_segments": len(chunks["ts"]),
+        },
+        result=result,
+        message=message,
+        meta=meta,
+    )
+    if result != "successful" and throw:
+        raise SimulationError(
+            f"simulate: {message} The partial trajectory is in the exception's "
+            "`.trajectory`; pass throw=False to get it returned instead.",
+            traj,
+        )
+    return traj
+
+
+def _is_model(model) -> bool:
+    from ..models import AbstractModel
+
+    return isinstance(model, AbstractModel)
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="decade", desc="simulate")
+
+
+def _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch) -> dict[str, Any]:
+    return {
+        "kind": "flow",
+        "flow": flow.name,
+        "hyper": flow.hyperparameters(),
+        "conditioner": flow.conditioner,
+        "loss": objective.loss.name,
+        "model": objective.model.spec(),
+        "degree": objective.degree,
+        "data": {
+            "fingerprint": objective.data.fingerprint(),
+            "n": len(objective.data),
+            "binary": objective.data.binary,
+        },
+        "t0": t0,
+        "t1": t1,
+        "rtol": rtol,
+        "atol": atol,
+        "max_steps_per_decade": max_steps,
+        "solver": solver_name(solver),
+        "dtype": jnp.dtype(dtype).name,
+        "batch": bool(batch),
+    }

@@ -1,0 +1,151 @@
+"""`Trajectory`: one type for continuous and discrete runs, saved without pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import equinox as eqx
+import numpy as np
+
+
+class Trajectory(eqx.Module):
+    """A run saved at times `ts` (flow time; t = k * eta for a discrete run).
+
+    Arrays (numpy, float64 unless the run was float32); a leading batch axis B on every
+    per-run array when many initialisations were run in one call:
+    - ts (n,): save times;
+    - w (n, p): flat parameters; m (n, p): second moments; `h()` (n, p): the conditioner;
+    - log_loss (n,): log L(w(t));
+    - I (n,): the integral I(t) = int_{t0}^t sum_i (-1/2 d log h_i/ds)_+ ds of the paper's
+      Lemma 3, integrated with the flow (NaN for discrete runs);
+    - stats: solver statistics (num_steps, num_accepted_steps, num_rejected_steps,
+      num_segments);
+    - result: "successful" or why the run stopped (e.g. "max_steps_reached"); message: the
+      reason in words and what to change;
+    - meta: flow / optimiser and hyper-parameters, loss, model spec and degree, data
+      fingerprint, tolerances, solver, dtype.
+    """
+
+    ts: np.ndarray
+    w: np.ndarray
+    m: np.ndarray
+    conditioner: np.ndarray
+    log_loss: np.ndarray
+    I: np.ndarray
+    stats: dict = eqx.field(static=True)
+    result: str = eqx.field(static=True)
+    message: str = eqx.field(static=True)
+    meta: dict = eqx.field(static=True)
+
+    @property
+    def success(self) -> bool:
+        return self.result == "successful"
+
+    @property
+    def batched(self) -> bool:
+        return self.w.ndim == 3
+
+    def h(self) -> np.ndarray:
+        """The conditioner h(t) at the save times, shape like `w`."""
+        return self.conditioner
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+    @property
+    def degree(self) -> int:
+        return int(self.meta["degree"])
+
+    def member(self, b: int) -> Trajectory:
+        """Member b of a batched trajectory, as an unbatched Trajectory."""
+        if not self.batched:
+            raise ValueError("member(b) needs a batched trajectory (w of shape (B, n, p)).")
+        return Trajectory(
+            ts=self.ts,
+            w=self.w[b],
+            m=self.m[b],
+            conditioner=self.conditioner[b],
+            log_loss=self.log_loss[b],
+            I=self.I[b],
+            stats={k: (np.asarray(v)[b] if np.ndim(v) else v) for k, v in self.stats.items()},
+            result=self.result,
+            message=self.message,
+            meta=self.meta,
+        )
+
+    def model_at(self, i: int, b: int | None = None):
+        """The equinox model with the parameters saved at index i (member b of a batch)."""
+        from ..models import from_spec, unflatten
+
+        skeleton = from_spec(self.meta["model"])
+        w = self.w[b, i] if (self.batched and b is not None) else self.w[i]
+        if w.ndim != 1:
+            raise ValueError(
+                "model_at: this trajectory is batched; pass the member, model_at(i, b=...)."
+            )
+        return unflatten(skeleton, np.asarray(w))
+
+    def flow(self):
+        """The flow object this trajectory was integrated with (continuous runs)."""
+        from ._flow import flow_from_meta
+
+        return flow_from_meta(self.meta["flow"], self.meta["hyper"], self.meta["conditioner"])
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to `path` (.npz; numpy arrays + JSON metadata, loadable without pickle).
+
+        The file is written to a temporary name and renamed: never left half-written.
+        """
+        path = os.fspath(path)
+        header = {
+            "stats": {k: np.asarray(v).tolist() for k, v in self.stats.items()},
+            "result": self.result,
+            "message": self.message,
+            "meta": self.meta,
+            "format": "marginflow.Trajectory/1",
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    ts=self.ts,
+                    w=self.w,
+                    m=self.m,
+                    conditioner=self.conditioner,
+                    log_loss=self.log_loss,
+                    I=self.I,
+                    header=np.array(json.dumps(header)),
+                )
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trajectory:
+        """Read a file written by `save` (no pickle involved)."""
+        with np.load(os.fspath(path), allow_pickle=False) as f:
+            header = json.loads(str(f["header"]))
+            if header.get("format") != "marginflow.Trajectory/1":
+                raise ValueError(f"{path} is not a marginflow Trajectory file.")
+            arrays = {k: f[k] for k in ("ts", "w", "m", "conditioner", "log_loss", "I")}
+        return cls(
+            **arrays,
+            stats={k: _from_list(v) for k, v in header["stats"].items()},
+            result=header["result"],
+            message=header["message"],
+            meta=header["meta"],
+        )
+
+
+def _from_list(v: Any):
+    return np.asarray(v) if isinstance(v, list) else v

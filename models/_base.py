@@ -1,0 +1,65 @@
+"""The common interface of marginflow's homogeneous models."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+
+class AbstractModel(eqx.Module):
+    """A positively homogeneous network Phi(w; x): Phi(a w; x) = a^L Phi(w; x), a > 0.
+
+    Subclasses have an integer attribute `degree` (L), an `in_shape` (the shape of one
+    input), an `out_dim` (1: binary, scalar output; C > 1: C logits) and `spec()`, the
+    constructor arguments, so a saved trajectory can rebuild the model without pickle.
+    """
+
+    degree: eqx.AbstractVar[int]
+    out_dim: eqx.AbstractVar[int]
+
+    @property
+    @abc.abstractmethod
+    def in_shape(self) -> tuple[int, ...]: ...
+
+    @abc.abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """{"class": name, "kwargs": constructor arguments}: JSON-serialisable."""
+
+    @abc.abstractmethod
+    def __call__(self, x): ...
+
+
+def check_key(key, where: str):
+    if key is None:
+        raise TypeError(
+            f"{where} needs a PRNG key: pass `key=jax.random.key(0)` (or PRNGKey(0))."
+        )
+    return key
+
+
+def check_positive_int(value, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: `{name}` must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def model_registry() -> dict[str, type]:
+    from ._cnn import CNN
+    from ._linear import DeepLinear, Linear
+    from ._mlp import MLP
+    from ._toy import ToyLeaky
+
+    return {c.__name__: c for c in (Linear, DeepLinear, ToyLeaky, MLP, CNN)}
+
+
+def from_spec(spec: dict[str, Any]) -> AbstractModel:
+    """Rebuild a model skeleton from `model.spec()` (parameters from a fixed key)."""
+    registry = model_registry()
+    name = spec.get("class")
+    if name not in registry:
+        raise ValueError(f"unknown model class {name!r} in spec; known: {sorted(registry)}.")
+    return registry[name](**spec["kwargs"], key=jax.random.PRNGKey(0))
