@@ -1,1 +1,3 @@
-"""marginflow.analysis (filled in by its issue)."""
+"""Margins, surrogate margins, conditioner limits, KKT residuals, exact references."""
+
+from ._margins import normalized_margin as normalized_margin
