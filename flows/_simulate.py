@@ -23,7 +23,7 @@ import numpy as np
 from ..models import Objective
 from ..models._objective import flatten
 from ._flow import AbstractFlow
-from ._solvers import default_solver, solver_name
+from ._solvers import default_solver, solver_name, wm_norm
 from ._trajectory import Trajectory
 
 _RESULT_NAMES = [
@@ -87,15 +87,6 @@ def _vector_field(t, y, args):
     # Lemma 3's penalty rate: sum_i (-1/2 d log h_i/dt)_+, exact from the vector field.
     dI = jnp.sum(jnp.maximum(-0.5 * dlogh, 0.0))
     return dw, dm, dI
-
-
-def _wm_norm(y):
-    # Error control on (w, m) only. I(t) is a quadrature driven by the state: its rate
-    # contains m c'(t)/c(t)^2 for Adam, so near t = 0 trial stages with m off by the
-    # tolerance give huge rates and would stall the controller, while its value is only
-    # used after separation, where it inherits the accuracy of (w, m).
-    w, m, _ = y
-    return optx.rms_norm((w, m))
 
 
 def _save_fn(t, y, args):
@@ -329,7 +320,7 @@ def simulate(
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
     controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4, 
-                                   norm=_wm_norm)
+                                   norm=wm_norm)
 
     zero = jnp.zeros((), dtype)
     m0 = jnp.zeros_like(w0)
