@@ -1,1 +1,13 @@
-"""marginflow.experiments (filled in by its issue)."""
+"""The paper's experiments as code, and the `marginflow` command line.
+
+Each experiment is a function `name(*, quick=None, progress=False, seed=0)` returning an
+`ExperimentResult` (figure data, a JSON summary of the key numbers, the paper's claims
+marked reproduced or not, PNG figures). `quick=None` reads the environment variable
+MARGINFLOW_QUICK. From the shell: `marginflow reproduce NAME --out DIR [--quick]`.
+"""
+
+from ._mnist import mnist_5k as mnist_5k
+from ._mnist import mnist_idx as mnist_idx
+from ._mnist import read_idx as read_idx
+from ._results import Claim as Claim
+from ._results import ExperimentResult as ExperimentResult
