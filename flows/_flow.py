@@ -35,9 +35,24 @@ def _is_concrete(x) -> bool:
         return False
 
 
+def _as_float_array(x, name: str, where: str):
+    try:
+        v = np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
+    if v.ndim != 0:
+        # One flow per hyper-parameter value; sweeps vmap the constructor, where the value
+        # is a tracer and not checked here: eqx.filter_vmap(lambda e: RMSPropFlow(e, b))(es).
+        raise ValueError(
+            f"{where}: `{name}` must be a scalar, got shape {v.shape}; to sweep values build "
+            f"the flows with eqx.filter_vmap over the constructor."
+        )
+    return v
+
+
 def check_eps(eps, where: str):
     if _is_concrete(eps):
-        e = np.asarray(eps)
+        e = _as_float_array(eps, "eps", where)
         if not np.all(np.isfinite(e)) or np.any(e <= 0):
             raise ValueError(
                 f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
@@ -48,7 +63,7 @@ def check_eps(eps, where: str):
 
 def check_b(b, where: str):
     if _is_concrete(b):
-        v = np.asarray(b)
+        v = _as_float_array(b, "b", where)
         if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
             raise ValueError(
                 f"{where}: `b` must be in [0, 1), got {b!r}; the paper uses b = 0.9 "

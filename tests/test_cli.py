@@ -1,0 +1,60 @@
+"""The `marginflow` command line: the main job and its errors (issues 2 and 7)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from marginflow.experiments._cli import main
+from marginflow.flows import Trajectory
+
+
+def test_simulate_writes_trajectory_plot_and_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["simulate", "--flow", "rmsprop", "--model", "toy", "--t1", "1e4", "--out",
+               str(out), "--no-progress", "--n-save", "40"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for row in ("log L (final loss)", "||w||", "normalised margin", "h spread"):
+        assert row in printed
+    traj = Trajectory.load(out / "trajectory.npz")
+    assert traj.success and traj.ts[-1] == pytest.approx(1e4)
+    assert traj.meta["flow"] == "rmsprop" and traj.meta["model"]["class"] == "ToyLeaky"
+    with open(out / "trajectory.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert float(summary["log L (final loss)"]) == pytest.approx(traj.log_loss[-1], rel=1e-5)
+    assert float(summary["||w||"]) == pytest.approx(np.linalg.norm(traj.w[-1]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--b", "1.2"], "`b` must be in [0, 1), got 1.2"),
+        (["--eps", "0"], "`eps` must be a finite number > 0, got 0.0"),
+        (["--t1", "-5"], "--t1 must be > 0, got -5.0"),
+        (["--model", "toy", "--data", "gaussians"], "--model toy takes 2-D inputs"),
+        (["--n-save", "1"], "`n_save` must be an integer >= 2"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
+    rc = main(["simulate", "--out", str(tmp_path / "x"), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_console_script_without_traceback(tmp_path):
+    # The installed entry point: bad input exits non-zero with no Python traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "marginflow.experiments", "simulate", "--out",
+         str(tmp_path / "y"), "--b", "-1"],
+        capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 2
+    assert "`b` must be in [0, 1), got -1.0" in proc.stderr
+    assert "Traceback" not in proc.stderr
