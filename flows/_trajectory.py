@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import equinox as eqx
 import numpy as np
+
+from ._checkpoint import atomic_savez
 
 
 class Trajectory(eqx.Module):
@@ -108,27 +109,16 @@ class Trajectory(eqx.Module):
             "meta": self.meta,
             "format": "marginflow.Trajectory/1",
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    ts=self.ts,
-                    w=self.w,
-                    m=self.m,
-                    conditioner=self.conditioner,
-                    log_loss=self.log_loss,
-                    I=self.I,
-                    header=np.array(json.dumps(header)),
-                )
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_savez(
+            path,
+            ts=self.ts,
+            w=self.w,
+            m=self.m,
+            conditioner=self.conditioner,
+            log_loss=self.log_loss,
+            I=self.I,
+            header=np.array(json.dumps(header)),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trajectory:

@@ -135,7 +135,7 @@ def test_save_load_roundtrip_and_model_at(tmp_path, runs, toy, toy_model):
     # no pickle: the file opens with allow_pickle=False
     with np.load(path, allow_pickle=False) as f:
         assert "header" in f.files
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp.npz")]
+    assert sorted(os.listdir(tmp_path)) == ["traj.npz"]  # no temporary file left
 
 
 def test_batch_equals_individual_runs(toy):
