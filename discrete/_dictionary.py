@@ -1,0 +1,160 @@
+"""The flow <-> discrete dictionary (MATH.md section 5).
+
+With flow time t = k * eta a discrete rule follows its flow to first order (error O(eta)
+on a fixed interval [0, T]) when its decay rates scale with the step:
+
+| discrete optimiser        | eta  | flow                                                 |
+|---------------------------|------|------------------------------------------------------|
+| GD(lr)                    | lr   | GradientFlow()                                       |
+| AdaGrad(lr, eps) "paper"  | lr^2 | AdaGradFlow(eps = lr^2 eps)                          |
+| AdaGrad(lr, eps) "pytorch"| lr^2 | AdaGradFlow(eps = lr eps, conditioner="eps_outside") |
+| RMSProp(lr, b, eps)       | lr   | RMSPropFlow(eps, b_flow), 1 - b = eta (1 - b_flow)   |
+| Adam(lr, b2, eps), b1 = 0 | lr   | AdamFlow(eps, b_flow, bias_correction="ema"), same b |
+| SGDMomentum, Adam b1 > 0  | -    | none implemented (NotImplementedError)               |
+
+"paper" pairs with conditioner "eps_inside", "pytorch" with "eps_outside".
+Why these: one step changes n by (1 - b)(g^2 - n) = eta (1 - b_flow)(g^2 - n), an Euler
+step of dm/dt = (1 - b_flow)(g^2 - m); AdaGrad's lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}
+with m = lr^2 S_k an Euler sum of dm/dt = g^2; Adam's 1 - b2^{k+1} =
+1 - e^{-(1 - b_flow) t} + O(eta). With b held fixed while eta -> 0 the accumulator is
+slaved to g^2 instead, and the limit is another flow (not the paper's).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow
+from ..flows._flow import AbstractFlow
+from ._optimizers import GD, AbstractOptimizer, AdaGrad, Adam, RMSProp, SGDMomentum
+
+_TO_CONDITIONER = {"paper": "eps_inside", "pytorch": "eps_outside"}
+_TO_CONVENTION = {v: k for k, v in _TO_CONDITIONER.items()}
+
+
+def _concrete(x, name: str, where: str) -> float:
+    try:
+        return float(x)
+    except Exception:
+        raise TypeError(
+            f"{where}: `{name}` must be a concrete number (not traced under jit/vmap), "
+            f"got {x!r}; call it outside jit."
+        ) from None
+
+
+def _b_flow(b_d: float, eta: float, name: str) -> float:
+    b_flow = 1.0 - (1.0 - b_d) / eta
+    if abs(b_flow) < 1e-12:  # 1 - b = lr up to rounding (the paper's b = 0.9, lr = 0.1)
+        b_flow = 0.0
+    if b_flow < 0:
+        raise ValueError(
+            f"matching_flow: 1 - {name} = eta (1 - b_flow) needs 1 - {name} <= eta = lr, got "
+            f"{name} = {b_d!r} with lr = {eta!r} (b_flow = {b_flow:.6g} < 0): the accumulator "
+            "forgets within one unit of flow time, the regime where the discrete rule "
+            "follows no flow of the paper; choose "
+            f"{name} >= 1 - lr = {1.0 - eta:.6g}."
+        )
+    return b_flow
+
+
+def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
+    """The flow `optimizer` follows as its step goes to 0 (module docstring for the table).
+
+    Time: t = k * optimizer.eta. Raises NotImplementedError for rules with momentum
+    (SGDMomentum, Adam with b1 > 0): marginflow has no flow with a first moment.
+
+    Example: `matching_flow(RMSProp(0.01, 0.995, 1.0))` is `RMSPropFlow(eps=1.0, b=0.5)`.
+    """
+    if not isinstance(optimizer, AbstractOptimizer):
+        raise TypeError(
+            "matching_flow: `optimizer` must be a marginflow.discrete optimiser, got "
+            f"{type(optimizer).__name__}."
+        )
+    conditioner = _TO_CONDITIONER[optimizer.convention]
+    lr = _concrete(optimizer.lr, "lr", "matching_flow")
+    if isinstance(optimizer, GD):
+        return GradientFlow(conditioner=conditioner)
+    if isinstance(optimizer, AdaGrad):
+        eps = _concrete(optimizer.eps, "eps", "matching_flow")
+        # lr g / sqrt(eps + S) = lr^2 g / sqrt(lr^2 eps + lr^2 S); lr g / (sqrt(S) + eps)
+        # = lr^2 g / (sqrt(lr^2 S) + lr eps).
+        eps_flow = lr * lr * eps if optimizer.convention == "paper" else lr * eps
+        return AdaGradFlow(eps_flow, conditioner=conditioner)
+    if isinstance(optimizer, RMSProp):
+        b = _b_flow(_concrete(optimizer.b, "b", "matching_flow"), lr, "b")
+        return RMSPropFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b,
+                           conditioner=conditioner)
+    if isinstance(optimizer, Adam):
+        if _concrete(optimizer.b1, "b1", "matching_flow") != 0.0:
+            raise NotImplementedError(
+                f"matching_flow: Adam with b1 = {float(optimizer.b1)!r} has a first moment, and "
+                "marginflow implements no flow with momentum (the paper's flows are "
+                "Adam without momentum); use Adam(..., b1=0.0) for the Adam (w/m) flow."
+            )
+        b = _b_flow(_concrete(optimizer.b2, "b2", "matching_flow"), lr, "b2")
+        return AdamFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b,
+                        bias_correction="ema", conditioner=conditioner)
+    if isinstance(optimizer, SGDMomentum):
+        raise NotImplementedError(
+            "matching_flow: SGDMomentum has no flow in marginflow (none of the paper's flows "
+            "has a first moment). To first order in lr at fixed momentum mu, heavy ball moves "
+            "like gradient flow at time t = k lr / (1 - mu); compare it with "
+            "simulate(GradientFlow(), ...) on that time axis yourself."
+        )
+    raise NotImplementedError(f"matching_flow: no entry for {type(optimizer).__name__}.")
+
+
+def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
+    """The discrete optimiser whose step eta follows `flow` to first order (the reverse map).
+
+    GradientFlow -> GD(eta); AdaGradFlow(eps) -> AdaGrad(sqrt(eta), eps / eta) (eps_inside)
+    or AdaGrad(sqrt(eta), eps / sqrt(eta), convention="pytorch") (eps_outside);
+    RMSPropFlow(eps, b) -> RMSProp(eta, 1 - eta (1 - b), eps); AdamFlow(eps, b, "ema") ->
+    Adam(eta, 1 - eta (1 - b), eps). The paper's Adam correction 1 - b^t is the limit of
+    no discrete Adam: ValueError. Needs eta (1 - b) <= 1.
+
+    Example: `matching_optimizer(RMSPropFlow(1.0, 0.5), 0.01)` is
+    `RMSProp(lr=0.01, b=0.995, eps=1.0)`.
+    """
+    if not isinstance(flow, AbstractFlow):
+        raise TypeError(
+            "matching_optimizer: `flow` must be a marginflow flow (GradientFlow, AdaGradFlow, "
+            f"RMSPropFlow, AdamFlow), got {type(flow).__name__}."
+        )
+    eta = _concrete(eta, "eta", "matching_optimizer")
+    if not (math.isfinite(eta) and eta > 0):
+        raise ValueError(
+            f"matching_optimizer: `eta` (flow time per step) must be a finite number > 0, got "
+            f"{eta!r}; first-order agreement needs it small, e.g. 0.01."
+        )
+    convention = _TO_CONVENTION[flow.conditioner]
+    if isinstance(flow, GradientFlow):
+        return GD(eta, convention=convention)
+    if isinstance(flow, AdaGradFlow):
+        lr = math.sqrt(eta)
+        eps_f = _concrete(flow.eps, "eps", "matching_optimizer")
+        eps_d = eps_f / eta if convention == "paper" else eps_f / lr
+        return AdaGrad(lr, eps_d, convention=convention)
+    if isinstance(flow, (RMSPropFlow, AdamFlow)):
+        b_flow = _concrete(flow.b, "b", "matching_optimizer")
+        decay = eta * (1.0 - b_flow)
+        if decay > 1.0:
+            raise ValueError(
+                f"matching_optimizer: 1 - b_d = eta (1 - b_flow) must be <= 1, got eta = "
+                f"{eta!r}, b_flow = {b_flow!r} (1 - b_d = {decay:.6g}); take "
+                f"eta <= {1.0 / (1.0 - b_flow):.6g}."
+            )
+        eps = _concrete(flow.eps, "eps", "matching_optimizer")
+        b_d = 1.0 - decay
+        if isinstance(flow, RMSPropFlow):
+            return RMSProp(eta, b_d, eps, convention=convention)
+        if flow.bias_correction != "ema":
+            raise ValueError(
+                "matching_optimizer: AdamFlow with bias_correction='paper' (1 - b^t, eq. 9) is "
+                "the limit of no discrete Adam: 1 - b2^{k+1} tends to 1 - e^{-(1 - b_flow) t}. "
+                "Use AdamFlow(eps, b, bias_correction='ema') for the flow discrete Adam follows."
+            )
+        return Adam(eta, b_d, eps, convention=convention)
+    raise NotImplementedError(
+        f"matching_optimizer: no discrete optimiser for {type(flow).__name__}."
+    )

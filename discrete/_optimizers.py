@@ -1,0 +1,363 @@
+"""The discrete rules of the paper (eq. 3, 6, 7; MATH.md section 5), each an optax transformation.
+
+k = 0, 1, ..., g_k = grad L(w_k), all operations elementwise, "paper" convention
+(eps inside the root, as in the paper and the authors' code):
+
+    w_{k+1} = w_k - lr * h_k * g_k
+    GD        h_k = 1
+    AdaGrad   S_k = S_{k-1} + g_k^2 (S_{-1} = 0),              h_k = 1 / sqrt(eps + S_k)
+    RMSProp   n_k = b n_{k-1} + (1 - b) g_k^2 (n_{-1} = 0),    h_k = 1 / sqrt(eps + n_k)
+    Adam      n_k as RMSProp with b = b2,    h_k = 1 / sqrt(eps + n_k / (1 - b2^{k+1}))
+              (b1 > 0 replaces g_k by the bias-corrected first moment, Fig. 4)
+    SGDMomentum  v_k = mu v_{k-1} + g_k (v_{-1} = 0),  w_{k+1} = w_k - lr v_k
+
+"pytorch" convention: eps outside the root, h_k = 1 / (sqrt(.) + eps), as torch.optim does.
+
+Each class is built on the optax transformation that equals its rule exactly; the tests
+check this step by step in float64 against the rules above written out in numpy.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.tree_utils as otu
+from jaxtyping import Array, Float
+
+_CONVENTIONS = ("paper", "pytorch")
+
+# Defaults where a hyper-parameter has one: "paper" = the paper and its authors' code
+# (b = 0.9, eps = 1e-5, App. F); "pytorch" = torch.optim's own defaults. The learning rate
+# has no default: it sets the flow time t = k * eta, so it should always be explicit.
+_DEFAULTS = {
+    "paper": {"adagrad_eps": 1e-5, "rmsprop_b": 0.9, "rmsprop_eps": 1e-5, "adam_b2": 0.9,
+              "adam_eps": 1e-5},
+    "pytorch": {"adagrad_eps": 1e-10, "rmsprop_b": 0.99, "rmsprop_eps": 1e-8, "adam_b2": 0.999,
+                "adam_eps": 1e-8},
+}
+
+
+def _is_concrete(x) -> bool:
+    try:
+        np.asarray(x)
+        return True
+    except Exception:  # a tracer (constructed under jit / vmap): nothing to check
+        return False
+
+
+def _real(x, name: str, where: str):
+    if isinstance(x, bool) or isinstance(x, str):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.")
+    return jnp.asarray(x, dtype=float)
+
+
+def _check_lr(lr, where: str):
+    arr = _real(lr, "lr", where)
+    if _is_concrete(lr):
+        v = np.asarray(lr, dtype=float)
+        if not np.all(np.isfinite(v)) or np.any(v <= 0):
+            raise ValueError(
+                f"{where}: `lr` must be a finite number > 0, got {lr!r}; the paper's toy "
+                "runs use lr = 0.1."
+            )
+    return arr
+
+
+def _check_eps(eps, where: str):
+    arr = _real(eps, "eps", where)
+    if _is_concrete(eps):
+        v = np.asarray(eps, dtype=float)
+        if not np.all(np.isfinite(v)) or np.any(v <= 0):
+            raise ValueError(
+                f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
+                "eps = 1e-5 (PyTorch: 1e-8, AdaGrad 1e-10)."
+            )
+    return arr
+
+
+def _check_unit(b, name: str, where: str, hint: str):
+    arr = _real(b, name, where)
+    if _is_concrete(b):
+        v = np.asarray(b, dtype=float)
+        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
+            raise ValueError(f"{where}: `{name}` must be in [0, 1), got {b!r}; {hint}.")
+    return arr
+
+
+def _check_convention(convention, where: str) -> str:
+    if convention not in _CONVENTIONS:
+        raise ValueError(
+            f"{where}: `convention` must be 'paper' (eps inside the root, "
+            "h = 1/sqrt(eps + n)) or 'pytorch' (eps outside, h = 1/(sqrt(n) + eps)), got "
+            f"{convention!r}."
+        )
+    return convention
+
+
+def _float(x):
+    return float(x) if _is_concrete(x) else x
+
+
+class AbstractOptimizer(eqx.Module):
+    """A discrete rule w_{k+1} = w_k - lr * h_k * g_k (module docstring for the table).
+
+    Subclasses give `transformation()`, the optax GradientTransformation of the rule, and
+    read the second moment n_k and the conditioner h_k back from its state (after the
+    update of step k, i.e. including g_k). `eta` is the flow time of one step
+    (MATH.md section 5): lr, except AdaGrad's lr^2.
+    """
+
+    name: ClassVar[str]
+    lr: eqx.AbstractVar[Float[Array, ""]]
+    convention: eqx.AbstractVar[str]
+
+    @abc.abstractmethod
+    def transformation(self) -> optax.GradientTransformation:
+        """The optax transformation of the rule (updates are the full step -lr h_k g_k)."""
+
+    @property
+    def eta(self):
+        """Flow time of one step: t = k * eta."""
+        return self.lr
+
+    def second_moment(self, state, w) -> Float[Array, " p"]:
+        """n_k (AdaGrad: S_k) from the optax state after step k; zeros where none."""
+        return jnp.zeros_like(w)
+
+    def conditioner(self, state, w) -> Float[Array, " p"]:
+        """h_k from the optax state after step k; ones where the rule has none."""
+        return jnp.ones_like(w)
+
+    def hyperparameters(self) -> dict:
+        return {"lr": _float(self.lr)}
+
+    def _root(self, n, eps):
+        if self.convention == "paper":
+            return 1.0 / jnp.sqrt(eps + n)
+        return 1.0 / (jnp.sqrt(n) + eps)
+
+
+class GD(AbstractOptimizer):
+    """Gradient descent, w_{k+1} = w_k - lr * g_k (h_k = 1). Follows gradient flow, eta = lr.
+
+    Built on `optax.sgd(lr)`. Both conventions are the same rule (there is no eps).
+
+    Example: `run(GD(0.1), Linear(2, key=k), soudry_dataset(), 1000)`.
+    """
+
+    name: ClassVar[str] = "gd"
+    lr: Float[Array, ""]
+    convention: str = eqx.field(static=True, default="paper")
+
+    def __init__(self, lr, *, convention: str = "paper"):
+        self.lr = _check_lr(lr, "GD")
+        self.convention = _check_convention(convention, "GD")
+
+    def transformation(self):
+        return optax.sgd(self.lr)
+
+
+class AdaGrad(AbstractOptimizer):
+    """AdaGrad (paper eq. 6): S_k = sum_{s<=k} g_s^2, w_{k+1} = w_k - lr g_k / sqrt(eps + S_k).
+
+    "pytorch": w_{k+1} = w_k - lr g_k / (sqrt(S_k) + eps) (torch.optim.Adagrad with
+    initial_accumulator_value = 0, lr_decay = 0).
+    Built on `optax.adagrad(lr, initial_accumulator_value=0, eps=eps)` ("paper"; optax's
+    default accumulator 0.1 is NOT the paper's rule). optax has no eps-outside AdaGrad, so
+    "pytorch" is the same accumulator with the root written as PyTorch does.
+
+    Matching flow (MATH.md section 5): the AdaGrad flow with eta = lr^2 and eps_flow =
+    lr^2 eps ("paper") or lr eps ("pytorch"), since lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}
+    and m(t) ~ lr^2 S_k.
+
+    Args: lr > 0; eps > 0 (default 1e-5 "paper", 1e-10 "pytorch").
+    """
+
+    name: ClassVar[str] = "adagrad"
+    lr: Float[Array, ""]
+    eps: Float[Array, ""]
+    convention: str = eqx.field(static=True, default="paper")
+
+    def __init__(self, lr, eps=None, *, convention: str = "paper"):
+        self.convention = _check_convention(convention, "AdaGrad")
+        if eps is None:
+            eps = _DEFAULTS[convention]["adagrad_eps"]
+        self.lr = _check_lr(lr, "AdaGrad")
+        self.eps = _check_eps(eps, "AdaGrad")
+
+    @property
+    def eta(self):
+        return self.lr * self.lr
+
+    def transformation(self):
+        if self.convention == "paper":
+            return optax.adagrad(self.lr, initial_accumulator_value=0.0, eps=self.eps)
+        return optax.chain(_scale_by_rss_eps_outside(self.eps),
+                           optax.scale_by_learning_rate(self.lr))
+
+    def second_moment(self, state, w):
+        return otu.tree_get(state, "sum_of_squares")
+
+    def conditioner(self, state, w):
+        return self._root(self.second_moment(state, w), self.eps)
+
+    def hyperparameters(self):
+        return {"lr": _float(self.lr), "eps": _float(self.eps)}
+
+
+class RMSProp(AbstractOptimizer):
+    """RMSProp (paper eq. 7): n_k = b n_{k-1} + (1 - b) g_k^2, n_{-1} = 0,
+    w_{k+1} = w_k - lr g_k / sqrt(eps + n_k)   ("pytorch": / (sqrt(n_k) + eps)).
+
+    Built on `optax.rmsprop(lr, decay=b, eps=eps, initial_scale=0, eps_in_sqrt=True)`
+    ("paper") or eps_in_sqrt=False ("pytorch", = torch.optim.RMSprop with alpha = b).
+    Matching flow: RMSProp flow with eta = lr, 1 - b = eta (1 - b_flow), same eps.
+
+    Args: lr > 0; b in [0, 1) (default 0.9 "paper", 0.99 "pytorch"); eps > 0 (default
+    1e-5 "paper", 1e-8 "pytorch").
+    """
+
+    name: ClassVar[str] = "rmsprop"
+    lr: Float[Array, ""]
+    b: Float[Array, ""]
+    eps: Float[Array, ""]
+    convention: str = eqx.field(static=True, default="paper")
+
+    def __init__(self, lr, b=None, eps=None, *, convention: str = "paper"):
+        self.convention = _check_convention(convention, "RMSProp")
+        d = _DEFAULTS[convention]
+        b = d["rmsprop_b"] if b is None else b
+        eps = d["rmsprop_eps"] if eps is None else eps
+        self.lr = _check_lr(lr, "RMSProp")
+        self.b = _check_unit(b, "b", "RMSProp", "the paper uses b = 0.9, PyTorch alpha = 0.99")
+        self.eps = _check_eps(eps, "RMSProp")
+
+    def transformation(self):
+        return optax.rmsprop(self.lr, decay=self.b, eps=self.eps, initial_scale=0.0,
+                             eps_in_sqrt=self.convention == "paper")
+
+    def second_moment(self, state, w):
+        return otu.tree_get(state, "nu")
+
+    def conditioner(self, state, w):
+        return self._root(self.second_moment(state, w), self.eps)
+
+    def hyperparameters(self):
+        return {"lr": _float(self.lr), "b": _float(self.b), "eps": _float(self.eps)}
+
+
+class Adam(AbstractOptimizer):
+    """Adam; b1 = 0 is the paper's "Adam (w/m)": n_k = b2 n_{k-1} + (1 - b2) g_k^2,
+    w_{k+1} = w_k - lr g_k / sqrt(eps + n_k / (1 - b2^{k+1}))   ("pytorch": / (sqrt(.) + eps)).
+
+    With b1 > 0 (the momentum Adam of the paper's Fig. 4) g_k is replaced by
+    u_k / (1 - b1^{k+1}), u_k = b1 u_{k-1} + (1 - b1) g_k.
+    Built on `optax.adam(lr, b1, b2, eps=0, eps_root=eps)` ("paper") or
+    `optax.adam(lr, b1, b2, eps=eps, eps_root=0)` ("pytorch", = torch.optim.Adam).
+    Matching flow (b1 = 0): Adam flow with eta = lr, 1 - b2 = eta (1 - b_flow), same eps,
+    and the bias correction 1 - e^{-(1 - b_flow) t} ("ema"), the limit of 1 - b2^{k+1}.
+
+    Args: lr > 0; b2 in [0, 1) (default 0.9 "paper", 0.999 "pytorch"); eps > 0 (default
+    1e-5 "paper", 1e-8 "pytorch"); b1 in [0, 1), default 0.
+    """
+
+    name: ClassVar[str] = "adam"
+    lr: Float[Array, ""]
+    b2: Float[Array, ""]
+    eps: Float[Array, ""]
+    b1: Float[Array, ""]
+    convention: str = eqx.field(static=True, default="paper")
+
+    def __init__(self, lr, b2=None, eps=None, *, b1=0.0, convention: str = "paper"):
+        self.convention = _check_convention(convention, "Adam")
+        d = _DEFAULTS[convention]
+        b2 = d["adam_b2"] if b2 is None else b2
+        eps = d["adam_eps"] if eps is None else eps
+        self.lr = _check_lr(lr, "Adam")
+        self.b2 = _check_unit(b2, "b2", "Adam", "the paper uses b2 = 0.9, PyTorch 0.999")
+        self.eps = _check_eps(eps, "Adam")
+        self.b1 = _check_unit(b1, "b1", "Adam",
+                              "b1 = 0 is the paper's Adam (w/m), 0.9 its momentum Adam")
+
+    def transformation(self):
+        if self.convention == "paper":
+            return optax.adam(self.lr, b1=self.b1, b2=self.b2, eps=0.0, eps_root=self.eps)
+        return optax.adam(self.lr, b1=self.b1, b2=self.b2, eps=self.eps, eps_root=0.0)
+
+    def second_moment(self, state, w):
+        return otu.tree_get(state, "nu")
+
+    def conditioner(self, state, w):
+        count = otu.tree_get(state, "count")
+        n_hat = self.second_moment(state, w) / (1.0 - self.b2**count)
+        return self._root(n_hat, self.eps)
+
+    def hyperparameters(self):
+        return {"lr": _float(self.lr), "b2": _float(self.b2), "eps": _float(self.eps),
+                "b1": _float(self.b1)}
+
+
+class SGDMomentum(AbstractOptimizer):
+    """Heavy-ball SGD (paper Fig. 4): v_k = mu v_{k-1} + g_k, v_{-1} = 0, w_{k+1} = w_k - lr v_k.
+
+    Built on `optax.sgd(lr, momentum=mu)` (= torch.optim.SGD with dampening 0; both
+    conventions are the same rule). No flow of marginflow matches it: `matching_flow`
+    raises. Its Trajectory uses t = k * lr, h = 1 and m = 0.
+
+    Args: lr > 0; momentum mu in [0, 1) (default 0.9, the paper's Fig. 4).
+    """
+
+    name: ClassVar[str] = "sgd_momentum"
+    lr: Float[Array, ""]
+    momentum: Float[Array, ""]
+    convention: str = eqx.field(static=True, default="paper")
+
+    def __init__(self, lr, momentum=0.9, *, convention: str = "paper"):
+        self.convention = _check_convention(convention, "SGDMomentum")
+        self.lr = _check_lr(lr, "SGDMomentum")
+        self.momentum = _check_unit(momentum, "momentum", "SGDMomentum",
+                                    "the paper's Fig. 4 uses momentum = 0.9")
+
+    def transformation(self):
+        return optax.sgd(self.lr, momentum=self.momentum)
+
+    def hyperparameters(self):
+        return {"lr": _float(self.lr), "momentum": _float(self.momentum)}
+
+
+class _RssState(NamedTuple):
+    sum_of_squares: optax.Updates
+
+
+def _scale_by_rss_eps_outside(eps) -> optax.GradientTransformation:
+    """g_k / (sqrt(S_k) + eps), S_k = sum_{s<=k} g_s^2 (torch.optim.Adagrad's root)."""
+
+    def init_fn(params):
+        return _RssState(sum_of_squares=jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        s = jax.tree.map(lambda g, t: t + g * g, updates, state.sum_of_squares)
+        out = jax.tree.map(lambda g, t: g / (jnp.sqrt(t) + eps), updates, s)
+        return out, _RssState(sum_of_squares=s)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+OPTIMIZERS = {cls.name: cls for cls in (GD, AdaGrad, RMSProp, Adam, SGDMomentum)}
+
+
+def optimizer_from_meta(meta: dict) -> AbstractOptimizer:
+    """Rebuild the optimiser of a discrete Trajectory from its metadata."""
+    name = meta.get("optimizer")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimiser {name!r}; known: {sorted(OPTIMIZERS)}.")
+    hyper = dict(meta["optimizer_hyper"])
+    return OPTIMIZERS[name](**hyper, convention=meta["convention"])
+

@@ -1,0 +1,360 @@
+"""`run`: a discrete optimiser on a model and data set, saved as a flow-time Trajectory.
+
+The whole run is one `eqx.filter_jit` call: a `lax.scan` over save blocks, each block a
+`fori_loop` of steps whose length is a traced integer (so changing `steps` or
+`save_every` with the same number of saves does not recompile). Many initialisations
+run in one call under `vmap`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..flows import SimulationError, Trajectory
+from ..flows._simulate import _check_params, _is_model
+from ..models import Objective
+from ..models._objective import flatten
+from ._optimizers import AbstractOptimizer
+
+_HINT_NONFINITE = (
+    "lower `lr` (the discrete rules need lr * h * curvature of L below ~2), raise `eps` "
+    "(h <= eps^{-1/2}), or rescale the data / initialisation"
+)
+
+
+def _check_int(x, name: str, minimum: int, fix: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
+        raise ValueError(f"run: `{name}` must be an integer >= {minimum}, got {x!r}; {fix}.")
+    return int(x)
+
+
+def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data):
+    if not isinstance(optimizer, AbstractOptimizer):
+        raise TypeError(
+            "run: `optimizer` must be a marginflow.discrete optimiser (GD(lr), AdaGrad(lr, "
+            "eps), RMSProp(lr, b, eps), Adam(lr, b2, eps), SGDMomentum(lr, momentum)), got "
+            f"{type(optimizer).__name__}; optax transformations are wrapped by these classes."
+        )
+    steps = _check_int(steps, "steps", 1, "pass the number of optimiser steps, e.g. 5000")
+    if save_every is None:
+        save_every = max(1, math.ceil(steps / 200))
+    save_every = _check_int(save_every, "save_every", 1,
+                            "pass how many steps lie between two saves, e.g. 10")
+    if batch_size is None:
+        if key is not None:
+            raise ValueError(
+                "run: `key` is only used for minibatches, got a key but batch_size = None; "
+                "pass batch_size for minibatch steps, or drop key for full-batch steps."
+            )
+    else:
+        batch_size = _check_int(batch_size, "batch_size", 1,
+                                "pass the minibatch size, or None for full batch")
+        if batch_size > n_data:
+            raise ValueError(
+                f"run: `batch_size` must be at most the number of samples, {n_data}, got "
+                f"{batch_size}; pass batch_size=None for full-batch steps."
+            )
+        if key is None:
+            raise TypeError(
+                "run: minibatches (batch_size given) need a PRNG key for the shuffling: "
+                "pass key=jax.random.key(0)."
+            )
+    return steps, save_every, batch_size
+
+
+def _check_batched(model):
+    """batch=True: every parameter array is (B, *its unbatched shape), one B for all."""
+    from ..models import from_spec
+
+    fix = ("build the models with eqx.filter_vmap(lambda k: Model(..., key=k))(keys), or pass "
+           "batch=False for one initialisation")
+    if not _is_model(model):
+        raise TypeError(f"run: `model` must be a marginflow model, got {type(model).__name__}.")
+    want = [x.shape for x in jax.tree.leaves(eqx.filter(from_spec(model.spec()),
+                                                         eqx.is_inexact_array))]
+    got = [x.shape for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))]
+    sizes = {g[0] for g in got if len(g) >= 1}
+    if len(want) != len(got) or any(g[1:] != w or len(g) != len(w) + 1
+                                     for g, w in zip(got, want, strict=True)) or len(sizes) != 1:
+        raise ValueError(
+            f"run: batch=True needs parameters with a leading batch axis, got shapes {got} for "
+            f"a model whose parameters have shapes {want}; {fix}."
+        )
+
+
+@eqx.filter_jit
+def _homogeneity_error(objective: Objective, w):
+    n = min(8, objective.data.X.shape[0])
+    small = eqx.tree_at(lambda o: (o.data.X, o.data.y), objective,
+                        (objective.data.X[:n], objective.data.y[:n]))
+    a, b = small.outputs(w), small.outputs(2.0 * w)
+    power = 2.0**objective.degree
+    scale = jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(a)) * power + 1e-300
+    return jnp.max(jnp.abs(b - power * a)) / scale
+
+
+def _check_homogeneous(objective: Objective):
+    """simulate's entry check Phi(2w; x) = 2^L Phi(w; x) on a few samples, compiled: run is
+    called in sweeps, where the op-by-op version cost 2/3 of a short run's wall time."""
+    err = float(_homogeneity_error(objective, objective.w0()))
+    if err > 1e-8:
+        raise ValueError(
+            f"run: the model is not homogeneous of the degree it claims "
+            f"(degree = {objective.degree}): Phi(2w) differs from 2^L Phi(w) by {err:.2e} "
+            "relative; remove biases and non-homogeneous activations, or fix `degree`."
+        )
+
+
+def _minibatch(objective: Objective, key, k, batch_size: int) -> Objective:
+    """The objective on minibatch k: epochs of a fresh permutation, the last partial
+    batch of each epoch dropped (torch DataLoader(shuffle=True, drop_last=True))."""
+    n = objective.data.X.shape[0]
+    per_epoch = n // batch_size
+    perm = jax.random.permutation(jax.random.fold_in(key, k // per_epoch), n)
+    idx = jax.lax.dynamic_slice(perm, ((k % per_epoch) * batch_size,), (batch_size,))
+    return eqx.tree_at(lambda o: (o.data.X, o.data.y), objective,
+                       (objective.data.X[idx], objective.data.y[idx]))
+
+
+def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batch_size,
+                batched):
+    """Saves at k = 0, s, 2s, ..., (n_blocks - 1) s (all < steps) and at the end, k = steps."""
+    tx = optimizer.transformation()
+
+    def step(carry):
+        w, state, k, alive = carry
+        obj = objective if batch_size is None else _minibatch(objective, key, k, batch_size)
+        log_l, g = obj.log_loss_and_grad(w)
+        log_l, g = log_l.astype(w.dtype), g.astype(w.dtype)
+        updates, new_state = tx.update(g, state, w)
+        ok = alive & jnp.isfinite(log_l) & jnp.all(jnp.isfinite(g))
+        # After a non-finite loss or gradient the run freezes at the failing iterate:
+        # k stops counting and the saved records after it are discarded on the host.
+        w_next = jnp.where(ok, optax.apply_updates(w, updates), w)
+        state_next = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+        record = {
+            "w": w,
+            "m": optimizer.second_moment(new_state, w),
+            "h": optimizer.conditioner(new_state, w),
+            "log_loss": log_l if batch_size is None else objective.log_loss(w),
+        }
+        return (w_next, state_next, k + ok.astype(k.dtype), ok), record
+
+    def advance(n, carry):
+        return jax.lax.fori_loop(0, n, lambda _, c: step(c)[0], carry)
+
+    def block(carry, j):
+        carry, record = step(carry)
+        # the last block may be shorter: it ends at k = steps
+        return advance(jnp.minimum(save_every, steps - j * save_every) - 1, carry), record
+
+    def one(w_init):
+        carry = (w_init, tx.init(w_init), jnp.zeros((), jnp.int32), jnp.array(True))
+        carry, records = jax.lax.scan(block, carry, jnp.arange(n_blocks, dtype=jnp.int32))
+        # The last point: w at k = steps (or at the failing step), with the h_k and n_k its
+        # step would use; the state it would move to is not needed.
+        _, last = step(carry)
+        return records, last, carry[2]
+
+    if batched:
+        return jax.vmap(one)(w0)
+    return one(w0)
+
+
+# The trace counter (eqx.debug.get_num_traces(_run_counted)) lets the tests check that
+# new hyper-parameters or step counts do not recompile.
+_run_counted = eqx.debug.assert_max_traces(_run_traced, max_traces=None)
+_run_compiled = eqx.filter_jit(_run_counted)
+
+
+def run(
+    optimizer: AbstractOptimizer,
+    model,
+    data,
+    steps: int,
+    *,
+    loss=None,
+    save_every: int | None = None,
+    batch_size: int | None = None,
+    key=None,
+    batch: bool = False,
+    throw: bool = True,
+    dtype=jnp.float64,
+) -> Trajectory:
+    """Run a discrete optimiser for `steps` steps and save it on the flow-time axis.
+
+    w_{k+1} = w_k - lr * h_k * g_k (see the optimiser's docstring), g_k = grad L(w_k) with
+    L(w) = sum_i exp(-f(q_i(w))) (the full data set, or a minibatch), w_0 = the model's
+    parameters. The Trajectory has the type `simulate` returns, with
+    - ts = k * eta, eta = the step of the matching flow (MATH.md section 5: lr, AdaGrad
+      lr^2), so it shares a time axis with `simulate(matching_flow(optimizer), ...)`;
+    - w = w_k; conditioner = h_k and m = the optimiser's second moment after step k
+      (AdaGrad: S_k = sum_{s<=k} g_s^2, so the flow's m is about lr^2 S_k and its h is
+      h_k / lr; RMSProp / Adam: n_k, not bias-corrected; GD / SGDMomentum: h = 1, m = 0);
+    - log_loss = log L(w_k) on the full data set; I = NaN (no flow integral);
+    - stats {"num_steps"}: steps taken (per member when batched);
+    - result "successful" or "nonfinite_loss": a non-finite loss or gradient stops the run,
+      which keeps every save before it and, last, the failing iterate;
+    - meta: "kind": "discrete", "optimizer", "optimizer_hyper", "convention", "eta",
+      "steps", "save_every", "batch_size", the model / data / loss keys `simulate`
+      writes, and "flow" / "hyper" / "conditioner" of the matching flow (None where
+      there is none), so `traj.flow()` and `traj.model_at(i)` work.
+
+    Args:
+        optimizer: GD, AdaGrad, RMSProp, Adam or SGDMomentum.
+        model: a marginflow model; with batch=True every parameter array has a leading
+            axis B of initialisations (eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)).
+        data: a Dataset. loss: "exponential" (default, binary), "logistic",
+            "cross_entropy" (default, multi-class).
+        steps: number of steps (>= 1). save_every: steps between saves (default
+            ceil(steps / 200)); k = steps is always saved.
+        batch_size: minibatch size (a fresh permutation per epoch, partial last batch
+            dropped; the loss is the SUM over the minibatch); None: full batch.
+        key: PRNG key for the minibatches (required with batch_size; every member of a
+            batched run sees the same minibatches).
+        batch: many initialisations in one call (vmap).
+        throw: raise SimulationError (holding the partial Trajectory) on a non-finite loss;
+            with throw=False the Trajectory is returned and `result` / `message` say why.
+        dtype: jnp.float64 (default) or jnp.float32.
+
+    Example:
+        >>> import jax
+        >>> from marginflow.discrete import RMSProp, run
+        >>> from marginflow.models import ToyLeaky, toy_dataset
+        >>> traj = run(RMSProp(0.1, 0.9, 1e-5), ToyLeaky(key=jax.random.key(0)),
+        ...            toy_dataset(0), 5000, save_every=50)
+    """
+    if dtype not in (jnp.float64, jnp.float32):
+        raise ValueError(f"run: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
+    if batch:
+        _check_batched(model)
+        template = jax.tree.map(lambda x: x[0] if eqx.is_inexact_array(x) else x, model)
+        w0 = eqx.filter_vmap(flatten)(model)
+    else:
+        template = model
+        w0 = flatten(model) if _is_model(model) else None
+    objective = Objective(template, data, loss, where="run")
+    n_data = int(objective.data.X.shape[0])
+    steps, save_every, batch_size = _check_run_args(optimizer, steps, save_every, batch_size,
+                                                    key, n_data)
+    if batch and w0.ndim != 2:
+        raise ValueError("run: batch=True needs parameters with a leading batch axis.")
+    _check_params(w0, "run")
+    _check_homogeneous(objective)
+
+    w0 = jnp.asarray(w0, dtype=dtype)
+    if dtype == jnp.float32:  # the data too, or every step would promote back to float64
+        y = objective.data.y
+        objective = eqx.tree_at(
+            lambda o: (o.data.X, o.data.y), objective,
+            (objective.data.X.astype(dtype),
+             y.astype(dtype) if jnp.issubdtype(y.dtype, jnp.floating) else y))
+    given = optimizer  # metadata and the time axis from the hyper-parameters as given
+    optimizer = jax.tree.map(
+        lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, optimizer
+    )
+    n_blocks = -(-steps // save_every)
+    start = time.perf_counter()
+    records, last, k_end = jax.block_until_ready(
+        _run_compiled(optimizer, objective, w0, jnp.asarray(steps, jnp.int32),
+                      jnp.asarray(save_every, jnp.int32), key, n_blocks, batch_size, batch)
+    )
+    wall = time.perf_counter() - start
+
+    eta = float(given.eta)
+    k_saved = np.arange(n_blocks) * save_every
+    k_end = np.asarray(k_end)
+    arrays = {}
+    for name in ("w", "m", "h", "log_loss"):
+        rec, fin = np.asarray(records[name]), np.asarray(last[name])
+        arrays[name] = np.concatenate([rec, fin[:, None] if batch else fin[None]],
+                                      axis=1 if batch else 0)
+    failed = k_end < steps
+    if not batch:
+        # Keep the saves strictly before the failing step, then the failing iterate.
+        keep = np.concatenate([k_saved < k_end, [True]])
+        ks = np.concatenate([k_saved, [int(k_end)]])[keep]
+        arrays = {name: a[keep] for name, a in arrays.items()}
+    else:
+        ks = np.concatenate([k_saved, [steps]])
+        # A member that failed keeps its saves before the failure; later ones are NaN (a
+        # batch shares one time axis).
+        dead = (ks[None, :] >= k_end[:, None]) & failed[:, None]
+        for name, a in arrays.items():
+            mask = dead if a.ndim == 2 else dead[:, :, None]
+            arrays[name] = np.where(mask, np.nan, a)
+    ts = ks.astype(np.float64) * eta
+
+    result, message = "successful", ""
+    if np.any(failed):
+        result = "nonfinite_loss"
+        first = int(np.min(k_end))
+        where = (f"{int(np.sum(failed))} of {failed.size} runs" if batch else "the run")
+        message = (
+            f"{where} met a non-finite loss or gradient (first at step {first}, t = "
+            f"{first * eta:.6g}) and stopped there. Fix: {_HINT_NONFINITE}."
+        )
+
+    meta = _meta(given, objective, steps, save_every, batch_size, dtype, batch)
+    meta["wall_time_s"] = wall  # includes compilation on a first call
+    traj = Trajectory(
+        ts=ts,
+        w=arrays["w"],
+        m=arrays["m"],
+        conditioner=arrays["h"],
+        log_loss=arrays["log_loss"],
+        I=np.full(arrays["log_loss"].shape, np.nan),
+        # A list, not an array: Trajectory.stats is a static field (JSON-like values).
+        stats={"num_steps": [int(k) for k in k_end] if batch else int(k_end)},
+        result=result,
+        message=message,
+        meta=meta,
+    )
+    if result != "successful" and throw:
+        raise SimulationError(
+            f"run: {message} The partial trajectory is in the exception's `.trajectory`; "
+            "pass throw=False to get it returned instead.",
+            traj,
+        )
+    return traj
+
+
+def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> dict:
+    from ._dictionary import matching_flow
+
+    try:
+        flow = matching_flow(optimizer)
+        flow_meta = {"flow": flow.name, "hyper": flow.hyperparameters(),
+                     "conditioner": flow.conditioner}
+    except (NotImplementedError, ValueError):
+        flow_meta = {"flow": None, "hyper": None, "conditioner": None}
+    return {
+        "kind": "discrete",
+        "optimizer": optimizer.name,
+        "optimizer_hyper": optimizer.hyperparameters(),
+        "convention": optimizer.convention,
+        "eta": float(optimizer.eta),
+        **flow_meta,
+        "loss": objective.loss.name,
+        "model": objective.model.spec(),
+        "degree": objective.degree,
+        "data": {
+            "fingerprint": objective.data.fingerprint(),
+            "n": len(objective.data),
+            "binary": objective.data.binary,
+        },
+        "t0": 0.0,
+        "t1": float(steps * optimizer.eta),
+        "steps": int(steps),
+        "save_every": int(save_every),
+        "batch_size": batch_size,
+        "dtype": jnp.dtype(dtype).name,
+        "batch": bool(batch),
+    }
