@@ -4,34 +4,58 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Float
 
-from ..models import Objective
+from ._common import check_flat, check_weights, make_objective, margins_stack
 
 
-def normalized_margin(model, data, w, *, weights=None, loss=None):
-    """gamma(w) = q_min(w) / ||w||^L, or gamma_A = q_min(w) / ||weights * w||^L.
+def normalized_margin(
+    model,
+    data,
+    w: Float[ArrayLike, "... p"],
+    *,
+    weights: Float[ArrayLike, " p"] | None = None,
+    loss=None,
+) -> np.ndarray:
+    """gamma(w) = q_min(w) / ||w||^L, or gamma_A(w) = q_min(w) / ||weights * w||^L.
 
-    q_i = y_i Phi(w; x_i) (binary) or Phi_{y_i} - max_{j != y_i} Phi_j (multi-class);
-    L = model.degree. `weights` = h_inf^{-1/2} gives AdaGrad's problem (PA) (Theorem 7).
-    `w` is a flat parameter vector (p,) or a stack (..., p); the result has shape (...).
+    q_i = y_i Phi(w; x_i) (binary) or Phi_{y_i} - max_{j != y_i} Phi_j (multi-class,
+    App. E); q_min = min_i q_i; L = model.degree. Homogeneity makes gamma scale-free:
+    gamma(a w) = gamma(w) for a > 0. `weights` = h_inf^{-1/2} gives the normalised margin of
+    AdaGrad's problem (PA) (Theorem 7), the margin in the paper's coordinates
+    v = h_inf^{-1/2} * w.
+
+    Args:
+        model: a marginflow model (only its structure is used; the parameters are `w`).
+        data: the Dataset. loss: only selects binary/multi-class margins (default from y).
+        w: a flat parameter vector (p,) or a stack (..., p).
+        weights: None, or a positive vector (p,).
+
+    Returns:
+        numpy array of shape w.shape[:-1] (a 0-d array for one w). Negative when the data
+        is misclassified; 0/0 (w = 0) raises.
+
+    Example:
+        >>> gamma = normalized_margin(model, data, traj.w[-1])
     """
-    objective = Objective(model, data, loss, where="normalized_margin")
-    w = jnp.asarray(w)
-    p = objective.w0().shape[0]
-    if w.shape[-1] != p:
-        raise ValueError(
-            f"normalized_margin: `w` must have last axis p = {p} (the model's parameter "
-            f"count), got shape {w.shape}."
-        )
-    if weights is not None:
-        weights = jnp.asarray(weights)
-        if weights.shape[-1] != p or not bool(jnp.all(weights > 0)):
-            raise ValueError(
-                f"normalized_margin: `weights` must be positive with last axis p = {p}, got "
-                f"shape {weights.shape}; pass h_inf ** -0.5 from conditioner_limit."
-            )
+    objective = make_objective(model, data, loss, "normalized_margin")
+    w = check_flat(objective, w, "normalized_margin")
+    p = w.shape[-1]
+    weights = check_weights(weights, p, "normalized_margin")
     flat = w.reshape(-1, p)
-    q_min = np.stack([np.min(np.asarray(objective.margins(x))) for x in flat])
-    scaled = flat if weights is None else flat * jnp.broadcast_to(weights, w.shape).reshape(-1, p)
+    scaled = flat if weights is None else flat * weights
     norms = np.linalg.norm(np.asarray(scaled), axis=-1)
+    if np.any(norms == 0):
+        raise ValueError(
+            "normalized_margin: `w` must be non-zero (gamma = q_min / ||w||^L is 0/0 at w = 0)."
+        )
+    q_min = margins_stack(objective, flat).min(axis=-1)
     return (q_min / norms**objective.degree).reshape(w.shape[:-1])
+
+
+def q_min(model, data, w, *, loss=None):
+    """min_i q_i(w) for a flat w (p,) or a stack (..., p)."""
+    objective = make_objective(model, data, loss, "q_min")
+    w = check_flat(objective, w, "q_min")
+    p = w.shape[-1]
+    return margins_stack(objective, jnp.reshape(w, (-1, p))).min(axis=-1).reshape(w.shape[:-1])

@@ -1,0 +1,176 @@
+"""Shared plumbing of the analysis functions: input checks, the objective of a trajectory,
+per-constraint margins and loss weights, the separation time.
+
+Nothing here calls a solver: every function is a pure function of (model, data, w) or of
+a saved Trajectory.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models import Dataset, Objective
+from ..models._base import AbstractModel
+
+
+class NotSeparatedError(ValueError):
+    """An analysis that needs separation (g(log 1/L) > 0, all q_i > 0) met a state without it."""
+
+
+def make_objective(model, data, loss, where: str) -> Objective:
+    if not isinstance(model, AbstractModel):
+        raise TypeError(
+            f"{where}: `model` must be a marginflow.models model (Linear, DeepLinear, ToyLeaky, "
+            f"MLP, CNN), got {type(model).__name__}; pass the model the run was built from."
+        )
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            f"{where}: `data` must be a marginflow.models.Dataset, got {type(data).__name__}; "
+            "wrap arrays with Dataset(X, y)."
+        )
+    return Objective(model, data, loss, where=where)
+
+
+def check_trajectory(traj, where: str):
+    from ..flows import Trajectory
+
+    if not isinstance(traj, Trajectory):
+        raise TypeError(
+            f"{where}: `traj` must be a marginflow.flows.Trajectory (from simulate or "
+            f"discrete.run), got {type(traj).__name__}."
+        )
+    if len(traj) == 0:
+        raise ValueError(
+            f"{where}: the trajectory has no saved states (result {traj.result!r}: "
+            f"{traj.message}); rerun the simulation so that it saves at least one time."
+        )
+
+
+def trajectory_objective(traj, model, data, where: str) -> Objective:
+    """The Objective a trajectory was computed on, after checking model and data match it."""
+    check_trajectory(traj, where)
+    objective = make_objective(model, data, traj.meta.get("loss"), where)
+    meta = traj.meta
+    fp = meta.get("data", {}).get("fingerprint")
+    if fp is not None and fp != data.fingerprint():
+        raise ValueError(
+            f"{where}: `data` is not the data set the trajectory was computed on (fingerprint "
+            f"{data.fingerprint()} != {fp} in traj.meta['data']); pass the same Dataset."
+        )
+    if "degree" in meta and int(meta["degree"]) != objective.degree:
+        raise ValueError(
+            f"{where}: `model` has degree L = {objective.degree} but the trajectory was "
+            f"computed with L = {meta['degree']}; pass the model the run was built from."
+        )
+    p = int(objective.w0().shape[0])
+    if traj.w.shape[-1] != p:
+        raise ValueError(
+            f"{where}: the trajectory has {traj.w.shape[-1]} parameters per state but the model "
+            f"has p = {p}; pass the model the run was built from."
+        )
+    return objective
+
+
+def check_flat(objective: Objective, w, where: str, name: str = "w"):
+    w = jnp.asarray(w, dtype=jnp.float64)
+    p = int(objective.w0().shape[0])
+    if w.ndim == 0 or w.shape[-1] != p:
+        raise ValueError(
+            f"{where}: `{name}` must be a flat parameter vector with last axis p = {p} (the "
+            f"model's parameter count), got shape {w.shape}; use marginflow.models.flatten."
+        )
+    if not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"{where}: `{name}` must be finite, found NaN/inf entries.")
+    return w
+
+
+def check_weights(weights, p: int, where: str):
+    """weights = h_inf^{-1/2} (positive, shape (p,)) for AdaGrad's problem (PA)."""
+    if weights is None:
+        return None
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (p,) or not np.all(np.isfinite(weights)) or not np.all(weights > 0):
+        raise ValueError(
+            f"{where}: `weights` must be a finite positive vector of shape ({p},) (h_inf^{{-1/2}} "
+            f"of AdaGrad's problem (PA)), got shape {weights.shape} with min "
+            f"{np.min(weights) if weights.size else 'n/a'}; pass "
+            "conditioner_limit(traj).h_inf ** -0.5."
+        )
+    return jnp.asarray(weights)
+
+
+# ---------------------------------------------------------------- constraint margins
+def other_classes(y, out_dim: int):
+    """(N, C - 1) indices j != y_i in increasing order (traceable: j_k = k + [k >= y_i]).
+
+    Multi-class (App. E): q_ij = Phi_{y_i}(x_i) - Phi_j(x_i) >= 1 for every j != y_i, so
+    q_i = min_j q_ij is the sample margin and the constraint set has N (C - 1) entries,
+    flattened row-major (sample i, then class j).
+    """
+    k = jnp.arange(out_dim - 1)[None, :]
+    return k + (k >= y[:, None]).astype(k.dtype)
+
+
+def constraint_margins(objective: Objective, w):
+    """The per-constraint margins q_c(w) (flat, shape (n_c,))."""
+    out = objective.outputs(w)
+    y = objective.data.y
+    if objective.data.binary:
+        return y * out
+    cols = other_classes(y, objective.model.out_dim)
+    own = jnp.take_along_axis(out, y[:, None], axis=1)
+    others = jnp.take_along_axis(out, cols, axis=1)
+    return (own - others).reshape(-1)
+
+
+def constraint_weights_over_loss(objective: Objective, w):
+    """w_c / L with w_c = -dL/dq_c, so that -grad L = sum_c w_c grad q_c (exact, log space).
+
+    Binary: w_i = e^{-f(q_i)} f'(q_i). Cross-entropy: w_ij = e^{-q_ij} / (1 + sum_k e^{-q_ik}).
+    Both are read off the gradient of log L with respect to the outputs: Phi_j(x_i), j != y_i,
+    enters only q_ij (with coefficient -1), and binary Phi(x_i) enters q_i = y_i Phi(x_i).
+    """
+    out = objective.outputs(w)
+    grad_out = jax.grad(lambda o: objective.loss.log_loss(o, objective.data.y))(out)
+    if objective.data.binary:
+        return -objective.data.y * grad_out
+    cols = other_classes(objective.data.y, objective.model.out_dim)
+    return jnp.take_along_axis(grad_out, cols, axis=1).reshape(-1)
+
+
+@eqx.filter_jit
+def _margins_stack(objective: Objective, W):
+    return jax.lax.map(objective.margins, W, batch_size=64)
+
+
+def margins_stack(objective: Objective, W) -> np.ndarray:
+    """q_i(w) for a stack of flat parameters W (k, p): shape (k, N)."""
+    return np.asarray(_margins_stack(objective, jnp.asarray(W)))
+
+
+# ---------------------------------------------------------------- separation
+def separation_index(g_value: np.ndarray, q_min: np.ndarray | None = None) -> int | None:
+    """The first save from which on g(log 1/L) > 0 (and all q_i > 0) holds; None if never.
+
+    g(log 1/L) <= q_min (Lemma 18), so g(log 1/L) > 0 implies all q_i > 0; the loss is
+    non-increasing along every flow (dL/dt = -sum h g^2), so once separated a continuous run
+    stays separated. The suffix test makes the answer robust for discrete runs too.
+    """
+    ok = np.asarray(g_value) > 0
+    if q_min is not None:
+        ok &= np.asarray(q_min) > 0
+    bad = np.nonzero(~ok)[0]
+    first = 0 if bad.size == 0 else int(bad[-1]) + 1
+    return first if first < ok.shape[0] else None
+
+
+def not_separated_message(where: str, traj=None) -> str:
+    reached = "" if traj is None else f" (the run reached t = {float(traj.ts[-1]):.3g})"
+    return (
+        f"{where}: the run never separates the data: g(log 1/L) > 0 (equivalently all "
+        f"q_i > 0, MATH.md section 1) fails at its last save{reached}. Run longer (larger "
+        "t1) or check that the data is separable by this model."
+    )
