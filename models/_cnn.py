@@ -33,25 +33,36 @@ class CNN(AbstractModel):
     """conv 32@5x5 - ReLU - maxpool 2 - conv 64@3x3 - ReLU - maxpool 2 - fc 1024 - ReLU - fc C.
 
     No biases, "same" padding, input one 28x28 image (shape (28, 28), (1, 28, 28) or (784,)):
-    3,274,400 parameters for C = 10. ReLU and max-pooling are 1-homogeneous, so Phi is
-    homogeneous of degree 4 (four weight layers). PyTorch's default initialisation.
+    3,240,736 parameters for C = 10. `widths` = (conv1 channels, conv2 channels, fc units)
+    shrinks the network for CPU runs (still degree 4). ReLU and max-pooling are
+    1-homogeneous, so Phi is homogeneous of degree 4 (four weight layers). PyTorch's default
+    initialisation.
     """
 
-    conv1: Float[Array, "32 1 5 5"]
-    conv2: Float[Array, "64 32 3 3"]
-    fc1: Float[Array, "1024 3136"]
-    fc2: Float[Array, "C 1024"]
+    conv1: Float[Array, "c1 1 5 5"]
+    conv2: Float[Array, "c2 c1 3 3"]
+    fc1: Float[Array, "f c2*49"]
+    fc2: Float[Array, "C f"]
     out_dim: int = eqx.field(static=True)
     degree: int = eqx.field(static=True)
 
-    def __init__(self, *, out_dim: int = 10, key: PRNGKeyArray):
+    widths: tuple = eqx.field(static=True, default=(32, 64, 1024))
+
+    def __init__(self, *, out_dim: int = 10, widths=(32, 64, 1024), key: PRNGKeyArray):
         self.out_dim = check_positive_int(out_dim, "out_dim", "CNN")
+        if not isinstance(widths, (tuple, list)) or len(widths) != 3:
+            raise ValueError(
+                "CNN: `widths` must be three positive integers (conv1 channels, conv2 "
+                f"channels, fc units), got {widths!r}; the paper's are (32, 64, 1024)."
+            )
+        c1, c2, f = (check_positive_int(v, "widths", "CNN") for v in widths)
+        self.widths = (c1, c2, f)
         check_key(key, "CNN")
         k1, k2, k3, k4 = jax.random.split(key, 4)
-        self.conv1 = _uniform(k1, (32, 1, 5, 5), 25)
-        self.conv2 = _uniform(k2, (64, 32, 3, 3), 32 * 9)
-        self.fc1 = _uniform(k3, (1024, 64 * 7 * 7), 64 * 7 * 7)
-        self.fc2 = _uniform(k4, (self.out_dim, 1024), 1024)
+        self.conv1 = _uniform(k1, (c1, 1, 5, 5), 25)
+        self.conv2 = _uniform(k2, (c2, c1, 3, 3), c1 * 9)
+        self.fc1 = _uniform(k3, (f, c2 * 7 * 7), c2 * 7 * 7)
+        self.fc2 = _uniform(k4, (self.out_dim, f), f)
         self.degree = 4
 
     @property
@@ -59,7 +70,10 @@ class CNN(AbstractModel):
         return (1, 28, 28)
 
     def spec(self):
-        return {"class": "CNN", "kwargs": {"out_dim": self.out_dim}}
+        kwargs = {"out_dim": self.out_dim}
+        if self.widths != (32, 64, 1024):
+            kwargs["widths"] = list(self.widths)
+        return {"class": "CNN", "kwargs": kwargs}
 
     def __call__(self, x):
         x = jnp.reshape(x, (1, 28, 28))

