@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import diffrax as dfx
-import optimistix as optx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,14 @@ import numpy as np
 from ..models import Objective
 from ..models._objective import flatten
 from ._flow import AbstractFlow
-from ._solvers import default_solver, solver_name, wm_norm
+from ._imex import DecayIMEX
+from ._solvers import (
+    decay_rate,
+    default_controller,
+    default_solver,
+    is_imex,
+    solver_name,
+)
 from ._trajectory import Trajectory
 
 _RESULT_NAMES = [
@@ -49,6 +55,8 @@ _HINTS = {
     "pass another solver",
     "nonlinear_max_steps_reached": "the implicit solver's root finder did not converge: "
     "loosen rtol or pass another solver",
+    "nonfinite_state": "the vector field became non-finite (NaN/inf) at the state reached: "
+    "check the data scale, the initialisation and the flow's hyper-parameters",
     "breakdown": "the state became non-finite (NaN/inf): check the data scale and the "
     "initialisation, or lower t1",
 }
@@ -63,6 +71,8 @@ class SimulationError(RuntimeError):
 
 
 def _result_name(code) -> str:
+    if int(code) == int(dfx.RESULTS.nonfinite._value):
+        return "nonfinite_state"
     for name in _RESULT_NAMES:
         item = getattr(dfx.RESULTS, name, None)
         if item is not None and int(code) == int(item._value):
@@ -71,6 +81,8 @@ def _result_name(code) -> str:
 
 
 def _result_message(code) -> str:
+    if int(code) == int(dfx.RESULTS.nonfinite._value):
+        return "The vector field is non-finite (NaN/inf) at the state reached."
     for name in _RESULT_NAMES:
         item = getattr(dfx.RESULTS, name, None)
         if item is not None and int(code) == int(item._value):
@@ -79,40 +91,122 @@ def _result_message(code) -> str:
 
 
 # ------------------------------------------------------------------------ the ODE
-def _vector_field(t, y, args):
-    flow, objective = args
+# The integration variable u is t itself on [t0, 1] and u = log t from t = 1 on (a
+# segment's `log_time` flag). With J = dt/du (1, or t) every field below is J times the
+# field in t. Late in training g ~ 1/t and t ~ 1e100: the log-time fields are O(1) in u
+# (so steps are O(1) in u: constant cost per decade), and J * g is computed as
+# exp(log L + log J) * grad log L, which never underflows although g itself may be 1e-300.
+# At t = 1 both variables coincide to first order (du = dt, J = 1), so the step size and
+# the solver's FSAL state carry across the switch unchanged.
+def _time(u, log_time):
+    t = jnp.where(log_time, jnp.exp(jnp.where(log_time, u, 0.0)), u)
+    log_j = jnp.where(log_time, u, 0.0)
+    return t, log_j
+
+
+def _fields(u, y, args):
+    """(dw/du, J dm/dt, dI/du, J, g): the pieces both term layouts are made of."""
+    flow, objective, _, log_time = args
     w, m, _ = y
-    _, g = objective.log_loss_and_grad(w)
-    dw, dm, _, dlogh = flow.vector_field(t, w, m, g)
+    t, log_j = _time(u, log_time)
+    j = jnp.exp(log_j)
+    log_l, glog = jax.value_and_grad(objective.log_loss)(w)
+    log_l = log_l.astype(w.dtype)  # float64 labels would promote a float32 run
+    jg = jnp.exp(log_l + log_j) * glog  # J * grad L, computed in log space
+    g = jg / j  # >= 1e-300-ish for t <= 1e300: representable; only g^2 may underflow (to 0)
+    # m >= 0 on the exact solution, but a Runge-Kutta stage (whose tableau has negative
+    # weights) can put it below -eps, where sqrt(eps + m) is NaN; measured on an MLP: every
+    # step near t = 0 rejected. The conditioner sees max(m, 0); the m-equation itself, linear
+    # in m, keeps the raw value.
+    dw, _, h, dlogh = flow.vector_field(t, w, jnp.maximum(m, 0.0), g)
+    dm = flow.phi(t, m, g)
     # Lemma 3's penalty rate: sum_i (-1/2 d log h_i/dt)_+, exact from the vector field.
-    dI = jnp.sum(jnp.maximum(-0.5 * dlogh, 0.0))
+    dI = j * jnp.sum(jnp.maximum(-0.5 * dlogh, 0.0))
+    # J * (the flow's dw/dt): a subclass's field is honoured; g = J g / J is a normal
+    # float64 number for t <= 1e300, so this product does not underflow either.
+    return j * dw, j * dm, dI, j, g
+
+
+def _full_field(u, y, args):
+    dw, dm, dI, _, _ = _fields(u, y, args)
     return dw, dm, dI
 
 
-def _save_fn(t, y, args):
-    flow, objective = args
+def _explicit_field(u, y, args):
+    # Everything but the linear decay -a m of the m-equation (a = 1 - b; 0 for GD/AdaGrad).
+    # phi is affine in m, so that is J phi(t, 0, g) (= J a g^2), taken as such: forming it
+    # as J dm + J a m cancels catastrophically once m >> g^2 (rounding ~ 1e-16 J a m,
+    # measured to stall the controller from t ~ 1e18 on).
+    flow, objective, _, log_time = args
+    dw, _, dI, j, g = _fields(u, y, args)
+    t, _ = _time(u, log_time)
+    return dw, j * flow.phi(t, jnp.zeros_like(y[1]), g), dI
+
+
+def _implicit_field(u, y, args):
+    # -J a m: linear and diagonal (for diffrax's own IMEX solvers, e.g. KenCarp5).
     w, m, I = y
+    rates = _decay_rates(u, y, args)
+    return jnp.zeros_like(w), -rates[1] * m, jnp.zeros_like(I)
+
+
+def _decay_rates(u, y, args):
+    # The diagonal decay rates lambda of the implicit part -lambda * y (for `DecayIMEX`).
+    _, _, a, log_time = args
+    w, m, I = y
+    _, log_j = _time(u, log_time)
+    return jnp.zeros_like(w), jnp.full_like(m, jnp.exp(log_j) * a), jnp.zeros_like(I)
+
+
+def _terms(solver):
+    if isinstance(solver, DecayIMEX):
+        return dfx.MultiTerm(dfx.ODETerm(_explicit_field), dfx.ODETerm(_decay_rates))
+    if is_imex(solver):
+        return dfx.MultiTerm(dfx.ODETerm(_explicit_field), dfx.ODETerm(_implicit_field))
+    return dfx.ODETerm(_full_field)
+
+
+def _save_fn(u, y, args):
+    flow, objective, _, log_time = args
+    w, m, I = y
+    t, _ = _time(u, log_time)
     log_l, g = objective.log_loss_and_grad(w)
-    return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, m, g)}
+    log_l, g = log_l.astype(w.dtype), g.astype(w.dtype)
+    return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, jnp.maximum(m, 0.0), g)}
 
 
 @eqx.filter_jit
-def _segment(flow, objective, y0, t_start, t_end, save_ts, solver, controller, max_steps,
-             state):
-    """Integrate one segment [t_start, t_end], saving at save_ts (padded with t_end)."""
-    controller_state, solver_state = state if state is not None else (None, None)
+def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
+    """The first step size and the initial controller / solver states (no integration)."""
+    args = (flow, objective, decay_rate(flow).astype(u_start.dtype), log_time)
+    terms = _terms(solver)
+    controller = controller.wrap(1)
+    error_order = solver.error_order(terms)
+    tnext, cstate = controller.init(terms, u_start, u_end, y0, None, args, solver.func, error_order)
+    tnext = jnp.minimum(tnext, u_end)
+    sstate = solver.init(terms, u_start, tnext, y0, args)
+    return cstate, sstate
+
+
+@eqx.filter_jit
+def _segment(
+    flow, objective, y0, u_start, u_end, log_time, save_us, solver, controller, max_steps, state
+):
+    """Integrate one segment [u_start, u_end] in u (t or log t), saving at save_us."""
+    controller_state, solver_state = state
+    args = (flow, objective, decay_rate(flow).astype(u_start.dtype), log_time)
     sol = dfx.diffeqsolve(
-        dfx.ODETerm(_vector_field),
+        _terms(solver),
         solver,
-        t_start,
-        t_end,
-        None,
+        u_start,
+        u_end,
+        controller_state[1],  # the step size the controller proposed last (CarriedPID)
         y0,
-        args=(flow, objective),
+        args=args,
         saveat=dfx.SaveAt(
             subs=[
-                dfx.SubSaveAt(ts=save_ts, fn=_save_fn),
-                dfx.SubSaveAt(t1=True),
+                dfx.SubSaveAt(ts=save_us, fn=_save_fn),
+                dfx.SubSaveAt(t1=True, fn=_save_fn),
             ],
             controller_state=True,
             solver_state=True,
@@ -122,15 +216,17 @@ def _segment(flow, objective, y0, t_start, t_end, save_ts, solver, controller, m
         throw=False,
         controller_state=controller_state,
         solver_state=solver_state,
-        made_jump=None if state is None else False,
+        made_jump=False,
     )
     saved, final = sol.ys
-    saved_ts = sol.ts[0]
-    y_end = jax.tree.map(lambda x: x[-1], final)
+    saved_us = sol.ts[0]
+    final = jax.tree.map(lambda x: x[-1], final)
+    y_end = (final["w"], final["m"], final["I"])
     return (
-        saved_ts,
+        saved_us,
         saved,
         y_end,
+        (sol.ts[1][-1], final),
         (sol.controller_state, sol.solver_state),
         sol.result._value,
         sol.stats["num_steps"],
@@ -150,6 +246,8 @@ def _segment_bounds(t0: float, t1: float) -> list[float]:
 def default_save_times(t0: float, t1: float, n_save: int) -> np.ndarray:
     """t0 then n_save - 1 log-spaced times of t - t0 up to t1 (first at min(1e-2, span/100))."""
     span = t1 - t0
+    if n_save == 2:  # geomspace(first, span, 1) would be [first], not [span]
+        return np.array([t0, t1])
     first = min(1e-2, span / 100.0)
     return np.concatenate([[t0], t0 + np.geomspace(first, span, n_save - 1)])
 
@@ -182,8 +280,7 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
         raise ValueError(f"simulate: `t1` must be <= 1e300 (float64 time axis), got {t1!r}.")
     rtol = _check_number(rtol, "rtol", "must be in (0, 1)", lambda v: 0 < v < 1)
     atol = _check_number(atol, "atol", "must be > 0", lambda v: math.isfinite(v) and v > 0)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or \
-            max_steps < 1:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"simulate: `max_steps` must be a positive integer, got {max_steps!r}.")
     if ts is None:
         if isinstance(n_save, bool) or not isinstance(n_save, (int, np.integer)) or n_save < 2:
@@ -192,8 +289,9 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
     else:
         ts = np.asarray(ts, dtype=np.float64)
         if ts.ndim != 1 or ts.size < 1:
-            raise ValueError(f"simulate: `ts` must be a 1-D array of save times, got shape "
-                             f"{ts.shape}.")
+            raise ValueError(
+                f"simulate: `ts` must be a 1-D array of save times, got shape {ts.shape}."
+            )
         if not np.all(np.isfinite(ts)):
             raise ValueError("simulate: `ts` must be finite, found NaN/inf save times.")
         if ts[0] < t0 or ts[-1] > t1:
@@ -261,6 +359,7 @@ def simulate(
     throw: bool = True,
     batch: bool = False,
     dtype=jnp.float64,
+    shard: bool | None = None,
 ) -> Trajectory:
     """Integrate `flow` on `model` and `data` from t0 to t1 and save a Trajectory.
 
@@ -284,7 +383,16 @@ def simulate(
         throw: raise SimulationError (holding the partial Trajectory) if the solver stops
             early; with throw=False the partial Trajectory is returned and its `result` /
             `message` say why.
-        dtype: jnp.float64 (default; every theory check) or jnp.float32 (GPU speed runs).
+        dtype: jnp.float64 (default; every theory check) or jnp.float32 (GPU speed runs;
+            needs rtol >= 1e-6 and t1 <= 1e30).
+        shard: with batch=True, split the batch over all local devices (jax.sharding; the
+            default None does so whenever there are several); False keeps one device.
+
+    How (MATH.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
+    late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
+    m-equation's decay (rate (1 - b) t in u) is the only stiff part and `default_solver`
+    treats it implicitly, exactly and in O(p). t * grad L is formed as
+    exp(log L + log t) * grad log L, so nothing underflows up to t = 1e300.
 
     Example:
         >>> import jax
@@ -298,10 +406,20 @@ def simulate(
     )
     if dtype not in (jnp.float64, jnp.float32):
         raise ValueError(f"simulate: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
+    if dtype == jnp.float32:
+        if rtol < 1e-6:
+            raise ValueError(
+                f"simulate: with dtype=float32 `rtol` must be >= 1e-6 (float32 resolves "
+                f"relative changes of 1.2e-7), got rtol = {rtol!r}; pass e.g. rtol=1e-5, "
+                "atol=1e-8, or use float64."
+            )
+        if t1 > 1e30:
+            raise ValueError(
+                f"simulate: with dtype=float32 `t1` must be <= 1e30 (t = e^u and t * grad L "
+                f"must stay below float32's 3.4e38), got t1 = {t1!r}; use float64 beyond."
+            )
     if batch:
-        template = jax.tree.map(
-            lambda x: x[0] if eqx.is_inexact_array(x) else x, model
-        )
+        template = jax.tree.map(lambda x: x[0] if eqx.is_inexact_array(x) else x, model)
         w0 = eqx.filter_vmap(flatten)(model)
     else:
         template = model
@@ -319,44 +437,88 @@ def simulate(
     p = int(w0.shape[-1])
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
-    controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4, 
-                                   norm=wm_norm)
+    controller = default_controller(rtol, atol)
 
-    zero = jnp.zeros((), dtype)
-    m0 = jnp.zeros_like(w0)
-    y = (w0, m0, jnp.zeros(w0.shape[:-1], dtype))
+    n_batch = int(w0.shape[0]) if batch else 0
+    devices = _devices(batch, shard, n_batch)
+    if len(devices) > 1:
+        # Pad the batch to a multiple of the device count (copies of the last member,
+        # dropped at the end) and split it over the devices; the vmapped segment then runs
+        # as one SPMD program, each device integrating its share of the initialisations.
+        extra = (-n_batch) % len(devices)
+        if extra:
+            w0 = jnp.concatenate([w0, jnp.repeat(w0[-1:], extra, axis=0)], axis=0)
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+        on_devices = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        y = jax.device_put((w0, jnp.zeros_like(w0), jnp.zeros(w0.shape[:-1], dtype)), on_devices)
+    else:
+        y = (w0, jnp.zeros_like(w0), jnp.zeros(w0.shape[:-1], dtype))
     bounds = _segment_bounds(t0, t1)
     per_segment = [
         save_ts[(save_ts > lo) & (save_ts <= hi)] if k else save_ts[save_ts <= hi]
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
+    # Save slots per segment, rounded up to a power of two so that runs with other t1 or
+    # n_save reuse the compiled segment (the width is part of its shape).
     width = max(1, max(len(s) for s in per_segment))
+    width = 1 << (width - 1).bit_length()
 
-    seg = _segment
+    seg, start_fn = _segment, _start
     if batch:
         seg = eqx.filter_vmap(
-            _segment, in_axes=(None, None, 0, None, None, None, None, None, None, 0)
+            _segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0)
         )
+        start_fn = eqx.filter_vmap(_start, in_axes=(None, None, 0, None, None, None, None, None))
+
+    def to_u(t, log_time):
+        return np.log(t) if log_time else t
 
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "w", "m", "I", "log_loss", "h")}
     steps = accepted = rejected = 0
-    state = None
+    per_segment_steps: list[np.ndarray] = []
     result, message = "successful", ""
     wall_time = 0.0
     bar = _progress_bar(len(bounds) - 1) if progress else None
+    begin = time.perf_counter()
+    first_log = bounds[0] >= 1.0
+    state = start_fn(
+        flow,
+        objective,
+        y,
+        jnp.asarray(to_u(bounds[0], first_log), dtype),
+        jnp.asarray(to_u(bounds[1], first_log), dtype),
+        jnp.asarray(first_log),
+        solver,
+        controller,
+    )
+    wall_time += time.perf_counter() - begin
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        # t on [t0, 1], log t from t = 1 on (see `_time`).
+        log_time = lo >= 1.0
         wanted = per_segment[k]
         pad = np.full(width, hi)
         pad[: len(wanted)] = wanted
-        start = time.perf_counter()
-        out = seg(flow, objective, y, zero + lo, zero + hi, jnp.asarray(pad, dtype), solver,
-                  controller, max_steps, state)
+        begin = time.perf_counter()
+        out = seg(
+            flow,
+            objective,
+            y,
+            jnp.asarray(to_u(lo, log_time), dtype),
+            jnp.asarray(to_u(hi, log_time), dtype),
+            jnp.asarray(log_time),
+            jnp.asarray(to_u(pad, log_time), dtype),
+            solver,
+            controller,
+            max_steps,
+            state,
+        )
         out = jax.block_until_ready(out)
-        wall_time += time.perf_counter() - start
-        saved_ts, saved, y, state, code, n, na, nr = out
-        steps += np.asarray(n)
-        accepted += np.asarray(na)
-        rejected += np.asarray(nr)
+        wall_time += time.perf_counter() - begin
+        saved_ts, saved, y, (end_u, end_saved), state, code, n, na, nr = out
+        steps = steps + np.asarray(n)
+        per_segment_steps.append(np.asarray(n))
+        accepted = accepted + np.asarray(na)
+        rejected = rejected + np.asarray(nr)
         codes = np.atleast_1d(np.asarray(code))
         ok = codes == int(dfx.RESULTS.successful._value)
         n_keep = len(wanted)
@@ -366,6 +528,7 @@ def simulate(
             # into the first unfilled slot, so keep that one too.
             row_ts = saved_ts if saved_ts.ndim == 1 else saved_ts[np.argmin(ok)]
             reached = np.isfinite(row_ts)
+            row_ts = np.exp(row_ts) if log_time else row_ts
             n_keep = int(min(np.sum(reached), width))
             kept_ts = row_ts[:n_keep]
         else:
@@ -375,6 +538,21 @@ def simulate(
             arr = np.asarray(saved[key])
             arr = arr[:, :n_keep] if batch else arr[:n_keep]
             chunks[key].append(arr)
+        if not ok.all() and not batch:
+            # Also keep the state where the solver stopped (one run: a batch's members stop
+            # at different times and share one time axis).
+            end_t = float(np.exp(end_u)) if log_time else float(end_u)
+            if (
+                np.isfinite(end_t)
+                and (len(kept_ts) == 0 or end_t > kept_ts[-1])
+                and all(np.all(np.isfinite(np.asarray(v))) for v in end_saved.values())
+            ):
+                kept_ts = np.append(kept_ts, end_t)
+                chunks["ts"][-1] = np.asarray(kept_ts, np.float64)
+                for key in ("w", "m", "I", "log_loss", "h"):
+                    chunks[key][-1] = np.concatenate(
+                        [chunks[key][-1], np.asarray(end_saved[key])[None]], axis=0
+                    )
         if bar is not None:
             bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}")
             bar.update(1)
@@ -383,8 +561,11 @@ def simulate(
             result = _result_name(bad)
             failed = int(np.sum(~ok))
             where = f"{failed} of {codes.size} runs" if batch else "the run"
-            reached_t = float(np.nanmax(np.where(np.isfinite(kept_ts), kept_ts, np.nan))) \
-                if len(kept_ts) else lo
+            reached_t = (
+                float(np.nanmax(np.where(np.isfinite(kept_ts), kept_ts, np.nan)))
+                if len(kept_ts)
+                else lo
+            )
             message = (
                 f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
                 f"{_result_message(bad)} Fix: {_HINTS.get(result, 'see the diffrax result')}."
@@ -395,8 +576,12 @@ def simulate(
 
     axis = 1 if batch else 0
     cat = {k: np.concatenate(v, axis=0 if k == "ts" else axis) for k, v in chunks.items()}
+    if batch:  # drop the members that only padded the batch to the device count
+        cat = {k: v if k == "ts" else v[:n_batch] for k, v in cat.items()}
+        steps, accepted, rejected = (np.asarray(x)[:n_batch] for x in (steps, accepted, rejected))
     meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
     meta["wall_time_s"] = wall_time  # includes compilation on a first call
+    meta["devices"] = len(devices)
     traj = Trajectory(
         ts=cat["ts"],
         w=cat["w"],
@@ -405,10 +590,13 @@ def simulate(
         log_loss=cat["log_loss"],
         I=cat["I"],
         stats={
-            "num_steps": steps,
-            "num_accepted_steps": accepted,
-            "num_rejected_steps": rejected,
+            "num_steps": _plain(steps),
+            "num_accepted_steps": _plain(accepted),
+            "num_rejected_steps": _plain(rejected),
             "num_segments": len(chunks["ts"]),
+            # steps of segment k (the decade ending at t0's next power of ten * 10^k);
+            # per member for a batch: (segments, B)
+            "num_steps_per_segment": _plain_nested(per_segment_steps, n_batch if batch else 0),
         },
         result=result,
         message=message,
@@ -421,6 +609,33 @@ def simulate(
             traj,
         )
     return traj
+
+
+def _plain(x):
+    """A Python int (one run) or a tuple of ints (a batch): hashable, as static fields want."""
+    x = np.asarray(x)
+    return int(x) if x.ndim == 0 else tuple(int(v) for v in x)
+
+
+def _devices(batch: bool, shard, n_batch: int) -> list:
+    """The devices a batch is split over: all local ones by default (shard=None)."""
+    if shard is not None and not isinstance(shard, bool):
+        raise TypeError(f"simulate: `shard` must be None, True or False, got {shard!r}.")
+    if shard and not batch:
+        raise ValueError(
+            "simulate: shard=True splits a batch of initialisations over devices and needs "
+            "batch=True; pass batch=True with stacked models, or drop `shard`."
+        )
+    if not batch or shard is False:
+        return jax.local_devices()[:1]
+    devices = jax.local_devices()
+    return devices if n_batch > 1 else devices[:1]
+
+
+def _plain_nested(rows, n_batch: int):
+    if not n_batch:
+        return tuple(int(r) for r in rows)
+    return tuple(tuple(int(v) for v in np.asarray(r)[:n_batch]) for r in rows)
 
 
 def _is_model(model) -> bool:

@@ -71,7 +71,8 @@ class Trajectory(eqx.Module):
             conditioner=self.conditioner[b],
             log_loss=self.log_loss[b],
             I=self.I[b],
-            stats={k: (np.asarray(v)[b] if np.ndim(v) else v) for k, v in self.stats.items()},
+            stats={k: (np.asarray(v)[b].item() if np.ndim(v) else v)
+                   for k, v in self.stats.items()},
             result=self.result,
             message=self.message,
             meta=self.meta,
@@ -138,4 +139,5 @@ class Trajectory(eqx.Module):
 
 
 def _from_list(v: Any):
-    return np.asarray(v) if isinstance(v, list) else v
+    # Static fields hold plain Python values (lists, not arrays): equinox warns on arrays.
+    return v

@@ -1,0 +1,89 @@
+"""The solver's overhead over the physical limit on the paper's MNIST CNN (issue 5).
+
+overhead = (wall time of the integration, after compilation)
+           / (number of gradient evaluations x time of one jit-compiled gradient evaluation)
+
+CNN (3,274,400 parameters, 10 classes), n random MNIST-size inputs, cross-entropy, RMSProp
+flow (eps 1e-5, b 0.9), the default solver (`DecayIMEX`: 8 gradient evaluations per step,
+O(p) besides). Gradient evaluations counted: 8 per step, 3 at the start (the controller's
+first-step guess and the first stage) and one per save.
+
+    python benchmarks/cnn_overhead.py                # n = 512, at most 40 steps
+    python benchmarks/cnn_overhead.py --n 32 --max-steps 10   # minutes on a 2-core CPU
+    python benchmarks/cnn_overhead.py --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import marginflow  # noqa: F401
+import numpy as np
+from marginflow.flows import RMSPropFlow, simulate
+from marginflow.models import CNN, Dataset, Objective
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=512, help="number of inputs")
+    parser.add_argument("--t1", type=float, default=1e-2, help="end time of the flow")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=40,
+        help="stop after this many steps (the ratio needs no full run)",
+    )
+    args = parser.parse_args()
+    dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
+    rtol, atol = (1e-8, 1e-12) if dtype == jnp.float64 else (1e-5, 1e-8)
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.uniform(0, 1, (args.n, 28, 28)), rng.integers(0, 10, args.n))
+    model = CNN(key=jax.random.key(0))
+    flow = RMSPropFlow(1e-5, 0.9)
+    n_save = 2
+
+    objective = Objective(model, data)
+    w = objective.w0().astype(dtype)
+    fn = eqx.filter_jit(lambda obj, w: obj.log_loss_and_grad(w))
+    grad = lambda w: fn(objective, w)  # noqa: E731
+    jax.block_until_ready(grad(w))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(grad(w))
+        times.append(time.perf_counter() - start)
+    t_grad = statistics.median(times)
+
+    # A run stopped by max_steps is fine here: the ratio counts the steps actually taken.
+    kw = dict(
+        n_save=n_save, rtol=rtol, atol=atol, dtype=dtype, max_steps=args.max_steps, throw=False
+    )
+    start = time.perf_counter()
+    simulate(flow, model, data, args.t1, **kw)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    traj = simulate(flow, model, data, args.t1, **kw)
+    wall = time.perf_counter() - start
+    steps = int(traj.stats["num_steps"])
+    reached = float(traj.ts[-1]) if len(traj.ts) else float("nan")
+    evals = 8 * steps + 3 + n_save
+    print(
+        f"CNN p = {w.size}, n = {args.n}, {args.dtype}, t1 = {args.t1:g}, devices {jax.devices()}"
+    )
+    print(f"one gradient evaluation: {t_grad * 1e3:.1f} ms (median of 5, jit-compiled)")
+    print(
+        f"integration: {wall:.2f} s after compilation (first call {first:.1f} s), "
+        f"{steps} steps ({traj.stats['num_rejected_steps']} rejected), {evals} gradient "
+        f"evaluations, reached t = {reached:.3g}, result {traj.result}"
+    )
+    print(f"overhead = {wall:.2f} / ({evals} x {t_grad:.4f}) = {wall / (evals * t_grad):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Failed runs keep what they computed; runs are deterministic (issue 7)."""
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import marginflow  # noqa: F401
+from marginflow.flows import RMSPropFlow, SimulationError, simulate
+from marginflow.models import Linear, ToyLeaky, toy_dataset
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_dataset(0)
+
+
+def test_max_steps_failure_returns_partial_trajectory(toy):
+    model = ToyLeaky(key=jax.random.PRNGKey(1))
+    traj = simulate(RMSPropFlow(), model, toy, 1e6, max_steps=40, throw=False)
+    assert traj.result == "max_steps_reached"
+    assert "max_steps" in traj.message and "Fix:" in traj.message
+    # everything up to the failure is kept: the start, finite saves, times increasing
+    assert traj.ts[0] == 0.0 and len(traj) >= 2
+    assert np.all(np.isfinite(traj.w)) and np.all(np.diff(traj.ts) > 0)
+    assert traj.ts[-1] < 1e6
+    # the same run with throw=True raises and carries the same partial trajectory
+    with pytest.raises(SimulationError, match="max_steps") as info:
+        simulate(RMSPropFlow(), model, toy, 1e6, max_steps=40)
+    np.testing.assert_array_equal(info.value.trajectory.w, traj.w)
+
+
+class PoisonedFlow(RMSPropFlow):
+    """RMSProp whose field turns NaN after t = 3: a forced non-finite state."""
+
+    name: ClassVar[str] = "rmsprop"
+
+    def vector_field(self, t, w, m, g):
+        dw, dm, h, dlogh = super().vector_field(t, w, m, g)
+        poison = jnp.where(t > 3.0, jnp.nan, 0.0)
+        return dw + poison, dm, h, dlogh
+
+
+def test_non_finite_state_returns_partial_trajectory(toy):
+    model = Linear(2, key=jax.random.PRNGKey(0))
+    traj = simulate(PoisonedFlow(1e-3, 0.9), model, toy, 100.0, throw=False, max_steps=2000)
+    assert traj.result == "nonfinite_state"
+    assert "non-finite" in traj.message and "Fix:" in traj.message
+    assert np.all(np.isfinite(traj.w))
+    saved_before = traj.ts[traj.ts <= 3.0]
+    assert len(saved_before) >= 2 and traj.ts[-1] <= 3.0 + 1e-9
+    with pytest.raises(SimulationError, match="non-finite"):
+        simulate(PoisonedFlow(1e-3, 0.9), model, toy, 100.0, max_steps=2000)
+
+
+def test_same_seed_bitwise_identical(toy):
+    runs = [
+        simulate(RMSPropFlow(), ToyLeaky(key=jax.random.PRNGKey(7)), toy_dataset(3), 1e4)
+        for _ in range(2)
+    ]
+    for field in ("ts", "w", "m", "conditioner", "log_loss", "I"):
+        assert np.array_equal(getattr(runs[0], field), getattr(runs[1], field)), field
+    assert runs[0].stats == runs[1].stats

@@ -1,0 +1,95 @@
+"""Batches of initialisations (one vmapped call), sharded over devices, and float32 (issue 5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import marginflow  # noqa: F401  (float64)
+import numpy as np
+import pytest
+from marginflow.flows import RMSPropFlow, simulate
+from marginflow.models import ToyLeaky, toy_dataset
+
+FLOW = RMSPropFlow(1e-5, 0.9)
+
+
+@pytest.mark.slow
+def test_batch_of_100_matches_single_runs():
+    keys = jax.random.split(jax.random.key(3), 100)
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)
+    data = toy_dataset(0)
+    batch = simulate(FLOW, models, data, 1e10, batch=True, n_save=11)
+    assert batch.success and batch.w.shape == (100, 11, 3)
+    assert np.all(np.isfinite(batch.w))
+    for b in (0, 57):
+        single = simulate(FLOW, ToyLeaky(key=keys[b]), data, 1e10, n_save=11)
+        # Every member takes its own steps under vmap, so member and single run agree to
+        # the solver's accuracy, not bitwise: 1e-5 relative is 1000 x rtol, room for the
+        # global error over 30 decades (the toy's kinks make it step-sequence dependent).
+        np.testing.assert_allclose(batch.w[b], single.w, rtol=1e-5, atol=1e-8)
+
+
+_SHARD_SCRIPT = textwrap.dedent(
+    """
+    import equinox as eqx, jax, numpy as np
+    import marginflow
+    from marginflow.flows import RMSPropFlow, simulate
+    from marginflow.models import ToyLeaky, toy_dataset
+    assert jax.local_device_count() == 4, jax.local_devices()
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(1), 6))
+    flow, data = RMSPropFlow(1e-5, 0.9), toy_dataset(0)
+    a = simulate(flow, models, data, 1e5, batch=True, n_save=12)
+    b = simulate(flow, models, data, 1e5, batch=True, n_save=12, shard=False)
+    assert a.meta["devices"] == 4 and b.meta["devices"] == 1, (a.meta, b.meta)
+    assert a.w.shape == b.w.shape == (6, 12, 3)
+    assert a.success and b.success
+    # Same members, same tolerance; different SPMD programs round differently, which the
+    # step-size control turns into differences at the tolerance level (rtol 1e-8).
+    np.testing.assert_allclose(a.w, b.w, rtol=1e-5, atol=1e-8)
+    print("OK")
+    """
+)
+
+
+def test_batch_is_sharded_over_all_local_devices():
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_float32_agrees_with_float64_where_it_resolves_the_answer():
+    model, data = ToyLeaky(key=jax.random.key(0)), toy_dataset(0)
+    kw = dict(n_save=9, rtol=1e-5, atol=1e-8)
+    ref = simulate(FLOW, model, data, 1e6, n_save=9, rtol=1e-10, atol=1e-14)
+    a = simulate(FLOW, model, data, 1e6, dtype=jnp.float64, **kw)
+    b = simulate(FLOW, model, data, 1e6, dtype=jnp.float32, **kw)
+    assert b.w.dtype == np.float32 and a.success and b.success and ref.success
+    # At the same tolerance float32 must be as accurate as float64 up to its rounding: its
+    # error against a tight float64 reference is at most 3x the float64 run's (tolerance-
+    # driven; the toy's kinks amplify it to ~2e-4 early on) plus the worst-case linear
+    # accumulation of float32 rounding, steps x 1.2e-7 x max|w| (~3e-3 here). A broken
+    # float32 path (t lost in e^u, overflow, float64 promotion) is off by O(1) or raises.
+    rounding = b.stats["num_steps"] * np.finfo(np.float32).eps * np.max(np.abs(ref.w))
+    err64 = np.max(np.abs(a.w - ref.w))
+    err32 = np.max(np.abs(b.w - ref.w))
+    assert err32 <= 3 * err64 + rounding, (err32, err64, rounding)
+    # log L to the same standard (|log L| <= 25 here).
+    rounding = b.stats["num_steps"] * np.finfo(np.float32).eps * np.max(np.abs(ref.log_loss))
+    err64 = np.max(np.abs(a.log_loss - ref.log_loss))
+    err32 = np.max(np.abs(b.log_loss - ref.log_loss))
+    assert err32 <= 3 * err64 + rounding, (err32, err64, rounding)
+
+
+def test_shard_needs_batch():
+    with pytest.raises(ValueError, match="shard=True.*batch=True"):
+        simulate(FLOW, ToyLeaky(key=jax.random.key(0)), toy_dataset(0), 10.0, shard=True)
