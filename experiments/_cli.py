@@ -51,14 +51,24 @@ def _simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-save", type=int, default=200)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress meter")
+    p.add_argument("--checkpoint", default=None,
+                   help="write the run to this folder decade by decade; continue a killed "
+                   "run with `marginflow resume FOLDER`")
 
 
 def _build(args):
     import jax
 
     from ..flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow
-    from ..models import MLP, DeepLinear, Linear, ToyLeaky, separable_gaussians, soudry_dataset
-    from ..models import toy_dataset
+    from ..models import (
+        MLP,
+        DeepLinear,
+        Linear,
+        ToyLeaky,
+        separable_gaussians,
+        soudry_dataset,
+        toy_dataset,
+    )
 
     data = {
         "toy": lambda: toy_dataset(args.seed),
@@ -157,7 +167,8 @@ def _simulate_run(args) -> int:
     kwargs = dict(rtol=args.rtol, n_save=args.n_save, loss=args.loss)
     start = time.perf_counter()
     try:
-        traj = simulate(flow, model, data, args.t1, progress=not args.no_progress, **kwargs)
+        traj = simulate(flow, model, data, args.t1, progress=not args.no_progress,
+                        checkpoint=args.checkpoint, **kwargs)
     except SimulationError as err:
         traj = err.trajectory
     first = time.perf_counter() - start
@@ -173,10 +184,15 @@ def _simulate_run(args) -> int:
     rows.append(("first call (compile + run)", f"{first:.2f} s"))
     if run is not None:
         rows.append(("run (compiled)", f"{run:.3f} s"))
-    with open(os.path.join(args.out, "summary.json"), "w") as fh:
+    return _write_outputs(traj, model, data, args.out, rows,
+                          f"marginflow simulate: {args.flow} flow on {args.model} / {args.data}")
+
+
+def _write_outputs(traj, model, data, out, rows, title) -> int:
+    with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(dict(rows) | {"meta": traj.meta}, fh, indent=2)
-    print_table(rows, f"marginflow simulate: {args.flow} flow on {args.model} / {args.data}")
-    print(f"wrote {args.out}/trajectory.npz, trajectory.png, summary.json")
+    print_table(rows, title)
+    print(f"wrote {out}/trajectory.npz, trajectory.png, summary.json")
     if not traj.success:
         print(f"marginflow: the run stopped early: {traj.message}", file=sys.stderr)
         return 1
@@ -188,12 +204,42 @@ subcommand("simulate", "integrate a flow and write trajectory, plot and summary"
 )
 
 
+# ------------------------------------------------------------------------- resume
+def _resume_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="the folder given to simulate --checkpoint")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress meter")
+
+
+def _resume_run(args) -> int:
+    from ..flows import SimulationError, resume
+
+    try:
+        traj = resume(args.checkpoint, progress=not args.no_progress)
+    except SimulationError as err:
+        traj = err.trajectory
+    os.makedirs(args.out, exist_ok=True)
+    model = traj.model_at(0)
+    from ..flows._checkpoint import read_checkpoint
+    from ..models import Dataset
+
+    _, arrays, _ = read_checkpoint(args.checkpoint)
+    data = Dataset(arrays["X"], arrays["y"])
+    traj.save(os.path.join(args.out, "trajectory.npz"))
+    plot_trajectory(traj, model, data, os.path.join(args.out, "trajectory.png"))
+    return _write_outputs(traj, model, data, args.out, summary_rows(traj, model, data),
+                          f"marginflow resume: {args.checkpoint}")
+
+
+subcommand("resume", "continue a checkpointed simulate run")((_resume_arguments, _resume_run))
+
+
 # ---------------------------------------------------------------------------- main
 def _load_subcommands() -> None:
     # Sub-commands defined in other modules register themselves on import.
     import importlib
 
-    for module in ("._reproduce", "._resume"):
+    for module in ("._reproduce",):
         try:
             importlib.import_module(module, __package__)
         except ModuleNotFoundError as err:

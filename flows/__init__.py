@@ -7,6 +7,7 @@ from ._flow import GradientFlow as GradientFlow
 from ._flow import RMSPropFlow as RMSPropFlow
 from ._simulate import SimulationError as SimulationError
 from ._simulate import default_save_times as default_save_times
+from ._simulate import resume as resume
 from ._simulate import simulate as simulate
 from ._solvers import default_solver as default_solver
 from ._trajectory import Trajectory as Trajectory

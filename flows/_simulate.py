@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..models import Objective
 from ..models._objective import flatten
+from . import _checkpoint as ckpt
 from ._flow import AbstractFlow
 from ._imex import DecayIMEX
 from ._solvers import (
@@ -360,6 +362,8 @@ def simulate(
     batch: bool = False,
     dtype=jnp.float64,
     shard: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    _resume: list | None = None,
 ) -> Trajectory:
     """Integrate `flow` on `model` and `data` from t0 to t1 and save a Trajectory.
 
@@ -387,6 +391,9 @@ def simulate(
             needs rtol >= 1e-6 and t1 <= 1e30).
         shard: with batch=True, split the batch over all local devices (jax.sharding; the
             default None does so whenever there are several); False keeps one device.
+        checkpoint: a folder; the run is written there segment by segment (one file per
+            decade of t, each written atomically) and `resume(folder)` continues it after a
+            crash or kill, losing at most the segment in progress.
 
     How (MATH.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
@@ -435,9 +442,29 @@ def simulate(
     w0 = jnp.asarray(w0, dtype=dtype)
     flow = jax.tree.map(lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, flow)
     p = int(w0.shape[-1])
+    solver_is_default = solver is None
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
     controller = default_controller(rtol, atol)
+
+    if checkpoint is not None and _resume is None:
+        if not solver_is_default:
+            raise ValueError(
+                "simulate: `checkpoint` needs solver=None (the default solver), so that "
+                "`resume` can rebuild it; got a custom solver."
+            )
+        ckpt.write_run(
+            os.fspath(checkpoint),
+            {
+                "flow": flow.name, "hyper": flow.hyperparameters(),
+                "conditioner": flow.conditioner, "loss": objective.loss.name,
+                "model": objective.model.spec(), "t0": t0, "t1": t1, "rtol": rtol,
+                "atol": atol, "max_steps": max_steps, "dtype": jnp.dtype(dtype).name,
+                "batch": bool(batch), "shard": shard,
+            },
+            w0=np.asarray(w0), X=np.asarray(objective.data.X), y=np.asarray(objective.data.y),
+            save_ts=save_ts,
+        )
 
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
@@ -492,7 +519,38 @@ def simulate(
         controller,
     )
     wall_time += time.perf_counter() - begin
+    done = 0
+    if _resume:
+        # Continue after the last complete segment: its saves, its end state and the
+        # solver / controller states (same tree structure as the fresh `state` above).
+        for header, arrays in _resume:
+            chunks["ts"].append(arrays["ts"])
+            for key in ("w", "m", "I", "log_loss", "h"):
+                chunks[key].append(arrays[key])
+            steps = steps + np.asarray(header["steps"])
+            accepted = accepted + np.asarray(header["accepted"])
+            rejected = rejected + np.asarray(header["rejected"])
+            per_segment_steps.append(np.asarray(header["steps"]))
+            result, message = header["result"], header["message"]
+        arrays = _resume[-1][1]
+        y = tuple(jnp.asarray(arrays[k], dtype) for k in ("y_w", "y_m", "y_I"))
+        leaves, treedef = jax.tree.flatten(state)
+        saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
+        if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
+            raise ValueError(
+                "resume: the checkpoint was written with another batch padding (device "
+                "count); resume it on a machine with the same number of devices."
+            )
+        state = jax.tree.unflatten(
+            treedef, [jnp.asarray(v, dtype=x.dtype) for v, x in zip(saved_leaves, leaves,
+                                                                      strict=True)]
+        )
+        done = len(_resume)
+        if bar is not None:
+            bar.update(done)
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if k < done or result != "successful":
+            continue
         # t on [t0, 1], log t from t = 1 on (see `_time`).
         log_time = lo >= 1.0
         wanted = per_segment[k]
@@ -553,9 +611,6 @@ def simulate(
                     chunks[key][-1] = np.concatenate(
                         [chunks[key][-1], np.asarray(end_saved[key])[None]], axis=0
                     )
-        if bar is not None:
-            bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}")
-            bar.update(1)
         if not ok.all():
             bad = codes[~ok][0]
             result = _result_name(bad)
@@ -570,6 +625,21 @@ def simulate(
                 f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
                 f"{_result_message(bad)} Fix: {_HINTS.get(result, 'see the diffrax result')}."
             )
+        if checkpoint is not None:
+            ckpt.write_segment(
+                os.fspath(checkpoint), k,
+                {"lo": lo, "hi": hi, "result": result, "message": message,
+                 "steps": np.asarray(n).tolist(), "accepted": np.asarray(na).tolist(),
+                 "rejected": np.asarray(nr).tolist()},
+                ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in
+                                        ("w", "m", "I", "log_loss", "h")},
+                y_w=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
+                **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
+            )
+        if bar is not None:
+            bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}")
+            bar.update(1)
+        if result != "successful":
             break
     if bar is not None:
         bar.close()
@@ -673,3 +743,35 @@ def _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch) 
         "dtype": jnp.dtype(dtype).name,
         "batch": bool(batch),
     }
+
+
+def resume(checkpoint: str | os.PathLike, *, progress: bool = False,
+           throw: bool = True) -> Trajectory:
+    """Continue a run started with `simulate(..., checkpoint=DIR)` and return its Trajectory.
+
+    Reads the inputs and the complete segments from DIR (a killed run leaves complete files
+    only; a half-written temporary file is removed), restores the state, the step size and
+    the solver state at the end of the last complete segment, and integrates the remaining
+    decades, still writing checkpoints. A finished run is returned as it is. The result
+    equals the uninterrupted run's (same compiled steps from the same state).
+    """
+    from ..models import Dataset, from_spec, unflatten
+    from ._flow import flow_from_meta
+
+    directory = os.fspath(checkpoint)
+    header, arrays, segments = ckpt.read_checkpoint(directory)
+    flow = flow_from_meta(header["flow"], header["hyper"], header["conditioner"])
+    data = Dataset(arrays["X"], arrays["y"])
+    skeleton = from_spec(header["model"])
+    if header["batch"]:
+        model = eqx.filter_vmap(lambda w: unflatten(skeleton, w))(jnp.asarray(arrays["w0"]))
+    else:
+        model = unflatten(skeleton, jnp.asarray(arrays["w0"]))
+    dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
+    return simulate(
+        flow, model, data, header["t1"], loss=header["loss"], t0=header["t0"],
+        ts=arrays["save_ts"], rtol=header["rtol"], atol=header["atol"],
+        max_steps=header["max_steps"], progress=progress, throw=throw,
+        batch=header["batch"], dtype=dtype, shard=header["shard"], checkpoint=directory,
+        _resume=segments,
+    )

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from marginflow.experiments._cli import main
 from marginflow.flows import Trajectory
 
@@ -58,3 +57,20 @@ def test_console_script_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "`b` must be in [0, 1), got -1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_simulate_checkpoint_and_resume(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    rc = main(["simulate", "--t1", "1e8", "--out", str(tmp_path / "a"), "--no-progress",
+               "--checkpoint", str(ckpt), "--n-save", "30"])
+    assert rc == 0
+    full = Trajectory.load(tmp_path / "a" / "trajectory.npz")
+    # drop the last three decades, as a kill would, and resume from the command line
+    for k in (6, 7, 8):
+        (ckpt / f"segment_{k:05d}.npz").unlink()
+    rc = main(["resume", str(ckpt), "--out", str(tmp_path / "b"), "--no-progress"])
+    assert rc == 0 and "marginflow resume" in capsys.readouterr().out
+    resumed = Trajectory.load(tmp_path / "b" / "trajectory.npz")
+    np.testing.assert_array_equal(resumed.w, full.w)
+    rc = main(["resume", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")])
+    assert rc == 2 and "not a folder" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""Checkpoint and resume under SIGKILL (issue 7).
+
+A child process runs a long `simulate(..., checkpoint=DIR)` (t1 = 1e300: ~300 decades, one
+file each) and is killed with SIGKILL once a random number of segment files exists; a
+second child resumes and is killed again; then `resume` completes the run. Every file
+present under its final name must be complete at every kill, and the resumed trajectory
+must equal the uninterrupted one (the same compiled steps from the same restored state:
+bitwise, which is stronger than "within the solver's tolerance").
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import marginflow  # noqa: F401
+import numpy as np
+import pytest
+from marginflow.flows import RMSPropFlow, resume, simulate
+from marginflow.flows._checkpoint import read_checkpoint
+from marginflow.models import ToyLeaky, toy_dataset
+
+T1 = 1e300
+CHILD = f"""
+import sys, jax, marginflow
+from marginflow.flows import RMSPropFlow, simulate, resume
+from marginflow.models import ToyLeaky, toy_dataset
+if sys.argv[1] == "start":
+    simulate(RMSPropFlow(1e-5, 0.9), ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0),
+             {T1}, checkpoint=sys.argv[2])
+else:
+    resume(sys.argv[2])
+"""
+
+
+def _segments(directory):
+    if not os.path.isdir(directory):
+        return 0
+    return sum(1 for f in os.listdir(directory) if f.startswith("segment_"))
+
+
+def _run_and_kill(args, directory, target, delay, timeout=120.0):
+    """Start the child; SIGKILL it `delay` s after `target` segment files exist.
+
+    The random delay (0..20 ms, several segments' worth) lands the kill anywhere in a
+    segment: during the integration or in the middle of writing a file. True if killed.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args, directory],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _segments(directory) >= target:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    if proc.poll() is None:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0, err
+    return False
+
+
+def _assert_only_complete_files(directory):
+    # read_checkpoint opens every final-name file fully (np.load of every array) and
+    # removes hidden temporary files of a killed writer.
+    header, arrays, segments = read_checkpoint(directory)
+    assert {"w0", "X", "y", "save_ts"} <= set(arrays)
+    for seg_header, seg in segments:
+        assert {"ts", "w", "m", "I", "log_loss", "h", "y_w", "y_m", "y_I"} <= set(seg)
+        assert all(np.all(np.isfinite(seg[k])) for k in ("ts", "w", "y_w"))
+    assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
+    return len(segments)
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path):
+    reference = simulate(RMSPropFlow(1e-5, 0.9), ToyLeaky(key=jax.random.PRNGKey(1)),
+                         toy_dataset(0), T1)
+    n_total = reference.stats["num_segments"]
+    rng = np.random.default_rng(12345)
+    directory = str(tmp_path / "ckpt")
+    kills = []
+    first = int(rng.integers(1, n_total // 3))
+    if _run_and_kill(["start", directory], directory, first, rng.uniform(0, 0.02)):
+        kills.append(_assert_only_complete_files(directory))
+    for _ in range(2):
+        done = _segments(directory)
+        target = int(rng.integers(done + 1, max(done + 2, n_total - 5)))
+        if _run_and_kill(["resume", directory], directory, target, rng.uniform(0, 0.02)):
+            kills.append(_assert_only_complete_files(directory))
+    assert len(kills) >= 2, "the children finished before they could be killed"
+    resumed = resume(directory)
+    assert resumed.success
+    assert resumed.stats["num_segments"] == n_total
+    for field in ("ts", "w", "m", "conditioner", "log_loss", "I"):
+        np.testing.assert_array_equal(getattr(resumed, field), getattr(reference, field))
+    print(f"killed after segments {kills} of {n_total}")
+
+
+def test_checkpoint_folder_rules(tmp_path):
+    model, data = ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0)
+    directory = tmp_path / "c"
+    simulate(RMSPropFlow(), model, data, 1e3, checkpoint=directory, n_save=10)
+    with pytest.raises(ValueError, match="already holds a run"):
+        simulate(RMSPropFlow(), model, data, 1e3, checkpoint=directory)
+    with pytest.raises(ValueError, match="not a folder"):
+        resume(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no run.npz"):
+        resume(tmp_path / "empty")
+    import diffrax
+
+    with pytest.raises(ValueError, match="needs solver=None"):
+        simulate(RMSPropFlow(), model, data, 1e3, checkpoint=tmp_path / "d",
+                 solver=diffrax.Tsit5())
+    # a finished run resumes to itself
+    again = resume(directory)
+    assert again.success and len(again) == 10
