@@ -69,7 +69,7 @@ def _assert_only_complete_files(directory):
     # removes hidden temporary files of a killed writer.
     header, arrays, segments = read_checkpoint(directory)
     assert {"w0", "X", "y", "save_ts"} <= set(arrays)
-    for seg_header, seg in segments:
+    for _, seg in segments:
         assert {"ts", "w", "m", "I", "log_loss", "h", "y_w", "y_m", "y_I"} <= set(seg)
         assert all(np.all(np.isfinite(seg[k])) for k in ("ts", "w", "y_w"))
     assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]

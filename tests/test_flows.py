@@ -3,12 +3,11 @@
 import math
 
 import jax.numpy as jnp
+import marginflow  # noqa: F401
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import marginflow  # noqa: F401
 from marginflow.flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow
 
 P = 5

@@ -7,11 +7,10 @@ SimulationError for an integration that stops early. Never a raw JAX or diffrax 
 import math
 
 import jax
+import marginflow  # noqa: F401
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import marginflow  # noqa: F401
 from marginflow.experiments._cli import main
 from marginflow.flows import AdaGradFlow, AdamFlow, RMSPropFlow, SimulationError, simulate
 from marginflow.models import Dataset, Linear, ToyLeaky

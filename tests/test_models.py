@@ -4,12 +4,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import marginflow  # noqa: F401  (float64)
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import marginflow  # noqa: F401  (float64)
 from marginflow.models import (
     CNN,
     MLP,

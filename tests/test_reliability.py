@@ -4,10 +4,9 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import marginflow  # noqa: F401
 import numpy as np
 import pytest
-
-import marginflow  # noqa: F401
 from marginflow.flows import RMSPropFlow, SimulationError, simulate
 from marginflow.models import Linear, ToyLeaky, toy_dataset
 

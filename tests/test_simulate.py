@@ -6,10 +6,9 @@ import sys
 
 import equinox as eqx
 import jax
+import marginflow  # noqa: F401
 import numpy as np
 import pytest
-
-import marginflow  # noqa: F401
 from marginflow.flows import (
     AdaGradFlow,
     AdamFlow,
