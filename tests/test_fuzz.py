@@ -132,3 +132,34 @@ def test_cli_never_tracebacks(tmp_path_factory, argv, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "Traceback" not in err
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    lr=weird_values,
+    b=weird_values,
+    eps=weird_values,
+    which=st.sampled_from(["gd", "adagrad", "rmsprop", "adam", "momentum"]),
+    steps=st.one_of(st.integers(-3, 0), weird_floats, st.none()),
+    save_every=st.one_of(st.integers(-2, 0), st.text(max_size=2)),
+    batch_size=st.one_of(st.none(), st.integers(-2, 100)),
+)
+def test_discrete_run_arguments(lr, b, eps, which, steps, save_every, batch_size):
+    from marginflow.discrete import GD, AdaGrad, Adam, RMSProp, SGDMomentum, run
+
+    data = Dataset(np.array([[1.0, 0.5], [-1.0, -0.2]]), np.array([1.0, -1.0]))
+    model = Linear(2, key=jax.random.PRNGKey(0))
+
+    def call():
+        opt = {
+            "gd": lambda: GD(lr),
+            "adagrad": lambda: AdaGrad(lr, eps),
+            "rmsprop": lambda: RMSProp(lr, b, eps),
+            "adam": lambda: Adam(lr, b, eps),
+            "momentum": lambda: SGDMomentum(lr, b),
+        }[which]()
+        # steps and save_every are always malformed here: run must refuse them cleanly.
+        run(opt, model, data, steps, save_every=save_every, batch_size=batch_size)
+
+    err = _call(call)
+    assert err is not None
