@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..models import Dataset, Objective
-from ..models._base import AbstractModel
+from ..models import Objective
 
 
 class NotSeparatedError(ValueError):
@@ -21,16 +20,7 @@ class NotSeparatedError(ValueError):
 
 
 def make_objective(model, data, loss, where: str) -> Objective:
-    if not isinstance(model, AbstractModel):
-        raise TypeError(
-            f"{where}: `model` must be a marginflow.models model (Linear, DeepLinear, ToyLeaky, "
-            f"MLP, CNN), got {type(model).__name__}; pass the model the run was built from."
-        )
-    if not isinstance(data, Dataset):
-        raise TypeError(
-            f"{where}: `data` must be a marginflow.models.Dataset, got {type(data).__name__}; "
-            "wrap arrays with Dataset(X, y)."
-        )
+    # Objective checks the types and the model / data / loss fit, naming `where`.
     return Objective(model, data, loss, where=where)
 
 
