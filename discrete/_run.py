@@ -9,6 +9,7 @@ run in one call under `vmap`.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import equinox as eqx
@@ -124,8 +125,13 @@ def _minibatch(objective: Objective, key, k, batch_size: int) -> Objective:
 
 
 def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batch_size,
-                batched):
-    """Saves at k = 0, s, 2s, ..., (n_blocks - 1) s (all < steps) and at the end, k = steps."""
+                batched, carry0=None, first_block=0, finish=True):
+    """Saves at k = 0, s, 2s, ..., (n_blocks - 1) s (all < steps) and at the end, k = steps.
+
+    A checkpointed run calls this chunk by chunk: blocks first_block .. first_block +
+    n_blocks - 1 from the carry (w, optimiser state, k, alive) where the last chunk ended;
+    `finish` adds the final point k = steps.
+    """
     tx = optimizer.transformation()
 
     def step(carry):
@@ -155,17 +161,19 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
         # the last block may be shorter: it ends at k = steps
         return advance(jnp.minimum(save_every, steps - j * save_every) - 1, carry), record
 
-    def one(w_init):
-        carry = (w_init, tx.init(w_init), jnp.zeros((), jnp.int32), jnp.array(True))
-        carry, records = jax.lax.scan(block, carry, jnp.arange(n_blocks, dtype=jnp.int32))
+    def one(w_init, carry):
+        if carry is None:
+            carry = (w_init, tx.init(w_init), jnp.zeros((), jnp.int32), jnp.array(True))
+        blocks = first_block + jnp.arange(n_blocks, dtype=jnp.int32)
+        carry, records = jax.lax.scan(block, carry, blocks)
         # The last point: w at k = steps (or at the failing step), with the h_k and n_k its
         # step would use; the state it would move to is not needed.
-        _, last = step(carry)
-        return records, last, carry[2]
+        last = step(carry)[1] if finish else None
+        return records, last, carry
 
     if batched:
-        return jax.vmap(one)(w0)
-    return one(w0)
+        return jax.vmap(one)(w0, carry0)
+    return one(w0, carry0)
 
 
 # The trace counter (eqx.debug.get_num_traces(_run_counted)) lets the tests check that
@@ -187,6 +195,9 @@ def run(
     batch: bool = False,
     throw: bool = True,
     dtype=jnp.float64,
+    checkpoint=None,
+    blocks_per_checkpoint: int = 20,
+    _resume=None,
 ) -> Trajectory:
     """Run a discrete optimiser for `steps` steps and save it on the flow-time axis.
 
@@ -223,6 +234,10 @@ def run(
         throw: raise SimulationError (holding the partial Trajectory) on a non-finite loss;
             with throw=False the Trajectory is returned and `result` / `message` say why.
         dtype: jnp.float64 (default) or jnp.float32.
+        checkpoint: a folder; the run is computed in chunks of `blocks_per_checkpoint`
+            save blocks and each chunk is written there atomically (its saves and the
+            optimiser's state), so `resume_run(folder)` continues a killed run, losing at
+            most the chunk in progress.
 
     Example:
         >>> import jax
@@ -233,6 +248,14 @@ def run(
     """
     if dtype not in (jnp.float64, jnp.float32):
         raise ValueError(f"run: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
+    if checkpoint is not None:
+        _check_int(blocks_per_checkpoint, "blocks_per_checkpoint", 1,
+                   "pass how many save blocks one checkpoint file holds, e.g. 20")
+        if key is not None:
+            raise ValueError(
+                "run: `checkpoint` is for full-batch runs (batch_size=None, key=None); "
+                "minibatch runs are not checkpointed."
+            )
     if batch:
         _check_batched(model)
         template = jax.tree.map(lambda x: x[0] if eqx.is_inexact_array(x) else x, model)
@@ -262,10 +285,25 @@ def run(
     )
     n_blocks = -(-steps // save_every)
     start = time.perf_counter()
-    records, last, k_end = jax.block_until_ready(
-        _run_compiled(optimizer, objective, w0, jnp.asarray(steps, jnp.int32),
-                      jnp.asarray(save_every, jnp.int32), key, n_blocks, batch_size, batch)
-    )
+    args = (optimizer, objective, w0, jnp.asarray(steps, jnp.int32),
+            jnp.asarray(save_every, jnp.int32), key)
+    if checkpoint is None:
+        records, last, carry = jax.block_until_ready(
+            _run_compiled(*args, n_blocks, batch_size, batch)
+        )
+    else:
+        records, last, carry = _run_checkpointed(
+            args, n_blocks, batch_size, batch, checkpoint, blocks_per_checkpoint, _resume,
+            header={
+                "optimizer": given.name, "optimizer_hyper": given.hyperparameters(),
+                "convention": given.convention, "model": objective.model.spec(),
+                "loss": objective.loss.name, "steps": steps, "save_every": save_every,
+                "batch_size": batch_size, "batch": bool(batch),
+                "dtype": jnp.dtype(dtype).name,
+                "blocks_per_checkpoint": blocks_per_checkpoint,
+            },
+        )
+    k_end = carry[2]
     wall = time.perf_counter() - start
 
     eta = float(given.eta)
@@ -358,3 +396,93 @@ def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> 
         "dtype": jnp.dtype(dtype).name,
         "batch": bool(batch),
     }
+
+
+def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, resume_segments,
+                      header):
+    """`run` chunk by chunk, each chunk written atomically to the checkpoint folder.
+
+    Chunk c holds save blocks c * per_file .. (c + 1) * per_file - 1 and the carry
+    (w, optimiser state, k, alive) after them; the last chunk also holds the final point.
+    """
+    from ..flows import _checkpoint as ckpt
+
+    optimizer, objective, w0 = args[0], args[1], args[2]
+    directory = os.fspath(checkpoint)
+    if resume_segments is None:
+        ckpt.write_run(directory, dict(header, kind="discrete"), w0=np.asarray(w0),
+                       X=np.asarray(objective.data.X), y=np.asarray(objective.data.y))
+        resume_segments = []
+    chunks = [(b, min(per_file, n_blocks - b)) for b in range(0, n_blocks, per_file)]
+    parts, carry, last = [], None, None
+    for k, (first, count) in enumerate(chunks):
+        is_last = k == len(chunks) - 1
+        if k < len(resume_segments):
+            arrays = resume_segments[k][1]
+            parts.append({name: arrays[name] for name in ("w", "m", "h", "log_loss")})
+            carry = _restore_carry(optimizer, w0, batch,
+                                   [arrays[f"carry_{i}"] for i in range(arrays["n_carry"])])
+            if is_last:
+                last = {name: arrays["last_" + name] for name in ("w", "m", "h", "log_loss")}
+            continue
+        records, last, carry = jax.block_until_ready(_run_compiled(
+            *args, count, batch_size, batch, carry0=carry,
+            first_block=jnp.asarray(first, jnp.int32), finish=is_last))
+        records = {name: np.asarray(v) for name, v in records.items()}
+        parts.append(records)
+        leaves = jax.tree.leaves(carry)
+        extra = {f"last_{name}": np.asarray(v) for name, v in last.items()} if is_last else {}
+        ckpt.write_segment(
+            directory, k, {"first_block": first, "blocks": count},
+            **records, **extra, n_carry=np.asarray(len(leaves)),
+            **{f"carry_{i}": np.asarray(x) for i, x in enumerate(leaves)},
+        )
+    axis = 1 if batch else 0
+    records = {name: np.concatenate([p[name] for p in parts], axis=axis)
+               for name in ("w", "m", "h", "log_loss")}
+    return records, last, carry
+
+
+def _restore_carry(optimizer, w0, batch, leaves):
+    """The carry (w, optimiser state, k, alive) from its saved leaves (structure from init)."""
+    tx = optimizer.transformation()
+
+    def fresh(w):
+        return (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True))
+
+    template = jax.eval_shape(jax.vmap(fresh) if batch else fresh, w0)
+    flat, treedef = jax.tree.flatten(template)
+    return jax.tree.unflatten(treedef, [jnp.asarray(v, dtype=t.dtype)
+                                        for v, t in zip(leaves, flat, strict=True)])
+
+
+def resume_run(checkpoint, *, throw: bool = True) -> Trajectory:
+    """Continue a discrete run started with `run(..., checkpoint=DIR)`; return its Trajectory.
+
+    The chunks already written are read back (saves and optimiser state); the rest are
+    computed from the last chunk's state, still writing checkpoints. The result equals the
+    uninterrupted run's.
+    """
+    from ..flows import _checkpoint as ckpt
+    from ..models import Dataset, from_spec, unflatten
+    from ._optimizers import optimizer_from_meta
+
+    directory = os.fspath(checkpoint)
+    header, arrays, segments = ckpt.read_checkpoint(directory)
+    if header.get("kind") != "discrete":
+        raise ValueError(
+            f"resume_run: {directory!r} holds a flow run; continue it with "
+            "marginflow.flows.resume."
+        )
+    optimizer = optimizer_from_meta(header)
+    skeleton = from_spec(header["model"])
+    w0 = jnp.asarray(arrays["w0"])
+    if header["batch"]:
+        model = eqx.filter_vmap(lambda w: unflatten(skeleton, w))(w0)
+    else:
+        model = unflatten(skeleton, w0)
+    dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
+    return run(optimizer, model, Dataset(arrays["X"], arrays["y"]), header["steps"],
+               loss=header["loss"], save_every=header["save_every"], batch=header["batch"],
+               throw=throw, dtype=dtype, checkpoint=directory,
+               blocks_per_checkpoint=header["blocks_per_checkpoint"], _resume=segments)

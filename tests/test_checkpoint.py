@@ -1,7 +1,7 @@
 """Checkpoint and resume under SIGKILL (issue 7).
 
 A child process runs a long `simulate(..., checkpoint=DIR)` (t1 = 1e300: ~300 decades, one
-file each) and is killed with SIGKILL once a random number of segment files exists; a
+file each), or a long discrete `run(..., checkpoint=DIR)` (200 files), and is killed with SIGKILL once a random number of segment files exists; a
 second child resumes and is killed again; then `resume` completes the run. Every file
 present under its final name must be complete at every kill, and the resumed trajectory
 must equal the uninterrupted one (the same compiled steps from the same restored state:
@@ -18,20 +18,28 @@ import jax
 import marginflow  # noqa: F401
 import numpy as np
 import pytest
+from marginflow.discrete import RMSProp, resume_run, run
 from marginflow.flows import RMSPropFlow, resume, simulate
 from marginflow.flows._checkpoint import read_checkpoint
 from marginflow.models import ToyLeaky, toy_dataset
 
 T1 = 1e300
+STEPS, SAVE_EVERY = 200_000, 1000  # discrete: 200 save blocks, one file each
 CHILD = f"""
 import sys, jax, marginflow
 from marginflow.flows import RMSPropFlow, simulate, resume
+from marginflow.discrete import RMSProp, run, resume_run
 from marginflow.models import ToyLeaky, toy_dataset
-if sys.argv[1] == "start":
-    simulate(RMSPropFlow(1e-5, 0.9), ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0),
-             {T1}, checkpoint=sys.argv[2])
-else:
+model, data = ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0)
+if sys.argv[1] == "start-flow":
+    simulate(RMSPropFlow(1e-5, 0.9), model, data, {T1}, checkpoint=sys.argv[2])
+elif sys.argv[1] == "start-discrete":
+    run(RMSProp(0.1, 0.9, 1e-5), model, data, {STEPS}, save_every={SAVE_EVERY},
+        checkpoint=sys.argv[2], blocks_per_checkpoint=1)
+elif sys.argv[1] == "resume-flow":
     resume(sys.argv[2])
+else:
+    resume_run(sys.argv[2])
 """
 
 
@@ -64,40 +72,47 @@ def _run_and_kill(args, directory, target, delay, timeout=120.0):
     return False
 
 
-def _assert_only_complete_files(directory):
+def _assert_only_complete_files(directory, kind):
     # read_checkpoint opens every final-name file fully (np.load of every array) and
     # removes hidden temporary files of a killed writer.
     header, arrays, segments = read_checkpoint(directory)
-    assert {"w0", "X", "y", "save_ts"} <= set(arrays)
+    assert {"w0", "X", "y"} <= set(arrays)
+    expected = ({"ts", "w", "m", "I", "log_loss", "h", "y_w", "y_m", "y_I"} if kind == "flow"
+                else {"w", "m", "h", "log_loss", "n_carry", "carry_0"})
     for _, seg in segments:
-        assert {"ts", "w", "m", "I", "log_loss", "h", "y_w", "y_m", "y_I"} <= set(seg)
-        assert all(np.all(np.isfinite(seg[k])) for k in ("ts", "w", "y_w"))
+        assert expected <= set(seg)
+        assert np.all(np.isfinite(seg["w"]))
     assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
     return len(segments)
 
 
-def test_sigkill_at_random_points_then_resume(tmp_path):
-    reference = simulate(RMSPropFlow(1e-5, 0.9), ToyLeaky(key=jax.random.PRNGKey(1)),
-                         toy_dataset(0), T1)
-    n_total = reference.stats["num_segments"]
-    rng = np.random.default_rng(12345)
+@pytest.mark.parametrize("kind", ["flow", "discrete"])
+def test_sigkill_at_random_points_then_resume(tmp_path, kind):
+    model, data = ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0)
+    if kind == "flow":
+        reference = simulate(RMSPropFlow(1e-5, 0.9), model, data, T1)
+        n_total = reference.stats["num_segments"]
+    else:
+        reference = run(RMSProp(0.1, 0.9, 1e-5), model, data, STEPS, save_every=SAVE_EVERY)
+        n_total = STEPS // SAVE_EVERY
+    rng = np.random.default_rng(12345 if kind == "flow" else 54321)
     directory = str(tmp_path / "ckpt")
     kills = []
     first = int(rng.integers(1, n_total // 3))
-    if _run_and_kill(["start", directory], directory, first, rng.uniform(0, 0.02)):
-        kills.append(_assert_only_complete_files(directory))
+    if _run_and_kill([f"start-{kind}", directory], directory, first, rng.uniform(0, 0.02)):
+        kills.append(_assert_only_complete_files(directory, kind))
     for _ in range(2):
         done = _segments(directory)
         target = int(rng.integers(done + 1, max(done + 2, n_total - 5)))
-        if _run_and_kill(["resume", directory], directory, target, rng.uniform(0, 0.02)):
-            kills.append(_assert_only_complete_files(directory))
+        if _run_and_kill([f"resume-{kind}", directory], directory, target,
+                         rng.uniform(0, 0.02)):
+            kills.append(_assert_only_complete_files(directory, kind))
     assert len(kills) >= 2, "the children finished before they could be killed"
-    resumed = resume(directory)
+    resumed = resume(directory) if kind == "flow" else resume_run(directory)
     assert resumed.success
-    assert resumed.stats["num_segments"] == n_total
     for field in ("ts", "w", "m", "conditioner", "log_loss", "I"):
         np.testing.assert_array_equal(getattr(resumed, field), getattr(reference, field))
-    print(f"killed after segments {kills} of {n_total}")
+    print(f"{kind}: killed after segments {kills} of {n_total}")
 
 
 def test_checkpoint_folder_rules(tmp_path):
@@ -119,3 +134,17 @@ def test_checkpoint_folder_rules(tmp_path):
     # a finished run resumes to itself
     again = resume(directory)
     assert again.success and len(again) == 10
+
+
+def test_discrete_checkpoint_rules(tmp_path):
+    model, data = ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0)
+    flow_dir = tmp_path / "flow"
+    simulate(RMSPropFlow(), model, data, 10.0, checkpoint=flow_dir, n_save=5)
+    with pytest.raises(ValueError, match="holds a flow run"):
+        resume_run(flow_dir)
+    with pytest.raises(ValueError, match="full-batch runs"):
+        run(RMSProp(0.1, 0.9, 1e-5), model, data, 10, batch_size=10,
+            key=jax.random.PRNGKey(0), checkpoint=tmp_path / "d")
+    with pytest.raises(ValueError, match="blocks_per_checkpoint"):
+        run(RMSProp(0.1, 0.9, 1e-5), model, data, 10, checkpoint=tmp_path / "e",
+            blocks_per_checkpoint=0)

@@ -62,3 +62,12 @@ def test_same_seed_bitwise_identical(toy):
     for field in ("ts", "w", "m", "conditioner", "log_loss", "I"):
         assert np.array_equal(getattr(runs[0], field), getattr(runs[1], field)), field
     assert runs[0].stats == runs[1].stats
+
+
+def test_discrete_same_seed_bitwise_identical(toy):
+    from marginflow.discrete import Adam, run
+
+    runs = [run(Adam(0.05, 0.9, 1e-5), ToyLeaky(key=jax.random.PRNGKey(7)), toy, 500,
+                save_every=25) for _ in range(2)]
+    for field in ("ts", "w", "m", "conditioner", "log_loss"):
+        assert np.array_equal(getattr(runs[0], field), getattr(runs[1], field)), field
