@@ -1,11 +1,12 @@
 """Checkpoint and resume under SIGKILL (issue 7).
 
 A child process runs a long `simulate(..., checkpoint=DIR)` (t1 = 1e300: ~300 decades, one
-file each), or a long discrete `run(..., checkpoint=DIR)` (200 files), and is killed with SIGKILL once a random number of segment files exists; a
-second child resumes and is killed again; then `resume` completes the run. Every file
-present under its final name must be complete at every kill, and the resumed trajectory
-must equal the uninterrupted one (the same compiled steps from the same restored state:
-bitwise, which is stronger than "within the solver's tolerance").
+file each) or a long discrete `run(..., checkpoint=DIR)` (200 files), and is killed with
+SIGKILL once a random number of segment files exists (plus a random delay); a second child
+resumes and is killed again, twice; then `resume` / `resume_run` completes the run. Every
+file present under its final name must be complete at every kill, and the resumed
+trajectory must equal the uninterrupted one (the same compiled steps from the same restored
+state: bitwise, which is stronger than "within the solver's tolerance").
 """
 
 import os
