@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..flows import SimulationError, Trajectory
-from ..flows._simulate import _check_params, _is_model
+from ..flows import Trajectory
+from ..flows._simulate import _check_params, _is_model, raise_if_failed
 from ..models import Objective
 from ..models._objective import flatten
 from ._optimizers import AbstractOptimizer
@@ -355,13 +355,7 @@ def run(
         message=message,
         meta=meta,
     )
-    if result != "successful" and throw:
-        raise SimulationError(
-            f"run: {message} The partial trajectory is in the exception's `.trajectory`; "
-            "pass throw=False to get it returned instead.",
-            traj,
-        )
-    return traj
+    return raise_if_failed(traj, "run", throw)
 
 
 def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> dict:
@@ -380,14 +374,7 @@ def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> 
         "convention": optimizer.convention,
         "eta": float(optimizer.eta),
         **flow_meta,
-        "loss": objective.loss.name,
-        "model": objective.model.spec(),
-        "degree": objective.degree,
-        "data": {
-            "fingerprint": objective.data.fingerprint(),
-            "n": len(objective.data),
-            "binary": objective.data.binary,
-        },
+        **objective.describe(),
         "t0": 0.0,
         "t1": float(steps * optimizer.eta),
         "steps": int(steps),

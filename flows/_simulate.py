@@ -72,6 +72,17 @@ class SimulationError(RuntimeError):
         self.trajectory = trajectory
 
 
+def raise_if_failed(traj: Trajectory, where: str, throw: bool) -> Trajectory:
+    """`traj`, or SimulationError carrying it if the run stopped early and throw=True."""
+    if traj.result != "successful" and throw:
+        raise SimulationError(
+            f"{where}: {traj.message} The partial trajectory is in the exception's "
+            "`.trajectory`; pass throw=False to get it returned instead.",
+            traj,
+        )
+    return traj
+
+
 def _result_name(code) -> str:
     if int(code) == int(dfx.RESULTS.nonfinite._value):
         return "nonfinite_state"
@@ -672,13 +683,7 @@ def simulate(
         message=message,
         meta=meta,
     )
-    if result != "successful" and throw:
-        raise SimulationError(
-            f"simulate: {message} The partial trajectory is in the exception's "
-            "`.trajectory`; pass throw=False to get it returned instead.",
-            traj,
-        )
-    return traj
+    return raise_if_failed(traj, "simulate", throw)
 
 
 def _plain(x):
@@ -726,14 +731,7 @@ def _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch) 
         "flow": flow.name,
         "hyper": flow.hyperparameters(),
         "conditioner": flow.conditioner,
-        "loss": objective.loss.name,
-        "model": objective.model.spec(),
-        "degree": objective.degree,
-        "data": {
-            "fingerprint": objective.data.fingerprint(),
-            "n": len(objective.data),
-            "binary": objective.data.binary,
-        },
+        **objective.describe(),
         "t0": t0,
         "t1": t1,
         "rtol": rtol,

@@ -134,3 +134,16 @@ class Objective(eqx.Module):
 
     def grad(self, w):
         return self.log_loss_and_grad(w)[1]
+
+    def describe(self) -> dict:
+        """The loss / model / data keys every Trajectory's meta carries (JSON values)."""
+        return {
+            "loss": self.loss.name,
+            "model": self.model.spec(),
+            "degree": self.degree,
+            "data": {
+                "fingerprint": self.data.fingerprint(),
+                "n": len(self.data),
+                "binary": self.data.binary,
+            },
+        }
