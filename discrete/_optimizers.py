@@ -30,6 +30,8 @@ import optax
 import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
+from ..flows._flow import _is_concrete
+
 _CONVENTIONS = ("paper", "pytorch")
 
 # Defaults where a hyper-parameter has one: "paper" = the paper and its authors' code
@@ -41,14 +43,6 @@ _DEFAULTS = {
     "pytorch": {"adagrad_eps": 1e-10, "rmsprop_b": 0.99, "rmsprop_eps": 1e-8, "adam_b2": 0.999,
                 "adam_eps": 1e-8},
 }
-
-
-def _is_concrete(x) -> bool:
-    try:
-        np.asarray(x)
-        return True
-    except Exception:  # a tracer (constructed under jit / vmap): nothing to check
-        return False
 
 
 def _real(x, name: str, where: str):

@@ -21,7 +21,7 @@ import optax
 from ..flows import Trajectory
 from ..flows._simulate import _check_params, _is_model, raise_if_failed
 from ..models import Objective
-from ..models._objective import flatten
+from ..models._objective import initial_point
 from ._optimizers import AbstractOptimizer
 
 _HINT_NONFINITE = (
@@ -258,11 +258,7 @@ def run(
             )
     if batch:
         _check_batched(model)
-        template = jax.tree.map(lambda x: x[0] if eqx.is_inexact_array(x) else x, model)
-        w0 = eqx.filter_vmap(flatten)(model)
-    else:
-        template = model
-        w0 = flatten(model) if _is_model(model) else None
+    template, w0 = initial_point(model, batch)
     objective = Objective(template, data, loss, where="run")
     n_data = int(objective.data.X.shape[0])
     steps, save_every, batch_size = _check_run_args(optimizer, steps, save_every, batch_size,

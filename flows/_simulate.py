@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import Objective
-from ..models._objective import flatten
+from ..models._objective import initial_point
 from . import _checkpoint as ckpt
 from ._flow import AbstractFlow
 from ._imex import DecayIMEX
@@ -436,15 +436,8 @@ def simulate(
                 f"simulate: with dtype=float32 `t1` must be <= 1e30 (t = e^u and t * grad L "
                 f"must stay below float32's 3.4e38), got t1 = {t1!r}; use float64 beyond."
             )
-    if batch:
-        template = jax.tree.map(lambda x: x[0] if eqx.is_inexact_array(x) else x, model)
-        w0 = eqx.filter_vmap(flatten)(model)
-    else:
-        template = model
-        w0 = flatten(model) if _is_model(model) else None
+    template, w0 = initial_point(model, batch)
     objective = Objective(template, data, loss, where="simulate")
-    if w0 is None:
-        w0 = objective.w0()
     if batch and w0.ndim != 2:
         raise ValueError("simulate: batch=True needs parameters with a leading batch axis.")
     _check_params(w0, "simulate")

@@ -30,6 +30,21 @@ def unflatten(model: eqx.Module, w: Float[Array, " p"]) -> eqx.Module:
     return eqx.combine(jax.tree.unflatten(treedef, new), static)
 
 
+def initial_point(model, batch: bool):
+    """(template, w0): the unbatched model skeleton and the flat initial parameters.
+
+    batch=True: every inexact array of `model` has a leading axis B of initialisations;
+    the template is member 0 and w0 has shape (B, p). A non-model gives (model, None) and
+    is reported by `Objective`.
+    """
+    from ._base import AbstractModel
+
+    if batch:
+        template = jax.tree.map(lambda x: x[0] if eqx.is_inexact_array(x) else x, model)
+        return template, eqx.filter_vmap(flatten)(model)
+    return model, flatten(model) if isinstance(model, AbstractModel) else None
+
+
 def default_loss(data: Dataset) -> str:
     return "exponential" if data.binary else "cross_entropy"
 
