@@ -89,8 +89,8 @@ def reference(name, convention, hyper, ws, X, y):
 
 def problem(seed, scale):
     rng = np.random.default_rng(seed)
-    # Linearly separable (by u, margin >= 0.2 scale), so the loss decreases and no run
-    # leaves the floating-point range.
+    # Linearly separable (by u, margin >= 0.2 scale). The adaptive rules' steps are
+    # bounded (|h g| <= 1/sqrt(...)); GD and momentum need `stable_lr`.
     u = rng.normal(size=DIM)
     u /= np.linalg.norm(u)
     y = np.where(np.arange(N) % 2 == 0, 1.0, -1.0)
@@ -129,15 +129,33 @@ conventions = st.sampled_from(["paper", "pytorch"])
 SETTINGS = settings(max_examples=6, deadline=None)
 
 
+def stable_lr(seed, scale, fraction):
+    """A GD step below the stability bound 2 / lambda_max at the start.
+
+    Unnormalised steps on the summed exponential loss overflow for lr of 0.01 already on
+    some of these problems (7% of seeds measured at scale 1.5: a misclassified start has
+    a huge gradient). lambda_max(Hess L(w0)) <= L(w0) max_i ||x_i||^2, so
+    lr = fraction / (L(w0) max_i ||x_i||^2), fraction < 1, keeps GD and heavy-ball
+    momentum finite (0 overflows in 2464 measured runs, momentum up to 0.999).
+    """
+    _, _, X, y, w0 = problem(seed, scale)
+    return fraction / (np.sum(np.exp(-y * (X @ w0))) * np.max(np.sum(X**2, axis=1)))
+
+
+fractions = st.floats(0.01, 0.99)
+
+
 @SETTINGS
-@given(seed=seeds, scale=scales, lr=lrs, convention=conventions)
-def test_gd_equals_rule(seed, scale, lr, convention):
+@given(seed=seeds, scale=scales, fraction=fractions, convention=conventions)
+def test_gd_equals_rule(seed, scale, fraction, convention):
+    lr = stable_lr(seed, scale, fraction)
     check(GD(lr, convention=convention), "gd", convention, {"lr": lr}, seed, scale)
 
 
 @SETTINGS
-@given(seed=seeds, scale=scales, lr=lrs, mu=bs)
-def test_sgd_momentum_equals_torch_rule(seed, scale, lr, mu):
+@given(seed=seeds, scale=scales, fraction=fractions, mu=bs)
+def test_sgd_momentum_equals_torch_rule(seed, scale, fraction, mu):
+    lr = stable_lr(seed, scale, fraction)
     check(SGDMomentum(lr, mu), "sgd_momentum", "paper", {"lr": lr, "momentum": mu}, seed,
           scale)
 
