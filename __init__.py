@@ -4,10 +4,44 @@ Sub-packages: `marginflow.models`, `marginflow.flows`, `marginflow.discrete`,
 `marginflow.analysis`, `marginflow.experiments`. Importing marginflow switches JAX to
 float64 (`jax_enable_x64`): every check of the theory is done in double precision;
 float32 runs are asked for explicitly (`simulate(..., dtype=jnp.float32)`).
+
+On a CPU with AVX-512, importing marginflow before JAX's first computation also asks XLA
+for 512-bit vectors (`--xla_cpu_prefer_vector_width=512`; XLA's default is 256): float64
+exp, the bulk of a loss evaluation, runs 1.7-1.9x faster and the toy sweep's steps 1.2x
+(benchmarks/README.md). Nothing is changed if XLA_FLAGS already sets that option, if
+JAX's backend is already running, or with MARGINFLOW_XLA_DEFAULTS=0 in the environment.
 """
+
+import os as _os
 
 import jax as _jax
 
 _jax.config.update("jax_enable_x64", True)
 
 __version__ = "0.1.0"
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:  # not Linux: leave XLA's default
+        pass
+    return False
+
+
+def _xla_defaults() -> None:
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if _os.environ.get("MARGINFLOW_XLA_DEFAULTS", "1") == "0" or "prefer_vector_width" in flags:
+        return
+    from jax._src import xla_bridge
+
+    if getattr(xla_bridge, "_backends", None):  # too late: the flags were read already
+        return
+    if _has_avx512():
+        _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_prefer_vector_width=512").strip()
+
+
+_xla_defaults()

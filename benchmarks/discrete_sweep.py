@@ -6,7 +6,9 @@ steps (lr 0.1, b 0.9, eps 1e-5, the paper's convention: eps inside the root), ex
 loss summed over the samples (MATH.md section 1).
 
 - marginflow: one `run(optimizer, models, data, steps, batch=True)` per optimiser (all
-  initialisations in one vmapped, jit-compiled scan).
+  initialisations in one vmapped, jit-compiled scan), as a user calls it: by default the
+  batch is cut into one chunk per core, run concurrently (`run`'s `workers`). The same
+  with workers=1 (one core) is timed too and printed as the single-core ratio.
 - reference: what the authors' script does, a plain per-step Python loop over
   initialisations and steps with numpy, gradient of the toy model and the exponential loss
   written out by hand, the update rules written out by hand.
@@ -93,9 +95,9 @@ def optimizer(name):
             "adam": Adam(LR, B, EPS)}[name]
 
 
-def marginflow_sweep(name, models, data, steps, save_every):
+def marginflow_sweep(name, models, data, steps, save_every, workers=None):
     traj = run(optimizer(name), models, data, steps, save_every=save_every, batch=True,
-               throw=False)
+               throw=False, workers=workers)
     return traj
 
 
@@ -133,6 +135,7 @@ def main():
     print(f"toy sweep: {inits} initialisations x {names}, {steps} steps, lr {LR}, b {B}, "
           f"eps {EPS}, save every {args.save_every}; {jax.devices()[0].platform}")
     first, mf_times, np_times, mf_cpu, np_cpu, worst = {}, {}, {}, {}, {}, 0.0
+    one_core = {}
     for name in names:
         t = time.perf_counter()
         traj = marginflow_sweep(name, models, data, steps, args.save_every)
@@ -144,6 +147,13 @@ def main():
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
         mf_times[name], mf_cpu[name] = statistics.median(times), statistics.median(cpu)
+        times = []
+        marginflow_sweep(name, models, data, steps, args.save_every, workers=1)  # compiles
+        for _ in range(rep_mf):
+            t = time.perf_counter()
+            single = marginflow_sweep(name, models, data, steps, args.save_every, workers=1)
+            times.append(time.perf_counter() - t)
+        one_core[name] = statistics.median(times)
         times, cpu = [], []
         for _ in range(rep_np):
             t, c = time.perf_counter(), time.process_time()
@@ -151,13 +161,15 @@ def main():
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
         np_times[name], np_cpu[name] = statistics.median(times), statistics.median(cpu)
-        err = max(_rel(traj.w, ws), _rel(traj.log_loss, lls))
+        err = max(_rel(traj.w, ws), _rel(traj.log_loss, lls), _rel(single.w, ws),
+                  _rel(single.log_loss, lls))
         worst = max(worst, err)
         diverged = sum(k < steps for k in traj.stats["num_steps"])
         print(f"  {name:8s} marginflow {mf_times[name] * 1e3:9.1f} ms (first call "
               f"{first[name]:.2f} s)  numpy {np_times[name]:8.2f} s  ratio "
               f"{np_times[name] / mf_times[name]:5.0f}x "
-              f"(CPU time {np_cpu[name] / mf_cpu[name]:.0f}x)"
+              f"(CPU time {np_cpu[name] / mf_cpu[name]:.0f}x; one core "
+              f"{one_core[name] * 1e3:.1f} ms, {np_times[name] / one_core[name]:.0f}x)"
               f"  max rel diff {err:.1e}  "
               f"non-finite runs {diverged}/{inits}")
     mf, ref = sum(mf_times.values()), sum(np_times.values())
@@ -165,6 +177,8 @@ def main():
     print(f"total: marginflow {mf:.3f} s (median of {rep_mf}; compile {compile_s:.2f} s "
           f"extra on first calls), numpy loop {ref:.2f} s (median of {rep_np}); "
           f"ratio {ref / mf:.0f}x")
+    mf1 = sum(one_core.values())
+    print(f"one core (workers=1): marginflow {mf1:.3f} s, ratio {ref / mf1:.0f}x")
     print(f"CPU time: marginflow {sum(mf_cpu.values()):.3f} s, numpy loop "
           f"{sum(np_cpu.values()):.2f} s; ratio {sum(np_cpu.values()) / sum(mf_cpu.values()):.0f}x")
     print(f"max relative difference over w and log L at every save: {worst:.2e} "

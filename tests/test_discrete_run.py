@@ -134,6 +134,39 @@ def test_nonfinite_in_a_batch_masks_only_that_member():
     np.testing.assert_allclose(traj.w[1], good.w, rtol=1e-12)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_failed_members_dropped_and_threads_equal_separate_runs(workers):
+    """A batched run of >= 8 save blocks drops the members that failed in the first block
+    and runs the rest (`workers` threads): each member must still equal its own separate
+    run (saves, failure step, last point). Members starting at w = 3, 3.5, -3 overflow at
+    steps 3, 2, 3 (numpy, by hand), inside the first block of 10 steps; the others
+    converge. Tolerance 1e-12 relative, as in test_vmap_equals_loop."""
+    data = _diverging_problem()
+    starts = [3.0, 0.1, 3.5, -0.2, 2.0, -3.0, 1.2]
+    models = eqx.filter_vmap(lambda w: unflatten(Linear(1, key=jax.random.PRNGKey(0)), w))(
+        jnp.array([[w] for w in starts]))
+    expected = [_numpy_failure_step(w, 0.5, 200) for w in starts]
+    assert sorted(expected)[:3] == [2, 3, 3] and sorted(expected)[3] == 200
+    traj = run(GD(0.5), models, data, 200, save_every=10, batch=True, throw=False,
+               workers=workers)
+    assert traj.stats["num_steps"] == expected
+    assert "3 of 7 runs" in traj.message
+    for i, w in enumerate(starts):
+        single = run(GD(0.5), member(models, i), data, 200, save_every=10, throw=False)
+        n = len(single.ts) - 1  # the saves before the end (or the failure) ...
+        np.testing.assert_allclose(traj.w[i, :n], single.w[:n], rtol=1e-12)
+        if expected[i] == 200:  # ... and the end point
+            np.testing.assert_allclose(traj.w[i, -1], single.w[-1], rtol=1e-12)
+            np.testing.assert_allclose(traj.log_loss[i], single.log_loss, rtol=1e-12)
+        else:
+            assert np.all(np.isnan(traj.w[i, n:]))
+
+
+def test_workers_argument_is_checked():
+    with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
+        run(GD(0.1), toys(2), toy_dataset(0), 10, batch=True, workers=0)
+
+
 # ---------------------------------------------------------------- minibatches
 def test_minibatch_of_everything_is_full_batch():
     """batch_size = N: each minibatch is a permutation of the data, so the gradient is the

@@ -93,3 +93,35 @@ def test_float32_agrees_with_float64_where_it_resolves_the_answer():
 def test_shard_needs_batch():
     with pytest.raises(ValueError, match="shard=True.*batch=True"):
         simulate(FLOW, ToyLeaky(key=jax.random.key(0)), toy_dataset(0), 10.0, shard=True)
+
+
+def _flags_after_import(env_extra):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "MARGINFLOW_XLA_DEFAULTS")}
+    env.update(env_extra)
+    code = "import os, marginflow; print(os.environ.get('XLA_FLAGS', ''))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_import_asks_for_512_bit_vectors_only_on_avx512_and_only_if_not_set():
+    """marginflow's import adds --xla_cpu_prefer_vector_width=512 iff the CPU has AVX-512
+    (read here from /proc/cpuinfo independently), and never overrides a user's choice."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+    except OSError:
+        avx512 = False
+    flag = "--xla_cpu_prefer_vector_width=512"
+    assert (flag in _flags_after_import({})) == avx512
+    assert _flags_after_import({"MARGINFLOW_XLA_DEFAULTS": "0"}) == ""
+    mine = "--xla_cpu_prefer_vector_width=256"
+    assert _flags_after_import({"XLA_FLAGS": mine}) == mine
+    other = "--xla_cpu_enable_fast_math=false"
+    assert _flags_after_import({"XLA_FLAGS": other}) == (
+        f"{other} {flag}" if avx512 else other)
