@@ -413,7 +413,7 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
             take = lambda tree: jax.tree.map(lambda x: x[live], tree)  # noqa: E731
             parts = chunked(w0[live], take(carry_a), 1, n_blocks - 1)
             rec_b, last, carry = (jax.tree.map(lambda f, q: _put(xp, f, live, q), whole, part)
-                                  for whole, part in zip((rec_b, last, carry), parts))
+                                  for whole, part in zip((rec_b, last, carry), parts, strict=True))
     records = jax.tree.map(lambda a, b: xp.concatenate([a, b], axis=1), rec_a, rec_b)
     return records, last, carry
 
@@ -440,7 +440,7 @@ def _chunked(args, batch_size, xp, full, n_workers, w0, carry0, first_block, n_b
     optimizer, objective, _, steps, save_every, key = args
     n = w0.shape[0]
     quantum = max(1, full // 8)
-    size = min(full, -(-(-(-n // n_workers)) // quantum) * quantum)
+    size = min(full, math.ceil(math.ceil(n / n_workers) / quantum) * quantum)
     extra = size * n_workers - n
     pad = lambda x: xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)])  # noqa: E731
     w0 = pad(xp.asarray(w0))

@@ -151,7 +151,7 @@ def test_failed_members_dropped_and_threads_equal_separate_runs(workers):
                workers=workers)
     assert traj.stats["num_steps"] == expected
     assert "3 of 7 runs" in traj.message
-    for i, w in enumerate(starts):
+    for i in range(len(starts)):
         single = run(GD(0.5), member(models, i), data, 200, save_every=10, throw=False)
         n = len(single.ts) - 1  # the saves before the end (or the failure) ...
         np.testing.assert_allclose(traj.w[i, :n], single.w[:n], rtol=1e-12)
