@@ -117,7 +117,8 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
     toy: GD 1333 / 1836, AdaGrad 1763 / 2261, RMSProp 1784 / 2279, Adam 1753 / 2236
     (ratio 1.3-1.4; all four also reach 1e300); MLP(4, 8, 2, k=2) and DeepLinear(4,4,4,1):
     ratios 2.0-2.3 for RMSProp/Adam/AdaGrad-MLP, but 3.4-4.0 for GD and AdaGrad on the
-    deep linear net (their transient to 1e5 is short; late decades take 4-13 steps).
+    deep linear net (their transient to 1e5 is short; late decades take 4-13 steps, set by
+    the accuracy of the radial mode J w ~ -w; analysis in benchmarks/README.md).
     Toy, RMSProp, after compilation: 0.034 s to 1e5, 0.081 s to 1e100 (LSODA: 0.46 / 1.10 s).
     Rejected alternatives, measured:
     - Kvaerno5 + dense Newton in log time: 2155 / 2397 steps, 0.30 s to 1e5, O(p^2) memory;
