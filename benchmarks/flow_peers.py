@@ -117,7 +117,7 @@ def main():
             f"{bdf[0]:.3f} ({bdf[1]}{'' if bdf[2] else ', failed'}) | "
             f"{l_wall / med:.1f}x | {diff:.1e} |"
         )
-    # A batch of initialisations: one vmapped call against sequential LSODA runs.
+    # A batch of initialisations: one call (one chunk per core) against sequential LSODA runs.
     keys = jax.random.split(jax.random.key(7), n_batch)
     models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)
     t1 = 1e5
@@ -128,6 +128,11 @@ def main():
     start = time.perf_counter()
     bt = simulate(flow, models, data, t1, n_save=2, batch=True, throw=False)
     mf = time.perf_counter() - start
+    # The same on one core (workers=1: one vmapped call, no threads), compiled first.
+    simulate(flow, models, data, t1, n_save=2, batch=True, throw=False, workers=1)
+    start = time.perf_counter()
+    simulate(flow, models, data, t1, n_save=2, batch=True, throw=False, workers=1)
+    mf1 = time.perf_counter() - start
     start = time.perf_counter()
     w0s = np.asarray(eqx.filter_vmap(flatten)(models))
     margins = [scipy_run("LSODA", w0s[i], X, y, t1)[3] for i in range(n_batch)]
@@ -138,6 +143,7 @@ def main():
         f"{first - mf:.1f} s, result {bt.result}), {n_batch} LSODA runs {ls:.2f} s: "
         f"{ls / mf:.1f}x; max margin diff {np.max(np.abs(mf_m - margins)):.1e}"
     )
+    print(f"  on one core (workers=1): marginflow {mf1:.2f} s, {ls / mf1:.1f}x")
     try:
         import torchdiffeq  # noqa: F401
     except ImportError:

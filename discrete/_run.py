@@ -20,6 +20,8 @@ import optax
 
 from ..flows import Trajectory
 from ..flows._simulate import _check_params, _is_model, raise_if_failed
+from ..flows._threads import map_chunks
+from ..flows._threads import n_workers as n_threads
 from ..models import Objective
 from ..models._objective import initial_point
 from ._optimizers import AbstractOptimizer
@@ -291,8 +293,8 @@ def run(
     start = time.perf_counter()
     args = (optimizer, objective, w0, jnp.asarray(steps, jnp.int32),
             jnp.asarray(save_every, jnp.int32), key)
-    n_workers = _workers(workers, batch, checkpoint, int(w0.shape[0]) if batch else 1)
-    if checkpoint is None and batch:
+    n_workers = n_threads(workers, int(w0.shape[0]) if batch else 1, "run")
+    if checkpoint is None and batch and jax.default_backend() == "cpu":
         records, last, carry = _run_batch(args, n_blocks, batch_size, n_workers)
     elif checkpoint is None:
         records, last, carry = jax.block_until_ready(
@@ -365,24 +367,12 @@ def run(
     return raise_if_failed(traj, "run", throw)
 
 
-def _workers(workers, batch: bool, checkpoint, n_batch: int) -> int:
-    """How many concurrent chunks a batched run is cut into (see `run`'s `workers`)."""
-    if workers is not None:
-        _check_int(workers, "workers", 1, "pass the number of threads, or None for one per core")
-    if not batch or checkpoint is not None or jax.default_backend() != "cpu":
-        return 1
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-    return max(1, min(int(workers), n_batch))
-
-
 # Batched runs of at least this many save blocks are run in two stages (`_run_batch`).
 _STAGE_MIN_BLOCKS = 8
 
 
 def _run_batch(args, n_blocks, batch_size, n_workers):
-    """A batched full-batch run, cut into `n_workers` concurrent chunks (`_chunked`).
+    """A batched full-batch run on CPU, one chunk of the batch per thread (flows._threads).
 
     Members whose loss overflowed stop moving but would still cost a full step each
     (vmap computes them all): with n_blocks >= _STAGE_MIN_BLOCKS the first save block is
@@ -390,76 +380,45 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
     remaining blocks. Measured on the paper's toy sweep: 47 of 100 GD runs (lr 0.1)
     overflow within the first block. The results are those of one vmapped call.
     """
-    w0 = args[2]
-    # Host-side gathers and concatenations: numpy on CPU (jnp would dispatch op by op,
-    # ~5 ms per call measured), jnp where the arrays live on an accelerator.
-    xp = np if jax.default_backend() == "cpu" else jnp
-    full = -(-w0.shape[0] // n_workers)
-    chunked = lambda *a: _chunked(args, batch_size, xp, full, n_workers, *a)  # noqa: E731
+    optimizer, objective, w0, steps, save_every, key = args
+    w0 = np.asarray(w0)
+    full = math.ceil(w0.shape[0] / n_workers)
+
+    def chunked(w, carry, first_block, count):
+        # Chunk sizes of a smaller (surviving) batch are rounded up to a multiple of 1/8 of
+        # a full chunk: dropping members compiles at most 8 more shapes.
+        quantum = max(1, full // 8)
+        size = min(full, math.ceil(math.ceil(w.shape[0] / n_workers) / quantum) * quantum)
+
+        def call(w_part, carry_part):
+            return _run_compiled(
+                optimizer, objective, w_part, steps, save_every, key, count, batch_size,
+                True, carry0=carry_part, first_block=jnp.asarray(first_block, jnp.int32),
+                finish=True)
+
+        return map_chunks(call, (w, carry), n_workers, size=size)
+
     if n_blocks < _STAGE_MIN_BLOCKS:
         return chunked(w0, None, 0, n_blocks)
     rec_a, last_a, carry_a = chunked(w0, None, 0, 1)
-    live = np.flatnonzero(np.asarray(carry_a[3]))
+    live = np.flatnonzero(carry_a[3])
     if live.size == w0.shape[0]:  # nobody failed: everyone continues
         rec_b, last, carry = chunked(w0, carry_a, 1, n_blocks - 1)
     else:
         # Dead members' later saves: NaN (masked on the host anyway); their last point is
         # their failing iterate, where the first stage left them.
         rec_b = jax.tree.map(
-            lambda x: xp.full((x.shape[0], n_blocks - 1) + x.shape[2:], np.nan, x.dtype),
+            lambda x: np.full((x.shape[0], n_blocks - 1) + x.shape[2:], np.nan, x.dtype),
             rec_a)
-        last, carry = last_a, carry_a
+        last, carry = jax.tree.map(np.array, (last_a, carry_a))
         if live.size:
-            take = lambda tree: jax.tree.map(lambda x: x[live], tree)  # noqa: E731
-            parts = chunked(w0[live], take(carry_a), 1, n_blocks - 1)
-            rec_b, last, carry = (jax.tree.map(lambda f, q: _put(xp, f, live, q), whole, part)
-                                  for whole, part in zip((rec_b, last, carry), parts, strict=True))
-    records = jax.tree.map(lambda a, b: xp.concatenate([a, b], axis=1), rec_a, rec_b)
+            parts = chunked(w0[live], jax.tree.map(lambda x: x[live], carry_a), 1,
+                            n_blocks - 1)
+            for whole, part in zip((rec_b, last, carry), parts, strict=True):
+                for f, q in zip(jax.tree.leaves(whole), jax.tree.leaves(part), strict=True):
+                    f[live] = q
+    records = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=1), rec_a, rec_b)
     return records, last, carry
-
-
-def _put(xp, full, idx, part):
-    if xp is np:
-        full = np.array(full)
-        full[idx] = part
-        return full
-    return full.at[idx].set(part)
-
-
-def _chunked(args, batch_size, xp, full, n_workers, w0, carry0, first_block, n_blocks):
-    """Batched blocks first_block .. + n_blocks - 1 as `n_workers` chunks, one thread each.
-
-    The members are padded (repeating the last one) to n_workers equal chunks so every
-    chunk has one shape and one compilation. `full` is the chunk size of the whole batch;
-    a smaller (surviving) batch has its chunk size rounded up to a multiple of full / 8, so
-    dropping failed members compiles at most 8 more shapes. The padding is dropped from
-    the results.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    optimizer, objective, _, steps, save_every, key = args
-    n = w0.shape[0]
-    quantum = max(1, full // 8)
-    size = min(full, math.ceil(math.ceil(n / n_workers) / quantum) * quantum)
-    extra = size * n_workers - n
-    pad = lambda x: xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)])  # noqa: E731
-    w0 = pad(xp.asarray(w0))
-    carry0 = None if carry0 is None else jax.tree.map(lambda x: pad(xp.asarray(x)), carry0)
-    part = lambda tree, i: jax.tree.map(  # noqa: E731
-        lambda x: x[i * size:(i + 1) * size], tree)
-
-    def one(i):
-        return jax.block_until_ready(_run_compiled(
-            optimizer, objective, part(w0, i), steps, save_every, key, n_blocks, batch_size,
-            True, carry0=None if carry0 is None else part(carry0, i),
-            first_block=jnp.asarray(first_block, jnp.int32), finish=True))
-
-    if n_workers == 1:
-        outs = [one(0)]
-    else:
-        with ThreadPoolExecutor(n_workers) as pool:
-            outs = list(pool.map(one, range(n_workers)))
-    return jax.tree.map(lambda *xs: xp.concatenate([xp.asarray(x) for x in xs])[:n], *outs)
 
 
 def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> dict:

@@ -32,6 +32,8 @@ from ._solvers import (
     is_imex,
     solver_name,
 )
+from ._threads import map_chunks
+from ._threads import n_workers as n_threads
 from ._trajectory import Trajectory
 
 _RESULT_NAMES = [
@@ -374,6 +376,7 @@ def simulate(
     dtype=jnp.float64,
     shard: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
+    workers: int | None = None,
     _resume: list | None = None,
 ) -> Trajectory:
     """Integrate `flow` on `model` and `data` from t0 to t1 and save a Trajectory.
@@ -405,6 +408,13 @@ def simulate(
         checkpoint: a folder; the run is written there segment by segment (one file per
             decade of t, each written atomically) and `resume(folder)` continues it after a
             crash or kill, losing at most the segment in progress.
+        workers: with batch=True on one CPU device, the batch is cut into this many equal
+            chunks integrated concurrently from as many threads (one vmapped call keeps one
+            core busy). Default: the cores this process may use; 1 = one vmapped call.
+            Members do not interact, but batched kernels of another width may round
+            differently and the step-size control turns that into differences at the
+            tolerance level (measured on the toy to 1e5: bitwise equal with 2 chunks of 50,
+            2.2e-5 absolute on w with 3 chunks of 34, as between sharded and unsharded runs).
 
     How (MATH.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
@@ -472,6 +482,7 @@ def simulate(
 
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
+    threads = n_threads(workers, n_batch if len(devices) == 1 else 1, "simulate")
     if len(devices) > 1:
         # Pad the batch to a multiple of the device count (copies of the last member,
         # dropped at the end) and split it over the devices; the vmapped segment then runs
@@ -500,6 +511,16 @@ def simulate(
             _segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0)
         )
         start_fn = eqx.filter_vmap(_start, in_axes=(None, None, 0, None, None, None, None, None))
+        if threads > 1:
+            vmapped = seg
+
+            def seg(flow, objective, y, lo, hi, log_time, save_us, solver, controller,
+                    max_steps, state):
+                def call(y_part, state_part):
+                    return vmapped(flow, objective, y_part, lo, hi, log_time, save_us,
+                                   solver, controller, max_steps, state_part)
+
+                return map_chunks(call, (y, state), threads)
 
     def to_u(t, log_time):
         return np.log(t) if log_time else t

@@ -125,3 +125,19 @@ def test_import_asks_for_512_bit_vectors_only_on_avx512_and_only_if_not_set():
     other = "--xla_cpu_enable_fast_math=false"
     assert _flags_after_import({"XLA_FLAGS": other}) == (
         f"{other} {flag}" if avx512 else other)
+
+
+def test_batch_in_threads_matches_one_call():
+    """simulate(batch=True, workers=k) integrates k chunks from threads; every member is
+    the same initial value problem, so results agree to the solver's accuracy (the same
+    1e-5 relative as the sharded test above: another batch width rounds differently)."""
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(4), 5))
+    data = toy_dataset(0)
+    one = simulate(FLOW, models, data, 1e4, batch=True, n_save=9, workers=1)
+    for workers in (2, 3):
+        many = simulate(FLOW, models, data, 1e4, batch=True, n_save=9, workers=workers)
+        assert many.success and many.w.shape == one.w.shape == (5, 9, 3)
+        np.testing.assert_allclose(many.w, one.w, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(many.log_loss, one.log_loss, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
+        simulate(FLOW, models, data, 1e2, batch=True, workers=0)

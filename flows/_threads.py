@@ -1,0 +1,63 @@
+"""Batches on CPU: one chunk of the initialisations per core, run from threads.
+
+One vmapped XLA:CPU call keeps one core busy. Concurrent calls from several Python threads
+run in parallel on XLA's thread pool (measured on the toy sweep: 1.45-1.65x on 2 cores), so
+`simulate` and `run` cut a batch into equal chunks and call their compiled function once per
+chunk. Members do not interact, so the results equal those of one call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+
+
+def n_workers(workers, n_batch: int, where: str) -> int:
+    """The number of chunks: `workers`, or the cores this process may use; 1 off CPU."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(
+            workers, (int, np.integer)) or workers < 1):
+        raise ValueError(
+            f"{where}: `workers` must be an integer >= 1, got {workers!r}; pass the number "
+            "of threads, or None for one per core."
+        )
+    if jax.default_backend() != "cpu" or n_batch < 2:
+        return 1  # one call fills an accelerator
+    if workers is None:
+        workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    return max(1, min(int(workers), n_batch))
+
+
+def map_chunks(call, trees, workers: int, *, size: int | None = None):
+    """call(*chunk) for `workers` equal chunks of the leading axis of `trees`, concatenated.
+
+    The members are padded (copies of the last one, dropped afterwards) to `workers`
+    chunks of `size` (default ceil(B / workers)) so every chunk has one shape: one
+    compilation, made once even when the threads call at the same time (measured).
+    Host-side numpy: the arrays live on the CPU (this is used off CPU with workers = 1 only).
+    """
+    leaves = [x for x in jax.tree.leaves(trees) if np.ndim(x) > 0]
+    n = leaves[0].shape[0]
+    size = size or math.ceil(n / workers)
+    extra = size * workers - n
+
+    def pad(x):
+        x = np.asarray(x)
+        return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
+
+    padded = jax.tree.map(pad, trees)
+
+    def one(i):
+        part = jax.tree.map(lambda x: x[i * size:(i + 1) * size], padded)
+        return jax.block_until_ready(call(*part))
+
+    if workers == 1:
+        outs = [one(0)]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            outs = list(pool.map(one, range(workers)))
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:n], *outs)
