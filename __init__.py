@@ -8,8 +8,11 @@ float32 runs are asked for explicitly (`simulate(..., dtype=jnp.float32)`).
 On a CPU with AVX-512, importing marginflow before JAX's first computation also asks XLA
 for 512-bit vectors (`--xla_cpu_prefer_vector_width=512`; XLA's default is 256): float64
 exp, the bulk of a loss evaluation, runs 1.7-1.9x faster and the toy sweep's steps 1.2x
-(benchmarks/README.md). Nothing is changed if XLA_FLAGS already sets that option, if
-JAX's backend is already running, or with MARGINFLOW_XLA_DEFAULTS=0 in the environment.
+(benchmarks/README.md). The flag is added to os.environ["XLA_FLAGS"], so subprocesses
+inherit it. Nothing is changed if XLA_FLAGS already sets that option, if JAX's backend is
+already running (a computation before `import marginflow`), with a jaxlib outside the
+versions it was verified with (0.10.x from 0.10.2: XLA aborts on a flag it does not know),
+or with MARGINFLOW_XLA_DEFAULTS=0 in the environment.
 """
 
 import os as _os
@@ -39,6 +42,14 @@ def _xla_defaults() -> None:
     from jax._src import xla_bridge
 
     if getattr(xla_bridge, "_backends", None):  # too late: the flags were read already
+        return
+    import jaxlib
+
+    try:
+        version = tuple(int(v) for v in jaxlib.__version__.split(".")[:3])
+    except ValueError:
+        return
+    if not (0, 10, 2) <= version < (0, 11, 0):
         return
     if _has_avx512():
         _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_prefer_vector_width=512").strip()

@@ -374,6 +374,7 @@ _STAGE_MIN_BLOCKS = 8
 def _run_batch(args, n_blocks, batch_size, n_workers):
     """A batched full-batch run on CPU, one chunk of the batch per thread (flows._threads).
 
+    (Also minibatch runs: the carry holds the step count that picks the minibatch.)
     Members whose loss overflowed stop moving but would still cost a full step each
     (vmap computes them all): with n_blocks >= _STAGE_MIN_BLOCKS the first save block is
     run alone, the members that failed in it are dropped, and only the others run the
@@ -387,7 +388,7 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
     def chunked(w, carry, first_block, count):
         # Chunk sizes of a smaller (surviving) batch are rounded up to a multiple of 1/8 of
         # a full chunk: dropping members compiles at most 8 more shapes.
-        quantum = max(1, full // 8)
+        quantum = max(1, math.ceil(full / 8))
         size = min(full, math.ceil(math.ceil(w.shape[0] / n_workers) / quantum) * quantum)
 
         def call(w_part, carry_part):

@@ -460,6 +460,9 @@ def simulate(
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
     controller = default_controller(rtol, atol)
+    n_batch = int(w0.shape[0]) if batch else 0
+    devices = _devices(batch, shard, n_batch)
+    threads = n_threads(workers, n_batch if len(devices) == 1 else 1, "simulate")
 
     if checkpoint is not None and _resume is None:
         if not solver_is_default:
@@ -475,14 +478,14 @@ def simulate(
                 "model": objective.model.spec(), "t0": t0, "t1": t1, "rtol": rtol,
                 "atol": atol, "max_steps": max_steps, "dtype": jnp.dtype(dtype).name,
                 "batch": bool(batch), "shard": shard,
+                # The chunking changes batched results at the tolerance level: resume
+                # with the same one, whatever this machine's core count.
+                "workers": threads,
             },
             w0=np.asarray(w0), X=np.asarray(objective.data.X), y=np.asarray(objective.data.y),
             save_ts=save_ts,
         )
 
-    n_batch = int(w0.shape[0]) if batch else 0
-    devices = _devices(batch, shard, n_batch)
-    threads = n_threads(workers, n_batch if len(devices) == 1 else 1, "simulate")
     if len(devices) > 1:
         # Pad the batch to a multiple of the device count (copies of the last member,
         # dropped at the end) and split it over the devices; the vmapped segment then runs
@@ -785,5 +788,5 @@ def resume(checkpoint: str | os.PathLike, *, progress: bool = False,
         ts=arrays["save_ts"], rtol=header["rtol"], atol=header["atol"],
         max_steps=header["max_steps"], progress=progress, throw=throw,
         batch=header["batch"], dtype=dtype, shard=header["shard"], checkpoint=directory,
-        _resume=segments,
+        workers=header.get("workers"), _resume=segments,
     )

@@ -26,10 +26,28 @@ def n_workers(workers, n_batch: int, where: str) -> int:
         )
     if jax.default_backend() != "cpu" or n_batch < 2:
         return 1  # one call fills an accelerator
+    if _scoped_settings() != _in_new_thread(_scoped_settings):
+        # A `with jax.debug_nans(True):` (or default_device, ...) block is thread-local:
+        # worker threads would not see it, so honour it with one call on this thread.
+        return 1
     if workers is None:
         workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1)
     return max(1, min(int(workers), n_batch))
+
+
+# JAX settings that context managers set per thread (jax.debug_nans(True) etc.).
+_SCOPED = ("jax_debug_nans", "jax_debug_infs", "jax_default_device", "jax_disable_jit",
+           "jax_numpy_dtype_promotion", "jax_default_matmul_precision", "jax_enable_x64")
+
+
+def _scoped_settings():
+    return tuple(str(getattr(jax.config, name, None)) for name in _SCOPED)
+
+
+def _in_new_thread(fn):
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
 
 
 def map_chunks(call, trees, workers: int, *, size: int | None = None):
@@ -45,14 +63,17 @@ def map_chunks(call, trees, workers: int, *, size: int | None = None):
     size = size or math.ceil(n / workers)
     extra = size * workers - n
 
-    def pad(x):
+    def pad(x):  # unbatched (0-d) leaves are passed to every chunk as they are
+        if np.ndim(x) == 0:
+            return x
         x = np.asarray(x)
         return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
 
     padded = jax.tree.map(pad, trees)
 
     def one(i):
-        part = jax.tree.map(lambda x: x[i * size:(i + 1) * size], padded)
+        part = jax.tree.map(
+            lambda x: x if np.ndim(x) == 0 else x[i * size:(i + 1) * size], padded)
         return jax.block_until_ready(call(*part))
 
     if workers == 1:

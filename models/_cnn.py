@@ -42,7 +42,7 @@ def _conv_im2col(x, kernel):
     float64, n = 32 and 256); slices and a dot have no such penalty (benchmarks/README.md).
     """
     _, c, kh, kw = kernel.shape
-    ph, pw = kh // 2, kw // 2
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2  # XLA's "SAME": the odd pixel of padding after
     h, w = x.shape[1], x.shape[2]
     xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw)))
     cols = jnp.stack([xp[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=1)

@@ -149,3 +149,22 @@ def test_discrete_checkpoint_rules(tmp_path):
     with pytest.raises(ValueError, match="blocks_per_checkpoint"):
         run(RMSProp(0.1, 0.9, 1e-5), model, data, 10, checkpoint=tmp_path / "e",
             blocks_per_checkpoint=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_resume_keeps_the_thread_chunking(tmp_path, workers):
+    """The thread chunking of a batch changes its numbers at the tolerance level, so the
+    checkpoint records it and `resume` uses it, whatever the machine's core count: the
+    resumed batch equals the uninterrupted one bitwise."""
+    import equinox as eqx
+
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(5), 5))
+    flow, data, d = RMSPropFlow(1e-5, 0.9), toy_dataset(0), str(tmp_path / "ck")
+    full = simulate(flow, models, data, 1e6, batch=True, workers=workers, checkpoint=d)
+    for k in range(3, 10):  # drop the later decades, as a kill would
+        path = os.path.join(d, f"segment_{k:05d}.npz")
+        if os.path.exists(path):
+            os.remove(path)
+    again = resume(d)
+    np.testing.assert_array_equal(again.w, full.w)
+    np.testing.assert_array_equal(again.log_loss, full.log_loss)

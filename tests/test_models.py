@@ -98,6 +98,12 @@ def test_cnn_conv_implementations_agree():
                 direct[o] += float(k[o, 0, i, j]) * xp[i:i + 28, j:j + 28]
     for conv in (_conv_xla, _conv_im2col):
         np.testing.assert_allclose(conv(x, k), direct, rtol=1e-12, atol=1e-14)
+    # Other kernel shapes, even ones included (XLA's SAME puts the odd padding pixel after).
+    for shape in [(2, 3, 4, 4), (2, 3, 2, 3), (2, 3, 1, 1), (2, 3, 3, 5)]:
+        kk = jax.random.normal(jax.random.PRNGKey(5), shape)
+        xx = jax.random.normal(jax.random.PRNGKey(6), (3, 9, 8))
+        np.testing.assert_allclose(_conv_im2col(xx, kk), _conv_xla(xx, kk), rtol=1e-12,
+                                   atol=1e-13)
     xs = _inputs(models["xla"], 6, 5)
     out = {c: jax.vmap(m)(xs) for c, m in models.items()}
     np.testing.assert_allclose(out["im2col"], out["xla"], rtol=1e-12, atol=1e-14)

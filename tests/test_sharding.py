@@ -141,3 +141,18 @@ def test_batch_in_threads_matches_one_call():
         np.testing.assert_allclose(many.log_loss, one.log_loss, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
         simulate(FLOW, models, data, 1e2, batch=True, workers=0)
+
+
+def test_thread_chunks_honour_thread_local_settings_and_scalars():
+    """Worker threads do not see `with jax.debug_nans(True):` (thread-local), so a batch
+    runs as one call on the caller's thread then; 0-d leaves go to every chunk unchanged."""
+    from marginflow.flows._threads import map_chunks, n_workers
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert n_workers(None, 10, "t") == min(cores, 10)
+    assert n_workers(3, 10, "t") == 3 and n_workers(3, 2, "t") == 2
+    with jax.debug_nans(True):
+        assert n_workers(3, 10, "t") == 1
+    out = map_chunks(lambda a, s: (a * s, s + 0 * a), (np.arange(5.0), 3.0), 2)
+    np.testing.assert_array_equal(out[0], 3.0 * np.arange(5.0))
+    np.testing.assert_array_equal(out[1], np.full(5, 3.0))
