@@ -3,10 +3,10 @@
 overhead = (wall time of the integration, after compilation)
            / (number of gradient evaluations x time of one jit-compiled gradient evaluation)
 
-CNN (3,240,736 parameters, 10 classes; im2col convolutions on CPU), n random MNIST-size inputs, cross-entropy, RMSProp
-flow (eps 1e-5, b 0.9), the default solver (`DecayIMEX`: 8 gradient evaluations per step,
-O(p) besides). Gradient evaluations counted: 8 per step, 3 at the start (the controller's
-first-step guess and the first stage) and one per save.
+CNN (3,240,736 parameters, 10 classes; im2col convolutions on CPU), n random MNIST-size
+inputs, cross-entropy, RMSProp flow (eps 1e-5, b 0.9), the default solver (`DecayIMEX`:
+8 gradient evaluations per step, O(p) besides). Gradient evaluations counted: 8 per step,
+3 at the start (the controller's first-step guess and the first stage) and one per save.
 
     python benchmarks/cnn_overhead.py --n 512 --max-steps 8   # ~2 minutes on a 2-core CPU
     python benchmarks/cnn_overhead.py --n 32 --max-steps 40
