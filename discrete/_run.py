@@ -244,10 +244,12 @@ def run(
         workers: with batch=True on CPU, the batch is cut into this many equal chunks run
             concurrently from as many threads (XLA:CPU runs concurrent calls on its thread
             pool: one vmapped call keeps one core busy). Default: the cores this process may
-            use (os.sched_getaffinity), at most the batch size; 1 = one vmapped call. Not
-            used on GPU (one call fills the device) or with `checkpoint`. Members do not
-            interact, so the chunking changes no result beyond float rounding of the
-            batched kernels (measured: identical to 1e-15 relative).
+            use (CPU affinity, capped by a cgroup quota), at most the batch size; 1 = one
+            vmapped call. Not used on GPU (one call fills the device) or with
+            `checkpoint`. Members do not interact, so the chunking changes no result beyond
+            float rounding of the batched kernels (measured: identical to 1e-15 relative).
+            Batched runs of >= 8 save blocks also drop members whose loss overflowed in
+            the first block from the rest of the run (their results are unchanged).
 
     Example:
         >>> import jax

@@ -31,9 +31,31 @@ def n_workers(workers, n_batch: int, where: str) -> int:
         # worker threads would not see it, so honour it with one call on this thread.
         return 1
     if workers is None:
-        workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
+        workers = usable_cores()
     return max(1, min(int(workers), n_batch))
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
+    container limited to 2 CPUs on a 64-core host gets 2 threads, not 64)."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            with open(path) as f:
+                text = f.read()
+            if parse is not None:
+                quota, period = parse(text)[:2]
+            else:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    quota, period = text.strip(), f.read().strip()
+            if quota not in ("max", "-1") and float(quota) > 0:
+                cores = min(cores, max(1, math.floor(float(quota) / float(period))))
+            break
+        except (OSError, ValueError):
+            continue
+    return cores
 
 
 # JAX settings that context managers set per thread (jax.debug_nans(True) etc.).
