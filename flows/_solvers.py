@@ -114,9 +114,9 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
 
     Measured (2-core CPU, eps 1e-5, b 0.9, rtol 1e-8, atol 1e-12; steps to 1e5 / to
     1e100; tables in benchmarks/README.md):
-    toy: GD 1333 / 1836, AdaGrad 1763 / 2261, RMSProp 1784 / 2279, Adam 1753 / 2236
+    toy: GD 1336 / 1838, AdaGrad 1759 / 2274, RMSProp 1784 / 2255, Adam 1716 / 2214
     (ratio 1.3-1.4; all four also reach 1e300); MLP(4, 8, 2, k=2) and DeepLinear(4,4,4,1):
-    ratios 2.0-2.3 for RMSProp/Adam/AdaGrad-MLP, but 3.4-4.0 for GD and AdaGrad on the
+    ratios 2.0-2.3 for RMSProp/Adam/AdaGrad-MLP, but 3.4-4.1 for GD and AdaGrad on the
     deep linear net (their transient to 1e5 is short; late decades take 4-13 steps, set by
     the accuracy of the radial mode J w ~ -w; analysis in benchmarks/README.md).
     Toy, RMSProp, after compilation: 0.034 s to 1e5, 0.081 s to 1e100 (LSODA: 0.46 / 1.10 s).
