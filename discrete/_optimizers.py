@@ -51,28 +51,22 @@ def _real(x, name: str, where: str):
     return jnp.asarray(x, dtype=float)
 
 
-def _check_lr(lr, where: str):
-    arr = _real(lr, "lr", where)
-    if _is_concrete(lr):
-        v = np.asarray(lr, dtype=float)
+def _check_positive(x, name: str, where: str, hint: str):
+    arr = _real(x, name, where)
+    if _is_concrete(x):
+        v = np.asarray(x, dtype=float)
         if not np.all(np.isfinite(v)) or np.any(v <= 0):
-            raise ValueError(
-                f"{where}: `lr` must be a finite number > 0, got {lr!r}; the paper's toy "
-                "runs use lr = 0.1."
-            )
+            raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {x!r}; {hint}.")
     return arr
+
+
+def _check_lr(lr, where: str):
+    return _check_positive(lr, "lr", where, "the paper's toy runs use lr = 0.1")
 
 
 def _check_eps(eps, where: str):
-    arr = _real(eps, "eps", where)
-    if _is_concrete(eps):
-        v = np.asarray(eps, dtype=float)
-        if not np.all(np.isfinite(v)) or np.any(v <= 0):
-            raise ValueError(
-                f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
-                "eps = 1e-5 (PyTorch: 1e-8, AdaGrad 1e-10)."
-            )
-    return arr
+    return _check_positive(eps, "eps", where,
+                           "the paper uses eps = 1e-5 (PyTorch: 1e-8, AdaGrad 1e-10)")
 
 
 def _check_unit(b, name: str, where: str, hint: str):
