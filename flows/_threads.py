@@ -24,7 +24,7 @@ def n_workers(workers, n_batch: int, where: str) -> int:
             f"{where}: `workers` must be an integer >= 1, got {workers!r}; pass the number "
             "of threads, or None for one per core."
         )
-    if jax.default_backend() != "cpu" or n_batch < 2:
+    if jax.default_backend() != "cpu" or n_batch < 2 or workers == 1:
         return 1  # one call fills an accelerator
     if _scoped_settings() != _in_new_thread(_scoped_settings):
         # A `with jax.debug_nans(True):` (or default_device, ...) block is thread-local:
