@@ -1,4 +1,4 @@
-"""Checkpoints of long runs: one file per segment (decade of t), written atomically.
+"""Checkpoints of long runs: one file per segment (a decade of t; ten after 1e10), atomically.
 
 Layout of a checkpoint folder:
     run.npz             the inputs: flow, model spec and initial parameters, data, loss,
@@ -20,7 +20,8 @@ import tempfile
 import numpy as np
 
 RUN_FILE = "run.npz"
-_FORMAT = "marginflow.checkpoint/1"
+# Version 2: segments are ten decades wide after t = 1e10 (version 1: decades throughout).
+_FORMAT = "marginflow.checkpoint/2"
 
 
 def atomic_savez(path: str, **arrays) -> None:
@@ -86,7 +87,14 @@ def read_checkpoint(directory: str):
         raise ValueError(f"resume: {directory!r} holds no {RUN_FILE}; it is not a marginflow "
                          "checkpoint folder (or the run was killed before its first write).")
     run_header, run_arrays = _read(run_path)
-    if run_header.get("format") != _FORMAT:
+    found = run_header.get("format")
+    if found != _FORMAT:
+        if isinstance(found, str) and found.startswith("marginflow.checkpoint/"):
+            raise ValueError(
+                f"resume: {run_path} has checkpoint format {found!r}, this marginflow reads "
+                f"{_FORMAT!r} (the segment layout changed); rerun it with "
+                "simulate(..., checkpoint=a new folder)."
+            )
         raise ValueError(f"resume: {run_path} is not a marginflow checkpoint.")
     segments = []
     k = 0

@@ -1,13 +1,12 @@
 """Long horizons at constant cost per decade (issue 5): step counts, late-time sanity.
 
 Steps are counted, never timed. One run to t1 = 1e100 per case gives both counts: the
-segments are decades and identical whatever t1 is, so steps(1e5) is the sum over the first
-segments of the same run (checked once below against a separate run to 1e5).
+segments (decades up to 1e10, ten decades after) are identical whatever t1 is, so steps(1e5)
+is the sum over the first segments of the same run (checked once below against a separate
+run to 1e5).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import marginflow  # noqa: F401  (float64)
@@ -25,10 +24,11 @@ FLOWS = {
 
 
 def _steps_to(traj, t: float) -> int:
-    """Steps of the segments that end at or before t (segments end at powers of ten)."""
-    n = traj.stats["num_steps_per_segment"]
-    k = int(round(math.log10(t))) + 1  # [0, 1], [1, 10], ..., [10^(k-2), 10^(k-1) = t]
-    return int(sum(n[:k]))
+    """Steps of the segments that end at or before t (t must be a segment end)."""
+    ends = np.asarray(traj.stats["segment_ends"])
+    assert np.any(ends == t), (t, ends)
+    n = np.asarray(traj.stats["num_steps_per_segment"])
+    return int(n[ends <= t].sum())
 
 
 def _toy():
@@ -155,3 +155,12 @@ def test_float32_t1_limit_is_a_clear_error():
         simulate(FLOWS["gd"], m, d, 1e40, rtol=1e-5, dtype=np.float32)
     with pytest.raises(ValueError, match="float32.*rtol"):
         simulate(FLOWS["gd"], m, d, 1e3, dtype=np.float32)
+
+
+def test_segments_are_decades_then_ten_decades():
+    from marginflow.flows._simulate import _segment_bounds
+
+    assert _segment_bounds(0.0, 1e3) == [0.0, 1.0, 10.0, 100.0, 1e3]
+    assert _segment_bounds(0.0, 1e35) == [0.0, *[10.0**k for k in range(11)], 1e20, 1e30, 1e35]
+    assert _segment_bounds(5e12, 1e31) == [5e12, 1e20, 1e30, 1e31]
+    assert _segment_bounds(0.5, 3.0) == [0.5, 1.0, 3.0]
