@@ -1,11 +1,13 @@
 """The late phase t = 1e5 -> 1e100 of the three runs over issue 5's step-ratio bound.
 
 The runs are GD on MLP(4, 8, 2, k=2) and on DeepLinear(4, 4, 4, 1), and AdaGrad on the deep
-linear net. The models and data are those of tests/test_long_horizon.py, with rtol 1e-8.
+linear net (over 2.5 before and after `simulate` moved to the state v). The models and
+data are those of tests/test_long_horizon.py, with rtol 1e-8.
 
 Each run starts from `simulate`'s state at t = 1e5 and is integrated to t = 1e100 with:
 - `DecayIMEX`, Dopri8, and Kvaerno5 with a full Newton solve, in u = log t (`simulate`'s
-  variable);
+  variable), on the state w;
+- `DecayIMEX` in u on the state v = w ||w||^(L-1), which `simulate` integrates;
 - Kvaerno5 + Newton and Dopri8 in tau = log log t, where the late solution varies on an
   O(1) scale but the modes with rates O(1) in u get rates O(u);
 - `DecayIMEX` with the loss level sigma = -log L as the clock. There dw/dsigma =
@@ -33,6 +35,7 @@ import numpy as np
 import optimistix as optx
 from marginflow.flows import AdaGradFlow, GradientFlow, simulate
 from marginflow.flows._imex import DecayIMEX
+from marginflow.flows._simulate import _dv, _v_of_w, _w_of_v
 from marginflow.models import MLP, DeepLinear, separable_gaussians
 from marginflow.models._objective import Objective, initial_point
 
@@ -84,7 +87,14 @@ def fields(flow, obj):
         dt_dsigma = jnp.exp(-log_l) / rate
         return -h * glog / rate, dt_dsigma * flow.phi(t, m, g), jnp.exp(-log_l - u) / rate
 
-    return in_u, in_tau, in_sigma
+    def in_v(u, y, args):
+        # The state simulate uses: v = w ||w||^(L-1) (flows/_simulate.py, `_w_of_v`).
+        v, m = y
+        w = _w_of_v(v, obj.degree)
+        dw, dm = in_u(u, (w, m), args)
+        return _dv(w, dw, obj.degree), dm
+
+    return in_u, in_tau, in_sigma, in_v
 
 
 def no_decay(s, y, args):
@@ -96,7 +106,8 @@ def newton_k5():
     return dfx.Kvaerno5(root_finder=optx.Newton(rtol=1e-3 * RTOL, atol=1e-3 * ATOL))
 
 
-def integrate(field, solver, x0, x1, y0, rtol, atol, event=None, imex=False):
+def integrate(field, solver, x0, x1, y0, rtol, atol, event=None, imex=False,
+              back=lambda w: w):
     terms = dfx.MultiTerm(dfx.ODETerm(field), dfx.ODETerm(no_decay)) if imex else dfx.ODETerm(field)
     controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4)
 
@@ -104,7 +115,8 @@ def integrate(field, solver, x0, x1, y0, rtol, atol, event=None, imex=False):
     def run(y0):
         sol = dfx.diffeqsolve(terms, solver, x0, x1, None, y0, stepsize_controller=controller,
                               event=event, max_steps=100_000, throw=False)
-        return sol.ys[0][-1], sol.stats["num_steps"], sol.stats["num_rejected_steps"], sol.result
+        stats = sol.stats
+        return back(sol.ys[0][-1]), stats["num_steps"], stats["num_rejected_steps"], sol.result
 
     out = jax.block_until_ready(run(y0))  # compiles
     times = []
@@ -125,7 +137,7 @@ def case(name, model, data, flow):
     early = np.asarray(traj.stats["segment_ends"]) <= 1e5
     n5, late_default = int(per_segment[early].sum()), int(per_segment[~early].sum())
     obj = Objective(initial_point(model, False)[0], data)
-    in_u, in_tau, in_sigma = fields(flow, obj)
+    in_u, in_tau, in_sigma, in_v = fields(flow, obj)
     y0 = (jnp.asarray(traj.w[1]), jnp.asarray(traj.m[1]))
     ref, *_ = integrate(in_u, dfx.Dopri8(), U5, U100, y0, 1e-13, 1e-17)
     sigma0 = -float(obj.log_loss(y0[0]))
@@ -134,7 +146,13 @@ def case(name, model, data, flow):
     rows = [
         ("DecayIMEX, u", lambda: integrate(in_u, DecayIMEX(), U5, U100, y0, RTOL, ATOL,
                                            imex=True)),
+        ("DecayIMEX, u, state v = w ||w||^(L-1) (simulate)", lambda: integrate(
+            in_v, DecayIMEX(), U5, U100, (_v_of_w(y0[0], obj.degree), y0[1]), RTOL, ATOL,
+            imex=True, back=lambda v: _w_of_v(v, obj.degree))),
         ("Dopri8, u", lambda: integrate(in_u, dfx.Dopri8(), U5, U100, y0, RTOL, ATOL)),
+        ("Dopri8, u, state v", lambda: integrate(
+            in_v, dfx.Dopri8(), U5, U100, (_v_of_w(y0[0], obj.degree), y0[1]), RTOL, ATOL,
+            back=lambda v: _w_of_v(v, obj.degree))),
         ("Kvaerno5 + Newton, u", lambda: integrate(in_u, newton_k5(), U5, U100, y0, RTOL,
                                                    ATOL)),
         ("Kvaerno5 + Newton, log log t", lambda: integrate(

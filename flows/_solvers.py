@@ -112,14 +112,15 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
     Jacobian). GD and AdaGrad have no decay; the implicit part is then zero and the
     scheme is the explicit ARK5 method.
 
-    Measured (2-core CPU, eps 1e-5, b 0.9, rtol 1e-8, atol 1e-12; steps to 1e5 / to
-    1e100; tables in benchmarks/README.md):
-    toy: GD 1336 / 1838, AdaGrad 1759 / 2274, RMSProp 1784 / 2255, Adam 1716 / 2214
-    (ratio 1.3-1.4; all four also reach 1e300); MLP(4, 8, 2, k=2) and DeepLinear(4,4,4,1):
-    ratios 2.0-2.3 for RMSProp/Adam/AdaGrad-MLP, but 3.4-4.1 for GD and AdaGrad on the
-    deep linear net (their transient to 1e5 is short; late decades take 4-13 steps, set by
-    the accuracy of the radial mode J w ~ -w; analysis in benchmarks/README.md).
-    Toy, RMSProp, after compilation: 0.034 s to 1e5, 0.081 s to 1e100 (LSODA: 0.46 / 1.10 s).
+    Measured (2-core CPU, eps 1e-5, b 0.9, rtol 1e-8, atol 1e-12; state v = w ||w||^(L-1),
+    segments ten decades wide after 1e10; steps to 1e5 / to 1e100; tables in README.md):
+    toy: GD 1400 / 1595, AdaGrad 1842 / 2085, RMSProp 1840 / 2039, Adam 1574 / 1766
+    (ratio 1.1; all four also reach 1e300); MLP(4, 8, 2, k=2) and DeepLinear(4,4,4,1):
+    ratios 1.53-1.95 for RMSProp, Adam and AdaGrad on the MLP; over 2.5 for GD (MLP 2.81,
+    deep linear 2.74) and for AdaGrad on the deep linear net (3.18). GD's transient to 1e5
+    is short (139-144 steps) and its late decades take 1.5-4 steps each; AdaGrad's take
+    about 14, its conditioner staying large on coordinates with small gradients
+    (benchmarks/README.md, benchmarks/late_phase.py).
     Rejected alternatives, measured:
     - Kvaerno5 + dense Newton in log time: 2155 / 2397 steps, 0.30 s to 1e5, O(p^2) memory;
     - the old default, Kvaerno5 in t: stalled in [1e15, 1e16] (steps ~ t, and its Newton

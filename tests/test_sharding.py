@@ -32,7 +32,9 @@ def test_batch_of_100_matches_single_runs():
         # Every member takes its own steps under vmap, so member and single run agree to
         # the solver's accuracy, not bitwise: 1e-5 relative is 1000 x rtol, room for the
         # global error over 30 decades (the toy's kinks make it step-sequence dependent).
-        np.testing.assert_allclose(batch.w[b], single.w, rtol=1e-5, atol=1e-8)
+        # Relative to |w| per save: a component near 0 has no relative accuracy of its own.
+        diff = np.linalg.norm(batch.w[b] - single.w, axis=-1)
+        assert np.max(diff / np.linalg.norm(single.w, axis=-1)) < 1e-5
 
 
 _SHARD_SCRIPT = textwrap.dedent(
@@ -50,8 +52,11 @@ _SHARD_SCRIPT = textwrap.dedent(
     assert a.w.shape == b.w.shape == (6, 12, 3)
     assert a.success and b.success
     # Same members, same tolerance; different SPMD programs round differently, which the
-    # step-size control turns into differences at the tolerance level (rtol 1e-8).
-    np.testing.assert_allclose(a.w, b.w, rtol=1e-5, atol=1e-8)
+    # step-size control turns into differences at the tolerance level (rtol 1e-8), grown by
+    # the toy's kinks (measured up to 3.6e-7 of |w|). Relative to |w| per save: a component
+    # near 0 has no relative accuracy of its own.
+    rel = np.linalg.norm(a.w - b.w, axis=-1) / np.linalg.norm(b.w, axis=-1)
+    assert rel.max() < 1e-5, rel.max()
     print("OK")
     """
 )
