@@ -52,7 +52,7 @@ def _simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress meter")
     p.add_argument("--checkpoint", default=None,
-                   help="write the run to this folder decade by decade; continue a killed "
+                   help="write the run to this folder segment by segment; continue a killed "
                    "run with `marginflow resume FOLDER`")
 
 

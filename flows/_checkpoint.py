@@ -20,8 +20,10 @@ import tempfile
 import numpy as np
 
 RUN_FILE = "run.npz"
-# Version 2: segments are ten decades wide after t = 1e10 (version 1: decades throughout).
-_FORMAT = "marginflow.checkpoint/2"
+# Version 3: the state saved at a segment's end is (v, m, I) with v = w ||w||^(L-1), under
+# the key y_v (version 2: y_w held w). Version 2: segments are ten decades wide after
+# t = 1e10 (version 1: decades throughout).
+_FORMAT = "marginflow.checkpoint/3"
 
 
 def atomic_savez(path: str, **arrays) -> None:
@@ -92,7 +94,7 @@ def read_checkpoint(directory: str):
         if isinstance(found, str) and found.startswith("marginflow.checkpoint/"):
             raise ValueError(
                 f"resume: {run_path} has checkpoint format {found!r}, this marginflow reads "
-                f"{_FORMAT!r} (the segment layout changed); rerun it with "
+                f"{_FORMAT!r} (the segment layout or the state changed); rerun it with "
                 "simulate(..., checkpoint=a new folder)."
             )
         raise ValueError(f"resume: {run_path} is not a marginflow checkpoint.")

@@ -128,26 +128,32 @@ def _time(u, log_time):
 # (DecayIMEX, rtol 1e-8, one solve): GD on MLP(4, 8, 2, k=2) 359 steps in w, 233 in v; on
 # DeepLinear(4, 4, 4, 1) 423 and 227, with errors 4e-10 (w) and 1e-10 / 3e-11 (v) against
 # an rtol-1e-13 reference (benchmarks/README.md). The map is O(p) and smooth for w != 0.
+def _safe_norm(x):
+    """||x|| over the last axis (kept), 1 where x = 0: finite values and derivatives there
+    (the double-where keeps NaN out of the gradient an implicit solver's Jacobian takes)."""
+    n2 = jnp.sum(x * x, axis=-1, keepdims=True)
+    return jnp.sqrt(jnp.where(n2 > 0, n2, 1.0))
+
+
 def _w_of_v(v, degree: int):
     if degree == 1:
         return v
-    n = jnp.linalg.norm(v, axis=-1, keepdims=True)
-    return v * jnp.where(n > 0, n, 1.0) ** (1.0 / degree - 1.0)
+    return v * _safe_norm(v) ** (1.0 / degree - 1.0)
 
 
 def _v_of_w(w, degree: int):
     if degree == 1:
         return w
-    return w * jnp.linalg.norm(w, axis=-1, keepdims=True) ** (degree - 1)
+    return w * _safe_norm(w) ** (degree - 1)
 
 
 def _dv(w, dw, degree: int):
     """dv = ||w||^(L-1) (dw + (L-1) <w, dw> / ||w||^2 w), the derivative of v along dw."""
     if degree == 1:
         return dw
-    n2 = jnp.sum(w * w)
-    radial = jnp.dot(w, dw) / jnp.where(n2 > 0, n2, 1.0)
-    return n2 ** (0.5 * (degree - 1)) * (dw + (degree - 1) * radial * w)
+    n = _safe_norm(w)
+    radial = jnp.sum(w * dw, axis=-1, keepdims=True) / n**2
+    return n ** (degree - 1) * (dw + (degree - 1) * radial * w)
 
 
 def _fields(u, y, args):
@@ -443,7 +449,8 @@ def simulate(
         t1, t0: end and start time, 0 <= t0 < t1 <= 1e300.
         n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
         solver: a diffrax solver; None picks `default_solver(flow, p)`.
-        rtol, atol: the step-size controller's tolerances.
+        rtol, atol: the step-size controller's tolerances, on the integrated state (v, m)
+            with v = w ||w||^(L-1) (relative errors of v and w agree within a factor L).
         max_steps: the most solver steps per segment (a decade of t up to 1e10, ten decades
             after; `stats["segment_ends"]` lists them).
         progress: a tqdm meter over the segments (decades of t, ten decades after 1e10).
@@ -617,7 +624,7 @@ def simulate(
             per_segment_steps.append(np.asarray(header["steps"]))
             result, message = header["result"], header["message"]
         arrays = _resume[-1][1]
-        y = tuple(jnp.asarray(arrays[k], dtype) for k in ("y_w", "y_m", "y_I"))
+        y = tuple(jnp.asarray(arrays[k], dtype) for k in ("y_v", "y_m", "y_I"))
         leaves, treedef = jax.tree.flatten(state)
         saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
         if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
@@ -717,7 +724,7 @@ def simulate(
                  "rejected": np.asarray(nr).tolist()},
                 ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in
                                         ("w", "m", "I", "log_loss", "h")},
-                y_w=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
+                y_v=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
                 **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
             )
         if bar is not None:
@@ -751,7 +758,7 @@ def simulate(
             # steps of segment k, which ends at t = segment_ends[k] (decades up to 1e10, ten
             # decades after); per member for a batch: (segments, B)
             "num_steps_per_segment": _plain_nested(per_segment_steps, n_batch if batch else 0),
-            "segment_ends": [float(b) for b in bounds[1 : len(per_segment_steps) + 1]],
+            "segment_ends": tuple(float(b) for b in bounds[1 : len(per_segment_steps) + 1]),
         },
         result=result,
         message=message,

@@ -19,15 +19,16 @@ import optimistix as optx
 
 
 def wm_norm(y):
-    """RMS norm of the (w, m) part of the state (w, m, I).
+    """RMS norm of the (v, m) part of the state (v, m, I), v = w ||w||^(L-1).
 
-    Error control on (w, m) only. I(t) is a quadrature driven by the state: its rate
+    Error control on (v, m) only (relative errors of v and w agree within a factor L; an
+    atol on v is atol ||w||^(1-L) on w). I(t) is a quadrature driven by the state: its rate
     contains 1/(eps + m) and m c'(t)/c(t)^2 (Adam), so trial stages with m off by the
     tolerance give huge rates and would stall the controller, while its value is only
-    used after separation, where it inherits the accuracy of (w, m).
+    used after separation, where it inherits the accuracy of (v, m).
     """
-    w, m, _ = y
-    return optx.rms_norm((w, m))
+    v, m, _ = y
+    return optx.rms_norm((v, m))
 
 
 # --------------------------------------------------------------- the stiff part
@@ -54,9 +55,9 @@ def is_imex(solver) -> bool:
 class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
     """diffrax's PIDController that also carries its proposed next step size in its state.
 
-    `simulate` integrates one decade per diffeqsolve call. diffrax carries the PID error
+    `simulate` integrates one segment per diffeqsolve call. diffrax carries the PID error
     history across calls but, given a controller state and dt0=None, re-guesses the first
-    step of every call (two more field evaluations and a cold start per decade). This
+    step of every call (two more field evaluations and a cold start per segment). This
     wrapper stores the last proposal so the next segment starts with dt0 = that proposal.
     """
 
@@ -114,10 +115,10 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
 
     Measured (2-core CPU, eps 1e-5, b 0.9, rtol 1e-8, atol 1e-12; state v = w ||w||^(L-1),
     segments ten decades wide after 1e10; steps to 1e5 / to 1e100; tables in README.md):
-    toy: GD 1400 / 1595, AdaGrad 1842 / 2085, RMSProp 1840 / 2039, Adam 1574 / 1766
+    toy: GD 1287 / 1485, AdaGrad 1781 / 2024, RMSProp 1837 / 2037, Adam 1640 / 1824
     (ratio 1.1; all four also reach 1e300); MLP(4, 8, 2, k=2) and DeepLinear(4,4,4,1):
-    ratios 1.53-1.95 for RMSProp, Adam and AdaGrad on the MLP; over 2.5 for GD (MLP 2.81,
-    deep linear 2.74) and for AdaGrad on the deep linear net (3.18). GD's transient to 1e5
+    ratios 1.53-1.93 for RMSProp, Adam and AdaGrad on the MLP; over 2.5 for GD (MLP 2.79,
+    deep linear 2.70) and for AdaGrad on the deep linear net (3.18). GD's transient to 1e5
     is short (139-144 steps) and its late decades take 1.5-4 steps each; AdaGrad's take
     about 14, its conditioner staying large on coordinates with small gradients
     (benchmarks/README.md, benchmarks/late_phase.py).

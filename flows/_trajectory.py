@@ -12,6 +12,15 @@ import numpy as np
 from ._checkpoint import atomic_savez
 
 
+def _member_stat(key: str, value, b: int):
+    """Member b's value of a batched run's statistic (shared ones returned as they are)."""
+    if key == "num_steps_per_segment":
+        return tuple(row[b] for row in value)  # (segments, B) -> (segments,)
+    if key == "segment_ends" or np.ndim(value) == 0:
+        return value
+    return np.asarray(value)[b].item()
+
+
 class Trajectory(eqx.Module):
     """A run saved at times `ts` (flow time; t = k * eta for a discrete run).
 
@@ -22,8 +31,9 @@ class Trajectory(eqx.Module):
     - log_loss (n,): log L(w(t));
     - I (n,): the integral I(t) = int_{t0}^t sum_i (-1/2 d log h_i/ds)_+ ds of the paper's
       Lemma 3, integrated with the flow (NaN for discrete runs);
-    - stats: solver statistics (num_steps, num_accepted_steps, num_rejected_steps,
-      num_segments);
+    - stats: solver statistics (num_steps, num_accepted_steps, num_rejected_steps: per
+      member in a batch; num_segments; num_steps_per_segment: (segments,) or
+      (segments, B); segment_ends: the t at which each segment ends);
     - result: "successful" or why the run stopped (e.g. "max_steps_reached"); message: the
       reason in words and what to change;
     - meta: flow / optimiser and hyper-parameters, loss, model spec and degree, data
@@ -71,8 +81,7 @@ class Trajectory(eqx.Module):
             conditioner=self.conditioner[b],
             log_loss=self.log_loss[b],
             I=self.I[b],
-            stats={k: (np.asarray(v)[b].item() if np.ndim(v) else v)
-                   for k, v in self.stats.items()},
+            stats={k: _member_stat(k, v, b) for k, v in self.stats.items()},
             result=self.result,
             message=self.message,
             meta=self.meta,

@@ -1,6 +1,6 @@
 """Checkpoint and resume under SIGKILL (issue 7).
 
-A child process runs a long `simulate(..., checkpoint=DIR)` (t1 = 1e300: ~300 decades, one
+A child process runs a long `simulate(..., checkpoint=DIR)` (t1 = 1e300: 40 segments, one
 file each) or a long discrete `run(..., checkpoint=DIR)` (200 files), and is killed with
 SIGKILL once a random number of segment files exists (plus a random delay); a second child
 resumes and is killed again, twice; then `resume` / `resume_run` completes the run. Every
@@ -78,7 +78,7 @@ def _assert_only_complete_files(directory, kind):
     # removes hidden temporary files of a killed writer.
     header, arrays, segments = read_checkpoint(directory)
     assert {"w0", "X", "y"} <= set(arrays)
-    expected = ({"ts", "w", "m", "I", "log_loss", "h", "y_w", "y_m", "y_I"} if kind == "flow"
+    expected = ({"ts", "w", "m", "I", "log_loss", "h", "y_v", "y_m", "y_I"} if kind == "flow"
                 else {"w", "m", "h", "log_loss", "n_carry", "carry_0"})
     for _, seg in segments:
         assert expected <= set(seg)

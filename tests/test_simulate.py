@@ -147,6 +147,34 @@ def test_batch_equals_individual_runs(toy):
         single = simulate(flow, Linear(2, key=k), toy, 1e3, n_save=20)
         # vmapped adaptive solves take the union of steps, so they differ at tolerance level.
         np.testing.assert_allclose(batch.w[i], single.w, rtol=1e-6, atol=1e-8)
+        # member(i): the member's arrays and statistics; the segment ends are shared.
+        one = batch.member(i)
+        np.testing.assert_array_equal(one.w, batch.w[i])
+        assert one.stats["num_steps"] == batch.stats["num_steps"][i]
+        assert sum(one.stats["num_steps_per_segment"]) == one.stats["num_steps"]
+        assert one.stats["segment_ends"] == batch.stats["segment_ends"] == (1.0, 10.0, 100.0, 1e3)
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_state_variable_v_and_its_derivative(degree):
+    # simulate integrates v = w ||w||^(L-1): check the map, its inverse and dv against
+    # JAX's own derivative of the map, on a batch of 4 rows and on one row.
+    import jax.numpy as jnp
+    from marginflow.flows._simulate import _dv, _v_of_w, _w_of_v
+
+    rng = np.random.default_rng(degree)
+    w = jnp.asarray(rng.normal(size=(4, 5)))
+    v = _v_of_w(w, degree)
+    norms = np.linalg.norm(np.asarray(w), axis=-1)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(v), axis=-1), norms**degree, rtol=1e-14)
+    np.testing.assert_allclose(_w_of_v(v, degree), w, rtol=1e-14)
+    dw = jnp.asarray(rng.normal(size=5))
+    _, expected = jax.jvp(lambda x: _v_of_w(x, degree), (w[0],), (dw,))
+    np.testing.assert_allclose(_dv(w[0], dw, degree), expected, rtol=1e-13)
+    # At w = 0 the maps and their Jacobians stay finite (an implicit solver may take one).
+    zero = jnp.zeros(5)
+    for fn in (_v_of_w, _w_of_v):
+        assert np.all(np.isfinite(jax.jacfwd(lambda x, fn=fn: fn(x, degree))(zero)))
 
 
 @pytest.mark.parametrize(
