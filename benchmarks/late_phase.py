@@ -1,7 +1,7 @@
-"""The late phase t = 1e5 -> 1e100 of the three runs over issue 5's step-ratio bound.
+"""The late phase t = 1e5 -> 1e100 of the three runs that were over issue 5's step-ratio bound.
 
 The runs are GD on MLP(4, 8, 2, k=2) and on DeepLinear(4, 4, 4, 1), and AdaGrad on the deep
-linear net (over 2.5 before and after `simulate` moved to the state v). The models and
+linear net (over 2.5 until `simulate` used Dopri8 from 1e10 for them). The models and
 data are those of tests/test_long_horizon.py, with rtol 1e-8.
 
 Each run starts from `simulate`'s state at t = 1e5 and is integrated to t = 1e100 with:
@@ -15,8 +15,8 @@ Each run starts from `simulate`'s state at t = 1e5 and is integrated to t = 1e10
 
 For each one the script prints the steps, the rejected steps, the wall time after
 compilation (median of 3; a single timing for runs over 1 s), the relative error of w at
-1e100 against a Dopri8 rtol-1e-13 reference, and the ratio that `simulate` would have:
-(steps to 1e5 + late steps) / steps to 1e5.
+1e100 against a Dopri8 rtol-1e-13 reference, and the ratio that `simulate` would have with
+that late phase from 1e5: (steps to 1e5 + late steps) / steps to 1e5.
 Run: python benchmarks/late_phase.py
 """
 

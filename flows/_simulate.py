@@ -31,6 +31,7 @@ from ._solvers import (
     default_controller,
     default_solver,
     is_imex,
+    late_solver,
     solver_name,
 )
 from ._threads import map_chunks
@@ -243,6 +244,17 @@ def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
 
 
 @eqx.filter_jit
+def _restart(flow, objective, y, u_start, log_time, solver, state):
+    """`state` with the solver's own state made anew for `solver` at y (a solver switch).
+
+    The controller's state (error history, proposed step) carries over unchanged."""
+    args = (flow, objective, decay_rate(flow).astype(u_start.dtype), log_time)
+    controller_state, _ = state
+    u_next = u_start + controller_state[1]
+    return controller_state, solver.init(_terms(solver), u_start, u_next, y, args)
+
+
+@eqx.filter_jit
 def _segment(
     flow, objective, y0, u_start, u_end, log_time, save_us, solver, controller, max_steps, state
 ):
@@ -297,6 +309,8 @@ def _segment(
 # Python round trip each) on clipping; the first ten decades hold the transients measured.
 _DECADE_SEGMENTS_UNTIL = 10
 _LATE_SEGMENT_DECADES = 10
+# From here on the default solver is `late_solver(flow)` (Dopri8 for GD and AdaGrad).
+_LATE_T = 10.0**_DECADE_SEGMENTS_UNTIL
 
 
 def _segment_bounds(t0: float, t1: float) -> list[float]:
@@ -448,7 +462,8 @@ def simulate(
             "cross_entropy" (default, multi-class).
         t1, t0: end and start time, 0 <= t0 < t1 <= 1e300.
         n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
-        solver: a diffrax solver; None picks `default_solver(flow, p)`.
+        solver: a diffrax solver, used throughout; None picks `default_solver(flow, p)`,
+            and from t = 1e10 on `late_solver(flow, p)` (Dopri8 for GD and AdaGrad).
         rtol, atol: the step-size controller's tolerances, on the integrated state (v, m)
             with v = w ||w||^(L-1) (relative errors of v and w agree within a factor L).
         max_steps: the most solver steps per segment (a decade of t up to 1e10, ten decades
@@ -475,7 +490,8 @@ def simulate(
     How (MATH.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
     m-equation's decay (rate (1 - b) t in u) is the only stiff part and `default_solver`
-    treats it implicitly, exactly and in O(p). t * grad L is formed as
+    treats it implicitly, exactly and in O(p); flows without that decay (GD, AdaGrad) go
+    on with the explicit Dopri8 from t = 1e10. t * grad L is formed as
     exp(log L + log t) * grad log L, so nothing underflows up to t = 1e300.
 
     Example:
@@ -515,6 +531,9 @@ def simulate(
     solver_is_default = solver is None
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
+        late = late_solver(flow, p)
+    else:
+        late = solver
     controller = default_controller(rtol, atol)
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
@@ -564,8 +583,9 @@ def simulate(
     width = max(1, max(len(s) for s in per_segment))
     width = 1 << (width - 1).bit_length()
 
-    seg, start_fn = _segment, _start
+    seg, start_fn, restart_fn = _segment, _start, _restart
     if batch:
+        restart_fn = eqx.filter_vmap(_restart, in_axes=(None, None, 0, None, None, None, 0))
         seg = eqx.filter_vmap(
             _segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0)
         )
@@ -591,6 +611,16 @@ def simulate(
     wall_time = 0.0
     bar = _progress_bar(len(bounds) - 1) if progress else None
     begin = time.perf_counter()
+    def solver_of(k):
+        # Segment k's solver: `late` from t = 1e10 on (the same object if not the default).
+        return late if bounds[k] >= _LATE_T else solver
+
+    def switch(k, y, state):
+        # Entering the late phase at segment k: the new solver's state at y.
+        lo = bounds[k]
+        return restart_fn(flow, objective, y, jnp.asarray(np.log(lo), dtype),
+                          jnp.asarray(True), late, state)
+
     first_log = bounds[0] >= 1.0
     state = start_fn(
         flow,
@@ -599,7 +629,7 @@ def simulate(
         jnp.asarray(to_u(bounds[0], first_log), dtype),
         jnp.asarray(to_u(bounds[1], first_log), dtype),
         jnp.asarray(first_log),
-        solver,
+        solver_of(0),
         controller,
     )
     wall_time += time.perf_counter() - begin
@@ -625,6 +655,11 @@ def simulate(
             result, message = header["result"], header["message"]
         arrays = _resume[-1][1]
         y = tuple(jnp.asarray(arrays[k], dtype) for k in ("y_v", "y_m", "y_I"))
+        last = len(_resume) - 1
+        if solver_of(last) is not solver_of(0):
+            # The checkpoint was written after the switch: its solver state is the late
+            # solver's (the tree structure the saved leaves are restored into).
+            state = switch(last, y, state)
         leaves, treedef = jax.tree.flatten(state)
         saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
         if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
@@ -644,6 +679,8 @@ def simulate(
             continue
         # t on [t0, 1], log t from t = 1 on (see `_time`).
         log_time = lo >= 1.0
+        if k and solver_of(k) is not solver_of(k - 1):
+            state = switch(k, y, state)
         wanted = per_segment[k]
         pad = np.full(width, hi)
         pad[: len(wanted)] = wanted
@@ -656,7 +693,7 @@ def simulate(
             jnp.asarray(to_u(hi, log_time), dtype),
             jnp.asarray(log_time),
             jnp.asarray(to_u(pad, log_time), dtype),
-            solver,
+            solver_of(k),
             controller,
             max_steps,
             state,
@@ -741,6 +778,8 @@ def simulate(
         cat = {k: v if k == "ts" else v[:n_batch] for k, v in cat.items()}
         steps, accepted, rejected = (np.asarray(x)[:n_batch] for x in (steps, accepted, rejected))
     meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
+    if late is not solver and t1 > _LATE_T:
+        meta["solver"] = f"{solver_name(solver)}, {solver_name(late)} from t = {_LATE_T:.0e}"
     meta["wall_time_s"] = wall_time  # includes compilation on a first call
     meta["devices"] = len(devices)
     traj = Trajectory(

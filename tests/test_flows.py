@@ -49,7 +49,9 @@ def make(name, eps, b, correction="paper", conditioner="eps_inside"):
     g=vectors,
     t=st.floats(0.01, 50.0),
     eps=st.floats(1e-8, 1.0),
-    b=st.floats(0.0, 0.999),
+    # No subnormal b: XLA on CPU flushes it to 0, so b^t of b = 2e-309 is 0 there and
+    # 2e-10 in numpy (found by hypothesis; a decay rate of 1 - 2e-309 is not a use case).
+    b=st.floats(0.0, 0.999, allow_subnormal=False),
     correction=st.sampled_from(["paper", "ema"]),
 )
 def test_vector_field_matches_table(name, conditioner, w, m, g, t, eps, b, correction):
