@@ -10,4 +10,5 @@ from ._simulate import default_save_times as default_save_times
 from ._simulate import resume as resume
 from ._simulate import simulate as simulate
 from ._solvers import default_solver as default_solver
+from ._solvers import late_solver as late_solver
 from ._trajectory import Trajectory as Trajectory

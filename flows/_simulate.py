@@ -230,10 +230,15 @@ def _save_fn(u, y, args):
     return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, jnp.maximum(m, 0.0), g)}
 
 
+def _args(flow, objective, u, log_time):
+    """The fields' `args`: (flow, objective, the decay rate a in u's dtype, log_time)."""
+    return flow, objective, decay_rate(flow).astype(u.dtype), log_time
+
+
 @eqx.filter_jit
 def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
     """The first step size and the initial controller / solver states (no integration)."""
-    args = (flow, objective, decay_rate(flow).astype(u_start.dtype), log_time)
+    args = _args(flow, objective, u_start, log_time)
     terms = _terms(solver)
     controller = controller.wrap(1)
     error_order = solver.error_order(terms)
@@ -248,7 +253,7 @@ def _restart(flow, objective, y, u_start, log_time, solver, state):
     """`state` with the solver's own state made anew for `solver` at y (a solver switch).
 
     The controller's state (error history, proposed step) carries over unchanged."""
-    args = (flow, objective, decay_rate(flow).astype(u_start.dtype), log_time)
+    args = _args(flow, objective, u_start, log_time)
     controller_state, _ = state
     u_next = u_start + controller_state[1]
     return controller_state, solver.init(_terms(solver), u_start, u_next, y, args)
@@ -260,7 +265,7 @@ def _segment(
 ):
     """Integrate one segment [u_start, u_end] in u (t or log t), saving at save_us."""
     controller_state, solver_state = state
-    args = (flow, objective, decay_rate(flow).astype(u_start.dtype), log_time)
+    args = _args(flow, objective, u_start, log_time)
     sol = dfx.diffeqsolve(
         _terms(solver),
         solver,
@@ -604,6 +609,16 @@ def simulate(
     def to_u(t, log_time):
         return np.log(t) if log_time else t
 
+    def solver_of(k):
+        # Segment k's solver: `late` from t = 1e10 on (the same object if not the default).
+        return late if bounds[k] >= _LATE_T else solver
+
+    def switch(k, y, state):
+        # Entering the late phase at segment k (t >= 1e10, so u = log t): the new solver's
+        # state at y.
+        return restart_fn(flow, objective, y, jnp.asarray(np.log(bounds[k]), dtype),
+                          jnp.asarray(True), late, state)
+
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "w", "m", "I", "log_loss", "h")}
     steps = accepted = rejected = 0
     per_segment_steps: list[np.ndarray] = []
@@ -611,16 +626,6 @@ def simulate(
     wall_time = 0.0
     bar = _progress_bar(len(bounds) - 1) if progress else None
     begin = time.perf_counter()
-    def solver_of(k):
-        # Segment k's solver: `late` from t = 1e10 on (the same object if not the default).
-        return late if bounds[k] >= _LATE_T else solver
-
-    def switch(k, y, state):
-        # Entering the late phase at segment k: the new solver's state at y.
-        lo = bounds[k]
-        return restart_fn(flow, objective, y, jnp.asarray(np.log(lo), dtype),
-                          jnp.asarray(True), late, state)
-
     first_log = bounds[0] >= 1.0
     state = start_fn(
         flow,

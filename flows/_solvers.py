@@ -38,11 +38,16 @@ def decay_rate(flow) -> jax.Array:
     RMSProp and Adam (w/m): a = 1 - b (MATH.md section 2). GD and AdaGrad have no decay
     (a = 0): their m-equation is not stiff.
     """
-    from ._flow import AdamFlow, RMSPropFlow
-
-    if isinstance(flow, (RMSPropFlow, AdamFlow)):
+    if has_decay(flow):
         return 1.0 - flow.b
     return jnp.zeros((), dtype=jnp.result_type(float))
+
+
+def has_decay(flow) -> bool:
+    """Whether the flow's m-equation has the linear decay -(1 - b) m (RMSProp, Adam)."""
+    from ._flow import AdamFlow, RMSPropFlow
+
+    return isinstance(flow, (RMSPropFlow, AdamFlow))
 
 
 def is_imex(solver) -> bool:
@@ -151,12 +156,9 @@ def late_solver(flow, p: int):
     m-equation decays at the rate (1 - b) t, 1e99 at t = 1e100.
     """
     del p
-    from ._flow import AdamFlow, RMSPropFlow
     from ._imex import DecayIMEX
 
-    if isinstance(flow, (RMSPropFlow, AdamFlow)):
-        return DecayIMEX()
-    return dfx.Dopri8()
+    return DecayIMEX() if has_decay(flow) else dfx.Dopri8()
 
 
 def solver_name(solver) -> str:

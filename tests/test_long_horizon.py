@@ -163,3 +163,17 @@ def test_segments_are_decades_then_ten_decades():
     assert _segment_bounds(0.0, 1e35) == [0.0, *[10.0**k for k in range(11)], 1e20, 1e30, 1e35]
     assert _segment_bounds(5e12, 1e31) == [5e12, 1e20, 1e30, 1e31]
     assert _segment_bounds(0.5, 3.0) == [0.5, 1.0, 3.0]
+
+
+def test_late_solver_per_flow():
+    # The flows whose m-equation decays (rate (1 - b) t in u) keep the IMEX solver that
+    # treats the decay implicitly; GD and AdaGrad, with nothing stiff late, get Dopri8.
+    import diffrax as dfx
+    from marginflow.flows import default_solver, late_solver
+    from marginflow.flows._imex import DecayIMEX
+
+    for name, flow in FLOWS.items():
+        assert isinstance(default_solver(flow, 3), DecayIMEX)
+        late = late_solver(flow, 3)
+        expected = DecayIMEX if name in ("rmsprop", "adam") else dfx.Dopri8
+        assert isinstance(late, expected), (name, late)
