@@ -11,4 +11,5 @@ from ._simulate import resume as resume
 from ._simulate import simulate as simulate
 from ._solvers import default_solver as default_solver
 from ._solvers import late_solver as late_solver
+from ._solvers import newton_solver as newton_solver
 from ._trajectory import Trajectory as Trajectory

@@ -314,7 +314,8 @@ def _segment(
 # Python round trip each) on clipping; the first ten decades hold the transients measured.
 _DECADE_SEGMENTS_UNTIL = 10
 _LATE_SEGMENT_DECADES = 10
-# From here on the default solver is `late_solver(flow)` (Dopri8 for GD and AdaGrad).
+# From here on the default solver is `late_solver(flow, p)` (Dopri8 for GD, Kvaerno5 with
+# Newton for AdaGrad).
 _LATE_T = 10.0**_DECADE_SEGMENTS_UNTIL
 
 
@@ -468,7 +469,8 @@ def simulate(
         t1, t0: end and start time, 0 <= t0 < t1 <= 1e300.
         n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
         solver: a diffrax solver, used throughout; None picks `default_solver(flow, p)`,
-            and from t = 1e10 on `late_solver(flow, p)` (Dopri8 for GD and AdaGrad).
+            and from t = 1e10 on `late_solver(flow, p)` (Dopri8 for GD, Kvaerno5 + Newton
+            for AdaGrad).
         rtol, atol: the step-size controller's tolerances, on the integrated state (v, m)
             with v = w ||w||^(L-1) (relative errors of v and w agree within a factor L).
         max_steps: the most solver steps per segment (a decade of t up to 1e10, ten decades
@@ -495,8 +497,9 @@ def simulate(
     How (MATH.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
     m-equation's decay (rate (1 - b) t in u) is the only stiff part and `default_solver`
-    treats it implicitly, exactly and in O(p); flows without that decay (GD, AdaGrad) go
-    on with the explicit Dopri8 from t = 1e10. t * grad L is formed as
+    treats it implicitly, exactly and in O(p); from t = 1e10 GD goes on with the explicit
+    Dopri8 and AdaGrad, whose frozen conditioner makes fast modes, with Kvaerno5 and a
+    matrix-free Newton-Krylov stage solve (`late_solver`). t * grad L is formed as
     exp(log L + log t) * grad log L, so nothing underflows up to t = 1e300.
 
     Example:
@@ -536,7 +539,7 @@ def simulate(
     solver_is_default = solver is None
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
-        late = late_solver(flow, p)
+        late = late_solver(flow, p, rtol=rtol, dtype=dtype)
     else:
         late = solver
     controller = default_controller(rtol, atol)

@@ -15,6 +15,8 @@ import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
 import optimistix as optx
 
 
@@ -115,16 +117,15 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
     `DecayIMEX` (module `_imex`) treats that decay implicitly and everything else explicitly
     with Kennedy & Carpenter's 5(4) IMEX pair; the implicit stages are diagonal and solved
     by a division, so a step costs 8 gradient evaluations plus O(p): the same solver runs
-    the toy and the CNN's 3.3e6 parameters (Kvaerno5 + Newton formed a dense p x p
+    the toy and the CNN's 3.3e6 parameters (Kvaerno5 + dense Newton formed a p x p
     Jacobian). GD and AdaGrad have no decay; the implicit part is then zero and the
     scheme is the explicit ARK5 method.
 
     Measured (2-core CPU, eps 1e-5, b 0.9, rtol 1e-8, atol 1e-12; state v = w ||w||^(L-1),
     segments ten decades wide after 1e10, `late_solver` from 1e10; steps to 1e5 / to
-    1e100; tables in README.md): toy: GD 1287 / 1401, AdaGrad 1781 / 1920, RMSProp
-    1837 / 2037, Adam 1640 / 1824 (ratio 1.1; all four also reach 1e300); MLP(4, 8, 2, k=2)
-    and DeepLinear(4,4,4,1): ratios 1.52-2.07, except AdaGrad on the deep linear net (2.53),
-    whose conditioner stays large on coordinates with small gradients (benchmarks/README.md,
+    1e100; tables in README.md): toy: GD 1287 / 1401, AdaGrad 1781 / 1883, RMSProp
+    1837 / 2037, Adam 1640 / 1824 (ratios 1.06-1.11; all four also reach 1e300); MLP(4, 8,
+    2, k=2) and DeepLinear(4,4,4,1): ratios 1.37-2.07 (benchmarks/README.md,
     benchmarks/late_phase.py).
     Rejected alternatives, measured:
     - Kvaerno5 + dense Newton in log time: 2155 / 2397 steps, 0.30 s to 1e5, O(p^2) memory;
@@ -143,23 +144,81 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
     return DecayIMEX()
 
 
-def late_solver(flow, p: int):
+# AdaGrad's late Newton solve (`late_solver`) never forms the Newton matrix: it applies it
+# (one JVP of the field each) inside GMRES with a Krylov space of _KRYLOV_DIM vectors: O(p)
+# memory and O(_KRYLOV_DIM p) time per Newton iteration. The late field's stiff part is a
+# handful of fast modes (eigenvalues -15, -5, -1 in u, the rest O(1/u), measured on
+# AdaGrad / DeepLinear(4, 4, 4, 1)), which a small Krylov space holds; an inexact linear
+# solve only slows Newton's contraction (Newton iterates to its own tolerance, and a stage
+# that needs more than diffrax's 10 iterations rejects its step). Measured from 1e10 to
+# 1e100 in one solve (state v, Newton tolerance 1e-8): on the deep linear net an LU solve
+# of the formed matrix and GMRES(5) took the same 66 steps and 911 Newton iterations, on
+# MLP(4, 8, 2, k=2) 101 steps both and 1411 against 1470 iterations, with the same errors
+# against an rtol-1e-13 reference to two digits; GMRES(5) was faster from p = 36 on (49
+# against 62 ms there, 34 against 917 ms at p = 144, the LU solve being O(p^3) per
+# iteration). GMRES(3) needed 29% more iterations on the MLP.
+_KRYLOV_DIM = 5
+
+
+def newton_solver(rtol: float, dtype=jnp.float64) -> dfx.Kvaerno5:
+    """Kvaerno5 (L-stable ESDIRK 5(4)) with a matrix-free Newton-Krylov solve of its stages.
+
+    The stage unknowns are stage derivatives f = dy/du, O(1-10) in u = log t late in
+    training. Newton stops (optimistix's Cauchy test) when its increment is below
+    tol + rtol |f| and its residual below tol, tol = max(rtol, 1e3 machine eps): a residual
+    delta f moves the state by about dt delta f, below the controller's rtol |v| for
+    |v| >~ dt (|v| is 1e2-1e4 late); the floor keeps tol above the rounding of the residual,
+    measured to plateau near 1e-13 in float64 on the deep linear net. Stopped at rtol 1e-11
+    and an absolute 1e-15 instead (measured first: dense Newton, AdaGrad on the deep linear
+    net from 1e10 to 1e100 in the state v), Newton mostly failed to converge, each failure
+    rejected the step, and the solver took 26300 steps (13445 rejected); at 1e-9 and 1e-9,
+    66 steps, none rejected.
+    """
+    tol = max(float(rtol), 1e3 * float(np.finfo(dtype).eps))
+    # rtol = atol = 0: exactly one cycle of _KRYLOV_DIM Arnoldi vectors (max_steps=2:
+    # lineax's first pass only forms the residual), reported as converged; a Krylov space
+    # that closes early gives the exact solution (checked in tests/test_long_horizon.py).
+    linear = lx.GMRES(rtol=0.0, atol=0.0, restart=_KRYLOV_DIM, max_steps=2)
+    return dfx.Kvaerno5(root_finder=optx.Newton(rtol=rtol, atol=tol, linear_solver=linear))
+
+
+def late_solver(flow, p: int, *, rtol: float = 1e-8, dtype=jnp.float64):
     """The default solver from t = 1e10 on (`simulate`'s ten-decade segments).
 
-    Flows without a decay of m (GD, AdaGrad): diffrax's Dopri8. Late in training their
-    field is smooth and explicit (no stiff part to treat implicitly), and the 8th-order pair
-    takes longer steps: measured from 1e5 to 1e100 in the state v (benchmarks/late_phase.py),
-    109 / 123 / 854 steps against DecayIMEX's 233 / 227 / 1317 (GD on MLP(4, 8, 2, k=2), GD
-    and AdaGrad on DeepLinear(4, 4, 4, 1)), at equal or smaller errors, 10-25% faster for GD
-    after compilation. The price is a second compiled solver: about 1.75 s, once per process
-    and model shape, for a run that goes past 1e10. RMSProp and Adam keep `DecayIMEX`: their
-    m-equation decays at the rate (1 - b) t, 1e99 at t = 1e100.
+    - RMSProp and Adam keep `DecayIMEX`: their m-equation decays at the rate (1 - b) t,
+      1e99 at t = 1e100, which it treats implicitly.
+    - GD: diffrax's Dopri8. Late in training its field is smooth and not stiff (Jacobian
+      eigenvalues -2, -1 and O(1/u) in u, measured on DeepLinear(4, 4, 4, 1)), and the 8th-
+      order pair takes long steps: measured from 1e5 to 1e100 in the state v
+      (benchmarks/late_phase.py), 109 / 123 steps against DecayIMEX's 233 / 227 (MLP(4, 8,
+      2, k=2), DeepLinear(4, 4, 4, 1)), at equal or smaller errors.
+    - AdaGrad: Kvaerno5 with Newton-Krylov (`newton_solver`, O(p) per iteration). Its
+      conditioner h = (eps + m)^(-1/2) freezes as m converges and stays large (up to
+      eps^(-1/2)) on coordinates whose gradients were always small: those directions become
+      fast modes of the late field (eigenvalues -15 and -5 in u on the deep linear net,
+      against GD's -2), which bound an explicit method's step: from 1e10 to 1e100 in one
+      solve Dopri8 took 783 steps there, this solver 66. A Newton iteration costs about 8
+      field evaluations, so in wall time the implicit late phase is slower: 1.8x on the deep
+      linear net, 8.5-10.6x on MLPs with p = 144 to 20200 whose late fields are barely stiff
+      (benchmarks/late_phase.py); `solver=diffrax.Dopri8()` runs explicit throughout.
+    The price of a switch is a second compiled solver, once per process and model shape,
+    for a run that goes past 1e10.
     """
-    del p
+    del p  # one O(p) solver per flow fits every size
+    from ._flow import AdaGradFlow
     from ._imex import DecayIMEX
 
-    return DecayIMEX() if has_decay(flow) else dfx.Dopri8()
+    if has_decay(flow):
+        return DecayIMEX()
+    if isinstance(flow, AdaGradFlow):
+        return newton_solver(rtol, dtype)
+    return dfx.Dopri8()
 
 
 def solver_name(solver) -> str:
-    return type(solver).__name__
+    """The solver's class; for a Newton-Krylov one also its Krylov dimension."""
+    name = type(solver).__name__
+    newton = getattr(solver, "root_finder", None)
+    if isinstance(newton, optx.Newton) and isinstance(newton.linear_solver, lx.GMRES):
+        name += f" + Newton-Krylov (GMRES({newton.linear_solver.restart}))"
+    return name

@@ -171,26 +171,30 @@ def test_batched_resume_keeps_the_thread_chunking(tmp_path, workers):
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_resume_across_the_late_solver_switch(tmp_path, batch):
-    """GD switches to its late solver (Dopri8) at t = 1e10, the start of the ten-decade
-    segments, where the solver's own state is made anew. Resume from a checkpoint that
-    ends before the switch (segment [1e9, 1e10]) and from one that ends after it
-    ([1e10, 1e20]): both must equal the uninterrupted run bitwise."""
+@pytest.mark.parametrize("flow_name", ["gd", "adagrad"])
+def test_resume_across_the_late_solver_switch(tmp_path, batch, flow_name):
+    """GD and AdaGrad switch to their late solvers (Dopri8; Kvaerno5 + Newton-Krylov) at
+    t = 1e10, the start of the ten-decade segments, where the solver's own state is made
+    anew. Resume from a checkpoint that ends before the switch (segment [1e9, 1e10]) and
+    from one that ends after it ([1e10, 1e20]): both must equal the uninterrupted run
+    bitwise."""
     import equinox as eqx
-    from marginflow.flows import GradientFlow
+    from marginflow.flows import AdaGradFlow, GradientFlow
 
     if batch:
         model = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(6), 3))
     else:
         model = ToyLeaky(key=jax.random.key(6))
-    flow, data = GradientFlow(), toy_dataset(0)
+    flow = GradientFlow() if flow_name == "gd" else AdaGradFlow(1e-5)
+    late = "Dopri8" if flow_name == "gd" else "Kvaerno5 + Newton-Krylov (GMRES(5))"
+    data = toy_dataset(0)
     full = None
     for keep in (11, 12):  # segments 0..10 end at 1e10; segment 11 is [1e10, 1e20]
         d = str(tmp_path / f"ck{keep}")
         run_ = simulate(flow, model, data, 1e40, batch=batch, workers=1, checkpoint=d)
         full = run_ if full is None else full
         assert run_.stats["segment_ends"][keep - 1] == (1e10 if keep == 11 else 1e20)
-        assert "Dopri8 from t = 1e+10" in run_.meta["solver"]
+        assert f"{late} from t = 1e+10" in run_.meta["solver"]
         k = keep
         while os.path.exists(os.path.join(d, f"segment_{k:05d}.npz")):
             os.remove(os.path.join(d, f"segment_{k:05d}.npz"))
