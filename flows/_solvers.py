@@ -150,29 +150,32 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
 # handful of fast modes (eigenvalues -15, -5, -1 in u, the rest O(1/u), measured on
 # AdaGrad / DeepLinear(4, 4, 4, 1)), which a small Krylov space holds; an inexact linear
 # solve only slows Newton's contraction (Newton iterates to its own tolerance, and a stage
-# that needs more than diffrax's 10 iterations rejects its step). Measured from 1e10 to
-# 1e100 in one solve (state v, Newton tolerance 1e-8): on the deep linear net an LU solve
-# of the formed matrix and GMRES(5) took the same 66 steps and 911 Newton iterations, on
-# MLP(4, 8, 2, k=2) 101 steps both and 1411 against 1470 iterations, with the same errors
-# against an rtol-1e-13 reference to two digits; GMRES(5) was faster from p = 36 on (49
-# against 62 ms there, 34 against 917 ms at p = 144, the LU solve being O(p^3) per
-# iteration). GMRES(3) needed 29% more iterations on the MLP.
+# that needs more than diffrax's 10 iterations rejects its step). Measured from 1e5 to
+# 1e100 (benchmarks/late_phase.py, state v): an LU solve of the formed matrix and GMRES(5)
+# took the same steps (70 and 74 for GD on the MLP and the deep linear net, 87 and 132 for
+# AdaGrad) with the same errors at 1e100, and GMRES(5) was faster in every case (e.g. 77.6
+# against 85.9 ms on the deep linear AdaGrad run, p = 36); the LU solve is O(p^3) per
+# iteration and O(p^2) in memory.
 _KRYLOV_DIM = 5
 
 
 def newton_solver(rtol: float, dtype=jnp.float64) -> dfx.Kvaerno5:
     """Kvaerno5 (L-stable ESDIRK 5(4)) with a matrix-free Newton-Krylov solve of its stages.
 
-    The stage unknowns are stage derivatives f = dy/du, O(1-10) in u = log t late in
+    Stage i solves f_i = F(u_0 + c_i dt, y_0 + dt sum_{j<i} a_ij f_j + dt gamma f_i) for the
+    stage derivative f_i (gamma = a_ii); Newton's update d solves (I - dt gamma J) d = -r,
+    J = dF/dy, r the residual, and GMRES minimises |(I - dt gamma J) d + r| over
+    span{r, A r, ..., A^4 r}, A = I - dt gamma J, each A x one JVP of F.
+    The stage derivatives f = dy/du are O(1-10) in u = log t late in
     training. Newton stops (optimistix's Cauchy test) when its increment is below
     tol + rtol |f| and its residual below tol, tol = max(rtol, 1e3 machine eps): a residual
     delta f moves the state by about dt delta f, below the controller's rtol |v| for
     |v| >~ dt (|v| is 1e2-1e4 late); the floor keeps tol above the rounding of the residual,
-    measured to plateau near 1e-13 in float64 on the deep linear net. Stopped at rtol 1e-11
-    and an absolute 1e-15 instead (measured first: dense Newton, AdaGrad on the deep linear
-    net from 1e10 to 1e100 in the state v), Newton mostly failed to converge, each failure
-    rejected the step, and the solver took 26300 steps (13445 rejected); at 1e-9 and 1e-9,
-    66 steps, none rejected.
+    seen to plateau near 1e-13 in float64 in a one-off check on the deep linear net. Stopped
+    at rtol 1e-11 and an absolute 1e-15 instead (the set-up first measured here), Newton
+    mostly fails to converge and each failure rejects the step: with a dense Newton from
+    1e5 to 1e100 (benchmarks/late_phase.py), AdaGrad on the deep linear net took 27732 steps
+    (14107 rejected) against 87 (none) at these tolerances.
     """
     tol = max(float(rtol), 1e3 * float(np.finfo(dtype).eps))
     # rtol = atol = 0: exactly one cycle of _KRYLOV_DIM Arnoldi vectors (max_steps=2:
@@ -196,10 +199,10 @@ def late_solver(flow, p: int, *, rtol: float = 1e-8, dtype=jnp.float64):
       conditioner h = (eps + m)^(-1/2) freezes as m converges and stays large (up to
       eps^(-1/2)) on coordinates whose gradients were always small: those directions become
       fast modes of the late field (eigenvalues -15 and -5 in u on the deep linear net,
-      against GD's -2), which bound an explicit method's step: from 1e10 to 1e100 in one
-      solve Dopri8 took 783 steps there, this solver 66. A Newton iteration costs about 8
-      field evaluations, so in wall time the implicit late phase is slower: 1.8x on the deep
-      linear net, 8.5-10.6x on MLPs with p = 144 to 20200 whose late fields are barely stiff
+      against GD's -2), which bound an explicit method's step: from 1e5 to 1e100 in one
+      solve Dopri8 took 854 steps there, this solver 87. A Newton iteration costs about 8
+      field evaluations, so in wall time the implicit late phase is slower: 1.7x on the deep
+      linear net, 8.3-10.9x on MLPs with p = 144 to 20200 whose late fields are barely stiff
       (benchmarks/late_phase.py); `solver=diffrax.Dopri8()` runs explicit throughout.
     The price of a switch is a second compiled solver, once per process and model shape,
     for a run that goes past 1e10.
