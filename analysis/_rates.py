@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import numpy as np
 
+from ..models._base import check_real_type
 from ._common import NotSeparatedError, check_trajectory, not_separated_message, separation_index
 
 
@@ -41,6 +42,9 @@ def rate_fit(traj, *, t_min: float | None = None, t_max: float | None = None) ->
         than 3 saves or does not lie in t > e (log t > 1).
     """
     where = "rate_fit"
+    for name, value, example in (("t_min", t_min, "1e3"), ("t_max", t_max, "1e6")):
+        if value is not None:
+            check_real_type(value, name, where, example)
     check_trajectory(traj, where)
     if traj.batched:
         raise ValueError(f"{where}: needs one run, got a batched trajectory; pass traj.member(b).")

@@ -31,6 +31,7 @@ import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
 from ..flows._flow import _is_concrete
+from ..models._base import check_real_type
 
 _CONVENTIONS = ("paper", "pytorch")
 
@@ -45,10 +46,16 @@ _DEFAULTS = {
 }
 
 
+_EXAMPLES = {"lr": "0.1", "eps": "1e-5", "b": "0.9", "b2": "0.9", "b1": "0.9",
+             "momentum": "0.9"}
+
+
 def _real(x, name: str, where: str):
-    if isinstance(x, bool) or isinstance(x, str):
-        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.")
-    return jnp.asarray(x, dtype=float)
+    check_real_type(x, name, where, _EXAMPLES.get(name, "0.1"))
+    try:
+        return jnp.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
 
 
 def _check_positive(x, name: str, where: str, hint: str):

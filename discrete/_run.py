@@ -23,6 +23,7 @@ from ..flows._simulate import _check_params, _is_model, raise_if_failed
 from ..flows._threads import map_chunks
 from ..flows._threads import n_workers as n_threads
 from ..models import Objective
+from ..models._homogeneity import check_homogeneous
 from ..models._objective import initial_point
 from ._optimizers import AbstractOptimizer
 
@@ -89,29 +90,6 @@ def _check_batched(model):
         raise ValueError(
             f"run: batch=True needs parameters with a leading batch axis, got shapes {got} for "
             f"a model whose parameters have shapes {want}; {fix}."
-        )
-
-
-@eqx.filter_jit
-def _homogeneity_error(objective: Objective, w):
-    n = min(8, objective.data.X.shape[0])
-    small = eqx.tree_at(lambda o: (o.data.X, o.data.y), objective,
-                        (objective.data.X[:n], objective.data.y[:n]))
-    a, b = small.outputs(w), small.outputs(2.0 * w)
-    power = 2.0**objective.degree
-    scale = jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(a)) * power + 1e-300
-    return jnp.max(jnp.abs(b - power * a)) / scale
-
-
-def _check_homogeneous(objective: Objective):
-    """simulate's entry check Phi(2w; x) = 2^L Phi(w; x) on a few samples, compiled: run is
-    called in sweeps, where the op-by-op version cost 2/3 of a short run's wall time."""
-    err = float(_homogeneity_error(objective, objective.w0()))
-    if err > 1e-8:
-        raise ValueError(
-            f"run: the model is not homogeneous of the degree it claims "
-            f"(degree = {objective.degree}): Phi(2w) differs from 2^L Phi(w) by {err:.2e} "
-            "relative; remove biases and non-homogeneous activations, or fix `degree`."
         )
 
 
@@ -278,7 +256,7 @@ def run(
     if batch and w0.ndim != 2:
         raise ValueError("run: batch=True needs parameters with a leading batch axis.")
     _check_params(w0, "run")
-    _check_homogeneous(objective)
+    check_homogeneous(objective, w0, "run")  # compiled: run is called in sweeps
 
     w0 = jnp.asarray(w0, dtype=dtype)
     if dtype == jnp.float32:  # the data too, or every step would promote back to float64

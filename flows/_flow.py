@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ..models._base import check_real_type
+
 _CONVENTIONS = ("eps_inside", "eps_outside")
 
 
@@ -35,7 +37,8 @@ def _is_concrete(x) -> bool:
         return False
 
 
-def _as_float_array(x, name: str, where: str):
+def _as_float_array(x, name: str, where: str, example: str):
+    check_real_type(x, name, where, example)
     try:
         v = np.asarray(x, dtype=float)
     except (TypeError, ValueError):
@@ -52,7 +55,7 @@ def _as_float_array(x, name: str, where: str):
 
 def check_eps(eps, where: str):
     if _is_concrete(eps):
-        e = _as_float_array(eps, "eps", where)
+        e = _as_float_array(eps, "eps", where, "1e-5")
         if not np.all(np.isfinite(e)) or np.any(e <= 0):
             raise ValueError(
                 f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
@@ -63,7 +66,7 @@ def check_eps(eps, where: str):
 
 def check_b(b, where: str):
     if _is_concrete(b):
-        v = _as_float_array(b, "b", where)
+        v = _as_float_array(b, "b", where, "0.9")
         if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
             raise ValueError(
                 f"{where}: `b` must be in [0, 1), got {b!r}; the paper uses b = 0.9 "

@@ -47,6 +47,25 @@ def check_positive_int(value, name: str, where: str) -> int:
     return int(value)
 
 
+def check_real_type(x, name: str, where: str, example: str) -> None:
+    """TypeError if a real number is expected but `x` is a bool or a string (or an array of
+    them): float(True) and np.asarray("1e6", float) would otherwise accept them silently."""
+    try:
+        kind = None if isinstance(x, type) else np.dtype(getattr(x, "dtype", None)).kind
+    except TypeError:  # no dtype, or one numpy does not know (a PRNG key)
+        kind = None
+    if isinstance(x, (bool, np.bool_)) or kind == "b":
+        what = "a bool"
+    elif isinstance(x, (str, bytes)) or kind in ("U", "S"):
+        what = "a string"
+    else:
+        return
+    raise TypeError(
+        f"{where}: `{name}` must be a real number, got {x!r} ({what}); pass a float such as "
+        f"{name}={example}."
+    )
+
+
 def model_registry() -> dict[str, type]:
     from ._cnn import CNN
     from ._linear import DeepLinear, Linear
