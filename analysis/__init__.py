@@ -17,6 +17,7 @@ from ._references import ToyMaxMargin as ToyMaxMargin
 from ._references import angle as angle
 from ._references import max_margin_linear as max_margin_linear
 from ._references import toy_max_margin as toy_max_margin
+from ._separability import linearly_separable as linearly_separable
 from ._surrogate import Lemma3Terms as Lemma3Terms
 from ._surrogate import MonotoneQuantity as MonotoneQuantity
 from ._surrogate import SurrogateMargin as SurrogateMargin

@@ -159,8 +159,12 @@ def separation_index(g_value: np.ndarray, q_min: np.ndarray | None = None) -> in
 
 def not_separated_message(where: str, traj=None) -> str:
     reached = "" if traj is None else f" (the run reached t = {float(traj.ts[-1]):.3g})"
+    if traj is not None and traj.result == "not_separable":
+        # simulate's exact LP check already decided it: no t1 helps.
+        advice = "This model does not separate the data at all (traj.message says why)."
+    else:
+        advice = "Run longer (larger t1) or check that the data is separable by this model."
     return (
         f"{where}: the run never separates the data: g(log 1/L) > 0 (equivalently all "
-        f"q_i > 0, MATH.md section 1) fails at its last save{reached}. Run longer (larger "
-        "t1) or check that the data is separable by this model."
+        f"q_i > 0, MATH.md section 1) fails at its last save{reached}. {advice}"
     )

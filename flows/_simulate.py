@@ -22,10 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import Objective
+from ..models._base import check_real_type
+from ..models._homogeneity import check_homogeneous
 from ..models._objective import initial_point
 from . import _checkpoint as ckpt
 from ._flow import AbstractFlow
 from ._imex import DecayIMEX
+from ._separation import separation_verdict
 from ._solvers import (
     decay_rate,
     default_controller,
@@ -342,7 +345,8 @@ def default_save_times(t0: float, t1: float, n_save: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- validation
-def _check_number(x, name: str, rule: str, ok) -> float:
+def _check_number(x, name: str, rule: str, ok, example: str) -> float:
+    check_real_type(x, name, "simulate", example)
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -358,8 +362,9 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
             "simulate: `flow` must be a marginflow flow (GradientFlow(), AdaGradFlow(eps), "
             f"RMSPropFlow(eps, b), AdamFlow(eps, b)), got {type(flow).__name__}."
         )
-    t0 = _check_number(t0, "t0", "must be finite and >= 0", lambda v: math.isfinite(v) and v >= 0)
-    t1 = _check_number(t1, "t1", "must be finite", math.isfinite)
+    t0 = _check_number(t0, "t0", "must be finite and >= 0",
+                       lambda v: math.isfinite(v) and v >= 0, "0.0")
+    t1 = _check_number(t1, "t1", "must be finite", math.isfinite, "1e6")
     if not t1 > t0:
         raise ValueError(
             f"simulate: `t1` must be greater than `t0`, got t0 = {t0!r}, t1 = {t1!r}; "
@@ -367,8 +372,9 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
         )
     if t1 > 1e300:
         raise ValueError(f"simulate: `t1` must be <= 1e300 (float64 time axis), got {t1!r}.")
-    rtol = _check_number(rtol, "rtol", "must be in (0, 1)", lambda v: 0 < v < 1)
-    atol = _check_number(atol, "atol", "must be > 0", lambda v: math.isfinite(v) and v > 0)
+    rtol = _check_number(rtol, "rtol", "must be in (0, 1)", lambda v: 0 < v < 1, "1e-8")
+    atol = _check_number(atol, "atol", "must be > 0", lambda v: math.isfinite(v) and v > 0,
+                          "1e-12")
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"simulate: `max_steps` must be a positive integer, got {max_steps!r}.")
     if ts is None:
@@ -403,30 +409,6 @@ def _check_params(w0, where: str):
             f"{where}: the initial parameters must be finite, found "
             f"{int(np.sum(~np.isfinite(w)))} NaN/inf entries; re-initialise the model."
         )
-
-
-def _check_homogeneous(objective: Objective, where: str):
-    """A cheap entry check that Phi(2w; x) = 2^L Phi(w; x) on a few samples."""
-    w = objective.w0()
-    if w.ndim != 1:
-        return
-    small = Objective(objective.model, _head(objective.data), objective.loss, where=where)
-    a = np.asarray(small.outputs(w))
-    b = np.asarray(small.outputs(2.0 * w))
-    scale = np.max(np.abs(b)) + np.max(np.abs(a)) * 2.0**objective.degree + 1e-300
-    err = np.max(np.abs(b - 2.0**objective.degree * a)) / scale
-    if err > 1e-8:
-        raise ValueError(
-            f"{where}: the model is not homogeneous of the degree it claims "
-            f"(degree = {objective.degree}): Phi(2w) differs from 2^L Phi(w) by {err:.2e} "
-            "relative; remove biases and non-homogeneous activations, or fix `degree`."
-        )
-
-
-def _head(data, n: int = 8):
-    from ..models import Dataset
-
-    return Dataset(np.asarray(data.X[:n]), np.asarray(data.y[:n]))
 
 
 # ----------------------------------------------------------------------- simulate
@@ -477,7 +459,9 @@ def simulate(
             after; `stats["segment_ends"]` lists them).
         progress: a tqdm meter over the segments (decades of t, ten decades after 1e10).
         throw: raise SimulationError (holding the partial Trajectory) if the solver stops
-            early; with throw=False the partial Trajectory is returned and its `result` /
+            early, or if a Linear / DeepLinear model cannot separate the data (result
+            "not_separable", checked by an LP only when the run failed or ended with
+            L >= ell(0)); with throw=False the Trajectory is returned and its `result` /
             `message` say why.
         dtype: jnp.float64 (default; every theory check) or jnp.float32 (GPU speed runs;
             needs rtol >= 1e-6 and t1 <= 1e30).
@@ -531,7 +515,7 @@ def simulate(
     if batch and w0.ndim != 2:
         raise ValueError("simulate: batch=True needs parameters with a leading batch axis.")
     _check_params(w0, "simulate")
-    _check_homogeneous(objective, "simulate")
+    check_homogeneous(objective, w0, "simulate")
 
     w0 = jnp.asarray(w0, dtype=dtype)
     flow = jax.tree.map(lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, flow)
@@ -785,6 +769,11 @@ def simulate(
     if batch:  # drop the members that only padded the batch to the device count
         cat = {k: v if k == "ts" else v[:n_batch] for k, v in cat.items()}
         steps, accepted, rejected = (np.asarray(x)[:n_batch] for x in (steps, accepted, rejected))
+    # A run that failed or ended without separating: does this model separate the data at
+    # all? (An exact LP for linear models; a note on a stalled loss otherwise.)
+    result, message = separation_verdict(
+        objective, cat["ts"], cat["log_loss"], result, message, rtol, t1
+    )
     meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
     if late is not solver and t1 > _LATE_T:
         meta["solver"] = f"{solver_name(solver)}, {solver_name(late)} from t = {_LATE_T:.0e}"

@@ -34,8 +34,13 @@ class Trajectory(eqx.Module):
     - stats: solver statistics (num_steps, num_accepted_steps, num_rejected_steps: per
       member in a batch; num_segments; num_steps_per_segment: (segments,) or
       (segments, B); segment_ends: the t at which each segment ends);
-    - result: "successful" or why the run stopped (e.g. "max_steps_reached"); message: the
-      reason in words and what to change;
+    - result: "successful" or why the run stopped (e.g. "max_steps_reached"; "nonfinite_loss"
+      for discrete runs); "not_separable" when `simulate` ran a Linear / DeepLinear model on
+      data that no linear function separates (an exact LP check, made only when the run
+      failed or ended with L >= ell(0)): the loss cannot go to 0, whether the solver stopped
+      or reached t1. message: the reason in words and what to change (for other models, a
+      run whose log L stopped falling above ell(0) keeps its result and gets a note that
+      the data may not be separable by the model);
     - meta: flow / optimiser and hyper-parameters, loss, model spec and degree, data
       fingerprint, tolerances, solver, dtype.
     """
