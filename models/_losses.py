@@ -101,6 +101,15 @@ def _neg_parts(q):
     return qn, v, -qn + jnp.log1p(v)
 
 
+def _differentiates_to(fun, derivative) -> None:
+    """Give the custom_jvp `fun` the derivative `derivative` (the next link of a chain)."""
+
+    @fun.defjvp
+    def _jvp(primals, tangents):
+        (x,), (dx,) = primals, tangents
+        return fun(x), derivative(x) * dx
+
+
 # ------------------------------------------- the logistic chain: -f, f', f'', f'''
 @jax.custom_jvp
 def log_softplus_neg(q: Float[Array, "..."]) -> Float[Array, "..."]:
@@ -112,10 +121,11 @@ def log_softplus_neg(q: Float[Array, "..."]) -> Float[Array, "..."]:
     qp, _, R, _ = _pos_parts(q)
     _, _, s = _neg_parts(q)
     # Near q0: softplus(-q) - 1 = log1p((1 - 1/e) expm1(q0 - q)), without cancellation.
-    d = jnp.clip(_minus_root(q, _Q0), -_ROOT_WINDOW, _ROOT_WINDOW)
-    near = jnp.log1p(jnp.log1p((1.0 - math.exp(-1.0)) * jnp.expm1(-d)))
+    d = _minus_root(q, _Q0)
+    dc = jnp.clip(d, -_ROOT_WINDOW, _ROOT_WINDOW)
+    near = jnp.log1p(jnp.log1p((1.0 - math.exp(-1.0)) * jnp.expm1(-dc)))
     value = jnp.where(q > 0, -qp + jnp.log(R), jnp.log(s))
-    return jnp.where(jnp.abs(_minus_root(q, _Q0)) < _ROOT_WINDOW, near, value)
+    return jnp.where(jnp.abs(d) < _ROOT_WINDOW, near, value)
 
 
 @jax.custom_jvp
@@ -156,22 +166,12 @@ def logistic_f_third(q):
     return f2 * jnp.where(q > 0, -bracket_pos, bracket_neg)
 
 
-@log_softplus_neg.defjvp
-def _log_softplus_neg_jvp(primals, tangents):
-    (q,), (dq,) = primals, tangents
-    return log_softplus_neg(q), -logistic_f_prime(q) * dq
 
 
-@logistic_f_prime.defjvp
-def _logistic_f_prime_jvp(primals, tangents):
-    (q,), (dq,) = primals, tangents
-    return logistic_f_prime(q), logistic_f_second(q) * dq
 
-
-@logistic_f_second.defjvp
-def _logistic_f_second_jvp(primals, tangents):
-    (q,), (dq,) = primals, tangents
-    return logistic_f_second(q), logistic_f_third(q) * dq
+_differentiates_to(log_softplus_neg, lambda q: -logistic_f_prime(q))
+_differentiates_to(logistic_f_prime, logistic_f_second)
+_differentiates_to(logistic_f_second, logistic_f_third)
 
 
 # --------------------------------------------------- the logistic chain: g, g', g'', g'''
@@ -199,10 +199,11 @@ def logistic_g(x):
     small = v < _tiny(v)
     ratio = jnp.where(small, 1.0, jnp.expm1(v) / jnp.where(small, 1.0, v))
     vn = jnp.exp(-jnp.where(x > 0, 0.0, x))
-    d = jnp.clip(_minus_root(x, _X0), -_ROOT_WINDOW, _ROOT_WINDOW)
-    near = -jnp.log1p(2.0 * jnp.expm1(math.log(2.0) * jnp.expm1(-d)))
+    d = _minus_root(x, _X0)
+    dc = jnp.clip(d, -_ROOT_WINDOW, _ROOT_WINDOW)
+    near = -jnp.log1p(2.0 * jnp.expm1(math.log(2.0) * jnp.expm1(-dc)))
     value = jnp.where(x > 0, xp - jnp.log(ratio), -vn - jnp.log(-jnp.expm1(-vn)))
-    return jnp.where(jnp.abs(_minus_root(x, _X0)) < _ROOT_WINDOW, near, value)
+    return jnp.where(jnp.abs(d) < _ROOT_WINDOW, near, value)
 
 
 @jax.custom_jvp
@@ -228,22 +229,12 @@ def logistic_g_third(x):
     return jnp.where(v <= 1.0, small, large)
 
 
-@logistic_g.defjvp
-def _logistic_g_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return logistic_g(x), logistic_g_prime(x) * dx
 
 
-@logistic_g_prime.defjvp
-def _logistic_g_prime_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return logistic_g_prime(x), logistic_g_second(x) * dx
 
-
-@logistic_g_second.defjvp
-def _logistic_g_second_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return logistic_g_second(x), logistic_g_third(x) * dx
+_differentiates_to(logistic_g, logistic_g_prime)
+_differentiates_to(logistic_g_prime, logistic_g_second)
+_differentiates_to(logistic_g_second, logistic_g_third)
 
 
 class AbstractLoss(eqx.Module):
