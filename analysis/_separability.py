@@ -50,7 +50,8 @@ def linearly_separable(data: Dataset, *, n_classes: int | None = None) -> bool:
     means it cannot separate the data either (the converse may fail for a multi-class
     DeepLinear whose hidden width caps the rank of W).
 
-    Separability is what the implicit-bias theory needs (MATH.md section 1: g(log 1/L) > 0);
+    Separability is what the implicit-bias theory needs (the paper's Assumption 1.III:
+    g(log 1/L) > 0);
     without it a flow's loss stays >= ell(0) (L >= 1 exponential, >= log 2 logistic /
     cross-entropy) and cannot go to 0.
 

@@ -1,6 +1,6 @@
 """Why a run did not separate the data: the verdict `simulate` adds to a stuck run.
 
-Separation (MATH.md section 1) is g(log 1/L) > 0, i.e. L < ell(0) = e^{-f(0)} (L < 1 for
+Separation (the paper's Assumption 1.III) is g(log 1/L) > 0, i.e. L < ell(0) = e^{-f(0)} (L < 1 for
 the exponential loss, L < log 2 for logistic / cross-entropy): each sample contributes
 ell(q_i) <= L, so below that level every margin is positive. If no w separates the data,
 some sample keeps q_i <= 0 and L >= ell(0) for ever; a flow then converges to a finite

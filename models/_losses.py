@@ -1,5 +1,4 @@
-"""Losses in log space, and the logistic f, g and their derivatives exact to a few ulps
-(MATH.md section 1).
+"""Losses in log space, and the logistic f, g and their derivatives exact to a few ulps.
 
 The loss is a SUM over samples, L(w) = sum_i exp(-f(q_i(w))). Late in training L is
 e^{-1000} and smaller, so everything is computed as log L = logsumexp_i(-f(q_i)), which is
