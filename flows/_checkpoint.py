@@ -20,10 +20,19 @@ import tempfile
 import numpy as np
 
 RUN_FILE = "run.npz"
+# Version 4: the solver state holds psi at the last step's end (Lemma 3's I is accumulated
+# from the step's end states, flows/_penalty.py) and AdaGrad's late solver is Dopri8.
 # Version 3: the state saved at a segment's end is (v, m, I) with v = w ||w||^(L-1), under
 # the key y_v (version 2: y_w held w). Version 2: segments are ten decades wide after
 # t = 1e10 (version 1: decades throughout).
-_FORMAT = "marginflow.checkpoint/3"
+_FORMAT = "marginflow.checkpoint/4"
+
+
+def _umask() -> int:
+    # os.umask only reads by setting: set a value and put the old one back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_savez(path: str, **arrays) -> None:
@@ -31,6 +40,9 @@ def atomic_savez(path: str, **arrays) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 minus
+        # the umask), which the rename keeps, so saved runs match the user's other files.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
             fh.flush()

@@ -1,4 +1,4 @@
-"""The continuous flows of GD, AdaGrad, RMSProp and Adam without momentum (MATH.md section 2).
+"""The continuous flows of GD, AdaGrad, RMSProp and Adam without momentum (docs/math.md section 2).
 
 State (w, m) in R^p x R^p, m(0) = 0, g = grad L(w), all operations elementwise:
 
@@ -119,6 +119,24 @@ class AbstractFlow(eqx.Module):
         psi, _ = self.psi_and_rate(t, m, jnp.zeros_like(m), g)
         return self.h_of_psi(psi)
 
+    def log_h_drop(self, psi0, psi1):
+        """-1/2 (log h(psi1) - log h(psi0)) per coordinate, formed from psi1 - psi0.
+
+        Lemma 3's penalty integral is the positive variation of -1/2 log h_i; differences
+        of logs of nearly equal numbers would add rounding noise of size |log h| u at every
+        step to it, these forms only rounding relative to the increment:
+        eps inside:  1/4 log1p((psi1 - psi0) / (eps + psi0));
+        eps outside: 1/2 log1p((sqrt psi1 - sqrt psi0) / (sqrt psi0 + eps)), with
+        sqrt psi1 - sqrt psi0 = (psi1 - psi0) / (sqrt psi1 + sqrt psi0).
+        """
+        dpsi = psi1 - psi0
+        if self.conditioner == "eps_inside":
+            return 0.25 * jnp.log1p(dpsi / (self.eps + psi0))
+        r0, r1 = jnp.sqrt(psi0), jnp.sqrt(psi1)
+        s = r0 + r1
+        droot = jnp.where(s > 0, dpsi / jnp.where(s > 0, s, 1.0), 0.0)
+        return 0.5 * jnp.log1p(droot / (r0 + self.eps))
+
     def vector_field(self, t, w, m, g):
         """(dw/dt, dm/dt, h, d log h/dt) at state (w, m) with gradient g = grad L(w)."""
         dm = self.phi(t, m, g)
@@ -156,6 +174,9 @@ class GradientFlow(AbstractFlow):
 
     def h_of_psi(self, psi):
         return jnp.ones_like(psi)
+
+    def log_h_drop(self, psi0, psi1):
+        return jnp.zeros_like(psi1)
 
     def vector_field(self, t, w, m, g):
         zero = jnp.zeros_like(m)
@@ -221,7 +242,7 @@ class AdamFlow(AbstractFlow):
     bias_correction "paper": c(t) = 1 - b^t (eq. 9). At t = 0 both m and c vanish; the
     limit is psi(0+) = (1 - b) g(0)^2 / (-log b), used there so the field is finite.
     bias_correction "ema": c(t) = 1 - e^{-(1-b) t}, which makes psi an exact weighted
-    average of g^2 (limit g(0)^2) and is the flow a discrete Adam follows (MATH.md sec. 5).
+    average of g^2 (limit g(0)^2) and is the flow a discrete Adam follows (docs/math.md sec. 5).
     Theorem 5: h -> eps^{-1/2}; limit direction a KKT point of (P).
     """
 

@@ -28,6 +28,7 @@ from ..models._objective import initial_point
 from . import _checkpoint as ckpt
 from ._flow import AbstractFlow
 from ._imex import DecayIMEX
+from ._penalty import PenaltyIntegral
 from ._separation import separation_verdict
 from ._solvers import (
     decay_rate,
@@ -175,10 +176,10 @@ def _fields(u, y, args):
     # weights) can put it below -eps, where sqrt(eps + m) is NaN; measured on an MLP: every
     # step near t = 0 rejected. The conditioner sees max(m, 0); the m-equation itself, linear
     # in m, keeps the raw value.
-    dw, _, h, dlogh = flow.vector_field(t, w, jnp.maximum(m, 0.0), g)
+    dw, _, _, _ = flow.vector_field(t, w, jnp.maximum(m, 0.0), g)
     dm = flow.phi(t, m, g)
-    # Lemma 3's penalty rate: sum_i (-1/2 d log h_i/dt)_+, exact from the vector field.
-    dI = j * jnp.sum(jnp.maximum(-0.5 * dlogh, 0.0))
+    # Lemma 3's I(t) is not integrated: `PenaltyIntegral` sets it from each step's ends.
+    dI = jnp.zeros_like(y[2])
     # J * (the flow's dw/dt): a subclass's field is honoured; g = J g / J is a normal
     # float64 number for t <= 1e300, so this product does not underflow either.
     return _dv(w, j * dw, objective.degree), j * dm, dI, j, g
@@ -233,6 +234,34 @@ def _save_fn(u, y, args):
     return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, jnp.maximum(m, 0.0), g)}
 
 
+def _psi(u, y, args, start: bool):
+    """psi_i, the argument of the conditioner h_i, at (u, y) (for `PenaltyIntegral`)."""
+    flow, objective, _, log_time = args
+    m = jnp.maximum(y[1], 0.0)
+    t, _ = _time(u, log_time)
+    g = jnp.zeros_like(m)
+    if start:  # Adam's psi at t = 0 is a limit proportional to g(0)^2
+        log_l, glog = jax.value_and_grad(objective.log_loss)(_w_of_v(y[0], objective.degree))
+        g = (jnp.exp(log_l) * glog).astype(m.dtype)
+    return flow.psi_and_rate(t, m, jnp.zeros_like(m), g)[0]
+
+
+def _rise(args, psi0, psi1):
+    """sum_i (-1/2 log h_i(psi1) + 1/2 log h_i(psi0))_+: Lemma 3's I over one step."""
+    return jnp.sum(jnp.maximum(args[0].log_h_drop(psi0, psi1), 0.0))
+
+
+def _decay_over(u0, u1, args):
+    """lambda du over [u0, u1]: m's decay rate a J (at u1, its largest) times the step."""
+    _, _, a, log_time = args
+    _, log_j = _time(u1, log_time)
+    return a * jnp.exp(log_j) * (u1 - u0)
+
+
+def _wrap(solver):
+    return PenaltyIntegral(solver, _psi, _rise, _decay_over)
+
+
 def _args(flow, objective, u, log_time):
     """The fields' `args`: (flow, objective, the decay rate a in u's dtype, log_time)."""
     return flow, objective, decay_rate(flow).astype(u.dtype), log_time
@@ -247,7 +276,7 @@ def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
     error_order = solver.error_order(terms)
     tnext, cstate = controller.init(terms, u_start, u_end, y0, None, args, solver.func, error_order)
     tnext = jnp.minimum(tnext, u_end)
-    sstate = solver.init(terms, u_start, tnext, y0, args)
+    sstate = _wrap(solver).init(terms, u_start, tnext, y0, args)
     return cstate, sstate
 
 
@@ -259,7 +288,7 @@ def _restart(flow, objective, y, u_start, log_time, solver, state):
     args = _args(flow, objective, u_start, log_time)
     controller_state, _ = state
     u_next = u_start + controller_state[1]
-    return controller_state, solver.init(_terms(solver), u_start, u_next, y, args)
+    return controller_state, _wrap(solver).init(_terms(solver), u_start, u_next, y, args)
 
 
 @eqx.filter_jit
@@ -271,7 +300,7 @@ def _segment(
     args = _args(flow, objective, u_start, log_time)
     sol = dfx.diffeqsolve(
         _terms(solver),
-        solver,
+        _wrap(solver),
         u_start,
         u_end,
         controller_state[1],  # the step size the controller proposed last (CarriedPID)
@@ -317,8 +346,7 @@ def _segment(
 # Python round trip each) on clipping; the first ten decades hold the transients measured.
 _DECADE_SEGMENTS_UNTIL = 10
 _LATE_SEGMENT_DECADES = 10
-# From here on the default solver is `late_solver(flow, p)` (Dopri8 for GD, Kvaerno5 with
-# Newton for AdaGrad).
+# From here on the default solver is `late_solver(flow, p)` (Dopri8 for GD and AdaGrad).
 _LATE_T = 10.0**_DECADE_SEGMENTS_UNTIL
 
 
@@ -438,7 +466,7 @@ def simulate(
     """Integrate `flow` on `model` and `data` from t0 to t1 and save a Trajectory.
 
     dw/dt = -h(t) * grad L(w), dm/dt = phi(m, grad L(w)), w(t0) = the model's parameters,
-    m(t0) = 0, with L(w) = sum_i exp(-f(q_i(w))) (MATH.md sections 1-2). The integral
+    m(t0) = 0, with L(w) = sum_i exp(-f(q_i(w))) (docs/math.md sections 1-2). The integral
     I(t) = int_{t0}^t sum_i (-1/2 d log h_i/ds)_+ ds of Lemma 3 is integrated alongside.
 
     Args:
@@ -451,8 +479,7 @@ def simulate(
         t1, t0: end and start time, 0 <= t0 < t1 <= 1e300.
         n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
         solver: a diffrax solver, used throughout; None picks `default_solver(flow, p)`,
-            and from t = 1e10 on `late_solver(flow, p)` (Dopri8 for GD, Kvaerno5 + Newton
-            for AdaGrad).
+            and from t = 1e10 on `late_solver(flow, p)` (Dopri8 for GD and AdaGrad).
         rtol, atol: the step-size controller's tolerances, on the integrated state (v, m)
             with v = w ||w||^(L-1) (relative errors of v and w agree within a factor L).
         max_steps: the most solver steps per segment (a decade of t up to 1e10, ten decades
@@ -478,12 +505,12 @@ def simulate(
             tolerance level (measured on the toy to 1e5: bitwise equal with 2 chunks of 50,
             2.2e-5 absolute on w with 3 chunks of 34, as between sharded and unsharded runs).
 
-    How (MATH.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
+    How (docs/math.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
     m-equation's decay (rate (1 - b) t in u) is the only stiff part and `default_solver`
-    treats it implicitly, exactly and in O(p); from t = 1e10 GD goes on with the explicit
-    Dopri8 and AdaGrad, whose frozen conditioner makes fast modes, with Kvaerno5 and a
-    matrix-free Newton-Krylov stage solve (`late_solver`). t * grad L is formed as
+    treats it implicitly, exactly and in O(p); from t = 1e10 GD and AdaGrad go on with the
+    explicit Dopri8 (`late_solver`). Lemma 3's I(t) is accumulated from each step's end
+    states (`PenaltyIntegral`), not integrated. t * grad L is formed as
     exp(log L + log t) * grad log L, so nothing underflows up to t = 1e300.
 
     Example:

@@ -1,4 +1,4 @@
-"""The default solver per flow and size (MATH.md section 2, "Stiffness").
+"""The default solver per flow and size (docs/math.md section 2, "Stiffness").
 
 - `default_solver`: `DecayIMEX` (module `_imex`), its choice and the measured figures;
 - `CarriedPID`: diffrax's PID controller carrying its step size across `simulate`'s segments;
@@ -24,10 +24,8 @@ def wm_norm(y):
     """RMS norm of the (v, m) part of the state (v, m, I), v = w ||w||^(L-1).
 
     Error control on (v, m) only (relative errors of v and w agree within a factor L; an
-    atol on v is atol ||w||^(1-L) on w). I(t) is a quadrature driven by the state: its rate
-    contains 1/(eps + m) and m c'(t)/c(t)^2 (Adam), so trial stages with m off by the
-    tolerance give huge rates and would stall the controller, while its value is only
-    used after separation, where it inherits the accuracy of (v, m).
+    atol on v is atol ||w||^(1-L) on w). I(t) is not integrated but set from each step's
+    end states (`PenaltyIntegral`, module `_penalty`): it inherits the accuracy of m.
     """
     v, m, _ = y
     return optx.rms_norm((v, m))
@@ -37,7 +35,7 @@ def wm_norm(y):
 def decay_rate(flow) -> jax.Array:
     """The rate a of the linear decay dm/dt = ... - a m of the flow's m-equation.
 
-    RMSProp and Adam (w/m): a = 1 - b (MATH.md section 2). GD and AdaGrad have no decay
+    RMSProp and Adam (w/m): a = 1 - b (docs/math.md section 2). GD and AdaGrad have no decay
     (a = 0): their m-equation is not stiff.
     """
     if has_decay(flow):
@@ -109,7 +107,7 @@ def default_controller(rtol: float, atol: float) -> CarriedPID:
 # ---------------------------------------------------------------------- the solver
 def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
     """The solver `simulate(..., solver=None)` starts with: `DecayIMEX`, for every flow and
-    size (from t = 1e10 on, `late_solver` takes over for GD and AdaGrad).
+    size (from t = 1e10 on, `late_solver`'s Dopri8 takes over for GD and AdaGrad).
 
     Why. After separation g ~ 1/t, and in u = log t (which `simulate` uses from t = 1 on)
     the w-equation dw/du = -t h g is O(1): a constant number of steps per decade. The one
@@ -190,31 +188,27 @@ def late_solver(flow, p: int, *, rtol: float = 1e-8, dtype=jnp.float64):
 
     - RMSProp and Adam keep `DecayIMEX`: their m-equation decays at the rate (1 - b) t,
       1e99 at t = 1e100, which it treats implicitly.
-    - GD: diffrax's Dopri8. Late in training its field is smooth and not stiff (Jacobian
-      eigenvalues -2, -1 and O(1/u) in u, measured on DeepLinear(4, 4, 4, 1)), and the 8th-
-      order pair takes long steps: measured from 1e5 to 1e100 in the state v
+    - GD and AdaGrad: diffrax's Dopri8. Late in training GD's field is smooth and not stiff
+      (Jacobian eigenvalues -2, -1 and O(1/u) in u, measured on DeepLinear(4, 4, 4, 1)) and
+      the 8th-order pair takes long steps: from 1e5 to 1e100 in the state v
       (benchmarks/late_phase.py), 109 / 123 steps against DecayIMEX's 233 / 227 (MLP(4, 8,
-      2, k=2), DeepLinear(4, 4, 4, 1)), at equal or smaller errors.
-    - AdaGrad: Kvaerno5 with Newton-Krylov (`newton_solver`, O(p) per iteration). Its
-      conditioner h = (eps + m)^(-1/2) freezes as m converges and stays large (up to
-      eps^(-1/2)) on coordinates whose gradients were always small: those directions become
-      fast modes of the late field (eigenvalues -15 and -5 in u on the deep linear net,
-      against GD's -2), which bound an explicit method's step: from 1e5 to 1e100 in one
-      solve Dopri8 took 854 steps there, this solver 87. A Newton iteration costs about 8
-      field evaluations, so in wall time the implicit late phase is slower: 1.7x on the deep
-      linear net, 8.3-10.9x on MLPs with p = 144 to 20200 whose late fields are barely stiff
-      (benchmarks/late_phase.py); `solver=diffrax.Dopri8()` runs explicit throughout.
+      2, k=2), DeepLinear(4, 4, 4, 1)). AdaGrad's frozen conditioner can leave fast modes
+      (eigenvalues -15 and -5 in u on the deep linear net), which an implicit method steps
+      over in fewer steps (Kvaerno5 + Newton-Krylov, `newton_solver`: 87 against 854), but
+      each of its steps costs about 8 field evaluations per Newton iteration: in wall time
+      it was slower on the toy, the MLP and the deep linear net (benchmarks/adagrad_late.py,
+      README), it compiles a second, larger program, and in float32 its Newton iteration
+      cannot converge below float32 rounding and stalled (the verification bank's rows
+      linear-exp-adagrad-f32-s101 / adagrad_out-f32-s102, max_steps_reached at 3.7e19).
+      `solver=newton_solver(rtol)` still runs it throughout, for very stiff problems.
     The price of a switch is a second compiled solver, once per process and model shape,
     for a run that goes past 1e10.
     """
-    del p  # one O(p) solver per flow fits every size
-    from ._flow import AdaGradFlow
+    del p, rtol, dtype  # one O(p) solver per flow fits every size and dtype
     from ._imex import DecayIMEX
 
     if has_decay(flow):
         return DecayIMEX()
-    if isinstance(flow, AdaGradFlow):
-        return newton_solver(rtol, dtype)
     return dfx.Dopri8()
 
 

@@ -265,9 +265,10 @@ def row_atol(flow: FlowSpec, rtol: float, f32: bool) -> float:
 
 
 # Rows with other seeds than their model's first one (same shapes and flow: they reuse the
-# compiled programs): the float32 AdaGrad runs that stall in marginflow's late solver. The
-# other rows take at most ~4e4 steps per segment (mostly < 1e3); 1e4 shows the stall at a
-# tenth of the default limit's cost.
+# compiled programs): float32 AdaGrad problems whose late field is stiff (a coordinate with
+# h near eps^(-1/2)). The implicit late solver AdaGrad had stalled on them (max_steps_reached
+# at t = 3.7e19); the explicit Dopri8 it has now takes ~9e3 steps per ten decades there
+# (measured 8982 and 8435 on s101), against < 1e3 on the other rows.
 EXTRA_SEED_ROWS = [
     ("linear", "exponential", "adagrad", 101, "float32"),
     ("linear", "exponential", "adagrad_out", 102, "float32"),
@@ -275,7 +276,7 @@ EXTRA_SEED_ROWS = [
 
 
 def _row(model_tag: str, loss: str, variant: str, seed: int, dtype: str = "float64",
-         suffix: str = "", max_steps: int = 100_000) -> Problem:
+         suffix: str = "") -> Problem:
     mspec, dspec = MODELS[model_tag]
     name = (f"{model_tag}-{LOSS_TAGS[loss]}-{variant}" + ("-f32" if dtype == "float32" else "")
             + suffix)
@@ -291,7 +292,6 @@ def _row(model_tag: str, loss: str, variant: str, seed: int, dtype: str = "float
         rtol=RTOL_F32 if f32 else RTOL_F64,
         atol=row_atol(FLOW_VARIANTS[variant], RTOL_F32 if f32 else RTOL_F64, f32),
         slow=name not in DEFAULT_NAMES,
-        max_steps=max_steps,
     )
 
 
@@ -307,8 +307,7 @@ def _build() -> list[Problem]:
         seed = seeds[f"{model_tag}-{LOSS_TAGS[loss]}-{variant}"]
         rows.append(_row(model_tag, loss, variant, seed=seed, dtype="float32"))
     for model_tag, loss, variant, seed, dtype in EXTRA_SEED_ROWS:
-        rows.append(_row(model_tag, loss, variant, seed=seed, dtype=dtype, suffix=f"-s{seed}",
-                         max_steps=10_000))
+        rows.append(_row(model_tag, loss, variant, seed=seed, dtype=dtype, suffix=f"-s{seed}"))
     names = [r.name for r in rows]
     assert len(set(names)) == len(names), "row names must be unique"
     assert DEFAULT_NAMES <= set(names), DEFAULT_NAMES - set(names)

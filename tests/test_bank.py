@@ -64,40 +64,37 @@ def oracle_times(row: Problem) -> tuple[float, ...]:
     return tuple(t for t in (1e-2, 1.0, 1e2, 1e5, 1e10, 1e30, 1e60) if t < row.t1) + (row.t1,)
 
 
-# Failures of marginflow that the bank found, by check and row: marked xfail (the test still
-# runs; a strict one turns into a failure once the bug is fixed, so the mark must go then).
-I_NOT_CONTROLLED = (
-    "marginflow bug: simulate integrates I(t) outside the error control (flows/_solvers.py, "
-    "wm_norm: (v, m) only), so I is off the exact integral by up to ~1e-3 in the early "
-    "transient with eps inside the root and by up to ~0.3 with eps outside, where the rate "
-    "has a 1/sqrt(psi) singularity at t = 0 and is driven late by m's noise at the "
-    "tolerance level (I even decreases although its rate is >= 0)"
+# Failures of marginflow that the bank finds, by (check, row name): (reason, strict), marked
+# xfail (the test still runs; a strict one turns into a failure once the bug is fixed, so
+# the entry must go then). Three bugs it found when it was written are fixed: I(t) was
+# integrated outside the error control (off by up to 0.18, even decreasing, with eps
+# outside the root), hence Q(t) dropped on RMSProp / Adam with eps outside; and AdaGrad's
+# implicit late solver stalled in float32 (rows *-adagrad*-f32-s101/s102).
+I_NOISE = (
+    "marginflow: I(t), accumulated as a positive variation over 8 samples per step, is off "
+    "the oracle's by 1.1-2.3x the derived noise bound (`penalty_noise`; measured 6e-6 to "
+    "9e-5 absolute on I = 0.4..21) on Adam rows of the toy, deep linear net and MLP, and by "
+    "~20x on the MLP's RMSProp rows with eps outside the root (0.036 and 0.045 on I = 106), "
+    "where -1/2 log h has an infinite slope at psi = 0 and small psi amplify m's error"
 )
-Q_DROPS = (
-    "marginflow bug: Q(t) = log gamma_tilde + L I(t) drops by 1e-3..0.2 with eps outside "
-    "the root for RMSProp / Adam: the saved I(t) decreases (see the I(t) check) although "
-    "its rate is >= 0"
-)
-ADAGRAD_F32 = (
-    "marginflow bug: AdaGrad's late solver (Kvaerno5 + Newton-Krylov, from t = 1e10) in "
-    "float32 stalls on some problems: 1e5 steps in [1e10, 1e20] without reaching 1e20 "
-    "(seed 101: max_steps_reached at t = 3.7e19) where the float64 run of the same problem "
-    "takes 7; at rtol 1e-5 and 1e-4 it ends, after ~9e4 steps per ten decades"
-)
-ADAGRAD_F32_ROWS = {"linear-exp-adagrad-f32-s101", "linear-exp-adagrad_out-f32-s102"}
+KNOWN_FAILURES: dict[tuple[str, str], tuple[str, bool]] = {
+    ("penalty_integral", "toy-logistic-adam"): (I_NOISE, False),
+    ("penalty_integral", "toy-logistic-adam_ema_out"): (I_NOISE, False),
+    ("penalty_integral", "deeplin-exp-adam"): (I_NOISE, False),
+    ("penalty_integral", "deeplin-logistic-adam"): (I_NOISE, False),
+    ("penalty_integral", "deeplin-logistic-adam_out"): (I_NOISE, False),
+    ("penalty_integral", "deeplin-logistic-adam_ema_out"): (I_NOISE, False),
+    ("penalty_integral", "mlp-exp-rmsprop_out"): (I_NOISE, False),
+    ("penalty_integral", "mlp-exp-adam_ema"): (I_NOISE, False),
+    ("penalty_integral", "mlp-exp-adam_ema_out"): (I_NOISE, False),
+    ("penalty_integral", "mlp-logistic-rmsprop_out"): (I_NOISE, False),
+    ("penalty_integral", "mlp-logistic-adam_ema_out"): (I_NOISE, False),
+}
 
 
 def known_failure(check: str, row: Problem):
     """(reason, strict) for a known failure of marginflow on this check and row, or None."""
-    f = row.flow
-    if check == "penalty_integral" and f.kind != "gd":
-        return I_NOT_CONTROLLED, False  # some rows pass: measured errors 2e-8..1e-1
-    if check == "monotone_quantity" and f.kind in ("rmsprop", "adam") and (
-            f.conditioner == "eps_outside"):
-        return Q_DROPS, False  # b = 0.99 (adam_out) measured without a drop
-    if check == "reaches_t1" and row.name in ADAGRAD_F32_ROWS:
-        return ADAGRAD_F32, True
-    return None
+    return KNOWN_FAILURES.get((check, row.name))
 
 
 # With pytest-xdist (`-n 4 --dist loadgroup`), all checks of a row run in one worker, which
@@ -219,21 +216,54 @@ def test_agrees_with_oracle(row, record_property):
     assert max(errs.values()) <= GROWTH * row.rtol, errs
 
 
+def steps_until(traj, t: float) -> int:
+    """Solver steps taken up to time t (whole segments: an upper bound)."""
+    ends = np.asarray(traj.stats["segment_ends"])
+    per = np.asarray(traj.stats["num_steps_per_segment"])
+    return int(per[: np.searchsorted(ends, t * (1 - 1e-12)) + 1].sum())
+
+
+def penalty_noise(row: Problem, traj, t: float) -> float:
+    """A bound on the noise a positive variation picks up from the sampled path up to t.
+
+    simulate sums the positive parts of phi_i = -1/2 log h_i over _SUB samples per step
+    (flows/_penalty.py). Every sample of m_i carries the solver's error: the controller
+    keeps each step's error in the RMS norm over the 2p components of (v, m) below
+    atol + rtol |y|, so one coordinate may carry sqrt(2p) times that, and the dense output
+    between step ends is of the same order. With eps inside the root,
+    |d phi / d psi| (atol + rtol psi) = (atol + rtol psi) / (4 (eps + psi)) <= rtol / 4
+    (the bank's atol <= rtol eps), and a positive part keeps at most all of it, so
+    |error| <= samples x p x sqrt(2p) x rtol / 4. Measured on deeplin-exp-adam (p = 36):
+    1.3e-5 at t = 1 against this bound's 2.8e-5; with 32 samples per step instead of 8 the
+    error grew to 4.8e-5 (noise), with 1 it became -3.1e-4 (turning points inside steps
+    missed), so 8 is near the best the sampled path allows. With eps outside the root,
+    d phi / d psi = 1 / (4 sqrt(psi) (sqrt(psi) + eps)) is unbounded as psi -> 0 and no such
+    bound holds: those rows get the eps-inside term, and the rows that exceed it are listed
+    in KNOWN_FAILURES.
+    """
+    from marginflow.flows._penalty import _SUB
+
+    p = traj.w.shape[-1]
+    return steps_until(traj, t) * _SUB * p * np.sqrt(2 * p) * row.rtol / 4
+
+
 @pytest.mark.parametrize("row", _params(ROWS, "penalty_integral"))
 def test_penalty_integral(row, record_property):
-    # Lemma 3's I(t) = int_0^t sum_i (-1/2 d log h_i/ds)_+ ds, which simulate integrates as
-    # a component of the state, against the oracle's: the positive variation of the exact
-    # solution's log-conditioner (bank_oracle.penalty_integral; unchanged to 7 digits under
-    # a 10x finer grid or rtol 1e-12). I is a function of (w, m) along the path, so it is
-    # expected to the state's budget: DELTA (1 + I) absolute.
+    # Lemma 3's I(t) = int_0^t sum_i (-1/2 d log h_i/ds)_+ ds, which simulate accumulates
+    # from the sampled path (flows/_penalty.py), against the oracle's: the positive
+    # variation of the exact solution's log-conditioner (bank_oracle.penalty_integral;
+    # unchanged to 7 digits under a 10x finer grid or rtol 1e-12). I is a function of the
+    # path, so it is expected to the state's budget DELTA (1 + I), plus the noise a
+    # positive variation collects from every sample (`penalty_noise`).
     traj = succeeded(row)
     I_ref = reference(row)[2]
-    errs = {t: abs(float(traj.I[index_of(traj, t)]) - I_ref[k])
-            for k, t in enumerate(oracle_times(row))}
+    times = oracle_times(row)
+    errs = {t: abs(float(traj.I[index_of(traj, t)]) - I_ref[k]) for k, t in enumerate(times)}
     record_property("I_abs_err", float(max(errs.values())))
-    tol = {t: GROWTH * row.rtol * (1.0 + I_ref[k]) for k, t in enumerate(oracle_times(row))}
-    bad = {t: (errs[t], I_ref[k]) for k, t in enumerate(oracle_times(row)) if errs[t] > tol[t]}
-    assert not bad, f"I(t) off (error, exact I): {bad}"
+    tol = {t: GROWTH * row.rtol * (1.0 + I_ref[k]) + penalty_noise(row, traj, t)
+           for k, t in enumerate(times)}
+    bad = {t: (errs[t], tol[t], I_ref[k]) for k, t in enumerate(times) if errs[t] > tol[t]}
+    assert not bad, f"I(t) off (error, bound, exact I): {bad}"
 
 
 # ------------------------------------------------------ 4. the loss value at t1
