@@ -1,5 +1,11 @@
 """Margins, surrogate margins, conditioner limits, KKT residuals, exact references
-(MATH.md sections 3-4): pure functions of (model, data, Trajectory or w), never a solver."""
+(docs/math.md sections 3-4): pure functions of (model, data, Trajectory or w), never a solver.
+
+Where a function takes parameters w (`normalized_margin`, `q_min`, `kkt_residual`,
+`lemma3_terms`, `angle`), a Trajectory may stand in for them: it means the run's last saved
+state, traj.w[..., -1, :] (one per member of a batched run), checked against the model and
+data where the function takes them. Pass the array traj.w for every saved state instead.
+"""
 
 from ._common import NotSeparatedError as NotSeparatedError
 from ._conditioner import ConditionerLimit as ConditionerLimit

@@ -2,7 +2,10 @@
 per-constraint margins and loss weights, the separation time.
 
 Nothing here calls a solver: every function is a pure function of (model, data, w) or of
-a saved Trajectory.
+a saved Trajectory. Where a function takes parameters `w`, a Trajectory may be passed
+instead and stands for its LAST saved state, traj.w[..., -1, :] (one state per member of a
+batched run): the state a run ends in, which the theorems are about. For every saved
+state pass the array traj.w instead (see `states`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,37 @@ def trajectory_objective(traj, model, data, where: str) -> Objective:
             f"has p = {p}; pass the model the run was built from."
         )
     return objective
+
+
+def is_trajectory(x) -> bool:
+    from ..flows import Trajectory
+
+    return isinstance(x, Trajectory)
+
+
+def states(model, data, w, loss, where: str):
+    """(Objective, flat states) of `w`: parameters (p,) / (..., p), or a Trajectory.
+
+    A Trajectory stands for its last saved state traj.w[..., -1, :] (shape (p,), or (B, p)
+    for a batched run). Its model and data are checked against traj.meta, and the loss is
+    the run's own (traj.meta["loss"]); a different explicit `loss` is an error.
+    """
+    if not is_trajectory(w):
+        objective = make_objective(model, data, loss, where)
+        return objective, check_flat(objective, w, where)
+    traj = w
+    objective = trajectory_objective(traj, model, data, where)
+    if loss is not None:
+        from ..models import get_loss
+
+        name = get_loss(loss).name
+        if name != objective.loss.name:
+            raise ValueError(
+                f"{where}: `loss` is {name!r} but the trajectory was computed with "
+                f"{objective.loss.name!r}; drop `loss` (a Trajectory brings its own) or pass "
+                "an array of parameters instead."
+            )
+    return objective, check_flat(objective, traj.w[..., -1, :], where, name="traj.w[-1]")
 
 
 def check_flat(objective: Objective, w, where: str, name: str = "w"):
@@ -166,5 +200,5 @@ def not_separated_message(where: str, traj=None) -> str:
         advice = "Run longer (larger t1) or check that the data is separable by this model."
     return (
         f"{where}: the run never separates the data: g(log 1/L) > 0 (equivalently all "
-        f"q_i > 0, MATH.md section 1) fails at its last save{reached}. {advice}"
+        f"q_i > 0, docs/math.md section 1) fails at its last save{reached}. {advice}"
     )

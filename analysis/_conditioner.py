@@ -1,5 +1,5 @@
 """The conditioner's limit h_inf, beta(t) = h(t)/h_inf and the direction of h_inf^{-1/2}
-(MATH.md sections 3-4; the paper's Def. 1, Theorems 4-5, Fig. 2)."""
+(docs/math.md sections 3-4; the paper's Def. 1, Theorems 4-5, Fig. 2)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import equinox as eqx
 import numpy as np
 
 from ._common import check_trajectory
+from ._records import record_repr
 
 
 class ConditionerLimit(eqx.Module):
@@ -18,6 +19,8 @@ class ConditionerLimit(eqx.Module):
     decade_starts: np.ndarray
     change: np.ndarray
     last_decade_change: float = eqx.field(static=True)
+
+    __repr__ = record_repr
 
 
 def _index_at_or_before(ts: np.ndarray, t: float) -> int | None:

@@ -1,7 +1,9 @@
-"""Approximate KKT residuals of (P) and (PA) (MATH.md section 4; the paper's Def. 2,
+"""Approximate KKT residuals of (P) and (PA) (docs/math.md section 4; the paper's Def. 2,
 Lemmas 5/21 and, for multi-class, Lemma 41)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -12,12 +14,15 @@ from jaxtyping import ArrayLike, Float
 
 from ._common import (
     NotSeparatedError,
-    check_flat,
     check_weights,
     constraint_margins,
     constraint_weights_over_loss,
-    make_objective,
+    states,
 )
+from ._records import record_repr
+
+if TYPE_CHECKING:
+    from ..flows import Trajectory
 
 
 class KKTResidual(eqx.Module):
@@ -36,6 +41,8 @@ class KKTResidual(eqx.Module):
     cos_theta: np.ndarray
     lambda_paper: np.ndarray
     lambda_best: np.ndarray
+
+    __repr__ = record_repr
 
 
 @eqx.filter_jit
@@ -107,7 +114,7 @@ def _one(objective, w, s):
 def kkt_residual(
     model,
     data,
-    w: Float[ArrayLike, "... p"],
+    w: Float[ArrayLike, "... p"] | Trajectory,
     *,
     weights: Float[ArrayLike, " p"] | None = None,
     loss=None,
@@ -141,21 +148,28 @@ def kkt_residual(
     eps_paper_rel = sqrt(2 (1 - cos theta))).
 
     Args:
-        model, data: model structure and Dataset; w: flat parameters (p,) or a stack (k, p)
-            (one nnls per w: a pure function, no ODE solver).
+        model, data: model structure and Dataset; w: flat parameters (p,), a stack (k, p)
+            (one nnls per w: a pure function, no ODE solver), or a Trajectory, which stands
+            for its last saved state traj.w[..., -1, :] (checked against the run's model
+            and data; the KKT conditions concern the end of a run, and early saves are not
+            separated). For chosen saves pass e.g. traj.w[-5:].
         weights: None for (P); h_inf^{-1/2} (positive, (p,)) for (PA), e.g.
             conditioner_limit(traj).h_inf ** -0.5.
-        loss: default from the labels (the multipliers w_c depend on it).
+        loss: default from the labels (the multipliers w_c depend on it); a
+            Trajectory's own loss otherwise.
+
+    Returns:
+        KKTResidual with fields of shape w.shape[:-1] (scalars for one w or an unbatched
+        Trajectory), the multipliers with a trailing axis n_c.
 
     Raises:
         NotSeparatedError (a ValueError) if q_min(w) <= 0.
 
     Example:
-        >>> r = kkt_residual(model, data, traj.w[-1])
+        >>> r = kkt_residual(model, data, traj)      # the run's last state
         >>> r.eps_best_rel, r.eps_paper_rel
     """
-    objective = make_objective(model, data, loss, "kkt_residual")
-    w = check_flat(objective, w, "kkt_residual")
+    objective, w = states(model, data, w, loss, "kkt_residual")
     p = w.shape[-1]
     s = check_weights(weights, p, "kkt_residual")
     s = np.ones(p) if s is None else np.asarray(s)

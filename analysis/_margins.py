@@ -1,18 +1,23 @@
-"""Normalised margins (MATH.md section 4)."""
+"""Normalised margins (docs/math.md section 4)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
-from ._common import check_flat, check_weights, make_objective, margins_stack
+from ._common import check_weights, margins_stack, states
+
+if TYPE_CHECKING:
+    from ..flows import Trajectory
 
 
 def normalized_margin(
     model,
     data,
-    w: Float[ArrayLike, "... p"],
+    w: Float[ArrayLike, "... p"] | Trajectory,
     *,
     weights: Float[ArrayLike, " p"] | None = None,
     loss=None,
@@ -27,19 +32,23 @@ def normalized_margin(
 
     Args:
         model: a marginflow model (only its structure is used; the parameters are `w`).
-        data: the Dataset. loss: only selects binary/multi-class margins (default from y).
-        w: a flat parameter vector (p,) or a stack (..., p).
+        data: the Dataset. loss: only selects binary/multi-class margins (default from y;
+            a Trajectory's own loss otherwise).
+        w: a flat parameter vector (p,), a stack (..., p), or a Trajectory, which stands
+            for its last saved state traj.w[..., -1, :] (checked against the run's model
+            and data). For the margin at every save pass traj.w.
         weights: None, or a positive vector (p,).
 
     Returns:
-        numpy array of shape w.shape[:-1] (a 0-d array for one w). Negative when the data
-        is misclassified; 0/0 (w = 0) raises.
+        numpy array of shape w.shape[:-1] (a 0-d array for one w or an unbatched
+        Trajectory, (B,) for a batched one). Negative when the data is misclassified; 0/0
+        (w = 0) raises.
 
     Example:
-        >>> gamma = normalized_margin(model, data, traj.w[-1])
+        >>> gamma = normalized_margin(model, data, traj)          # at the end of the run
+        >>> curve = normalized_margin(model, data, traj.w)        # at every save
     """
-    objective = make_objective(model, data, loss, "normalized_margin")
-    w = check_flat(objective, w, "normalized_margin")
+    objective, w = states(model, data, w, loss, "normalized_margin")
     p = w.shape[-1]
     weights = check_weights(weights, p, "normalized_margin")
     flat = w.reshape(-1, p)
@@ -54,8 +63,8 @@ def normalized_margin(
 
 
 def q_min(model, data, w, *, loss=None):
-    """min_i q_i(w) for a flat w (p,) or a stack (..., p)."""
-    objective = make_objective(model, data, loss, "q_min")
-    w = check_flat(objective, w, "q_min")
+    """min_i q_i(w) for a flat w (p,), a stack (..., p), or a Trajectory (its last saved
+    state, as in `normalized_margin`); shape w.shape[:-1]."""
+    objective, w = states(model, data, w, loss, "q_min")
     p = w.shape[-1]
     return margins_stack(objective, jnp.reshape(w, (-1, p))).min(axis=-1).reshape(w.shape[:-1])

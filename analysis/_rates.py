@@ -7,6 +7,7 @@ import numpy as np
 
 from ..models._base import check_real_type
 from ._common import NotSeparatedError, check_trajectory, not_separated_message, separation_index
+from ._records import record_repr
 
 
 class RateFit(eqx.Module):
@@ -18,6 +19,8 @@ class RateFit(eqx.Module):
     t_min: float = eqx.field(static=True)
     t_max: float = eqx.field(static=True)
     n_points: int = eqx.field(static=True)
+
+    __repr__ = record_repr
 
 
 def rate_fit(traj, *, t_min: float | None = None, t_max: float | None = None) -> RateFit:

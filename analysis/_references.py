@@ -1,5 +1,5 @@
 """Exact max-margin references: linear L2 / L-infinity max-margin (hard-margin SVM through
-the origin), the paper's toy model (MATH.md section 6), and angles between directions."""
+the origin), the paper's toy model (docs/math.md section 6), and angles between directions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import scipy.optimize
 from jaxtyping import ArrayLike, Float
 
 from ..models import Dataset
+from ._common import is_trajectory
+from ._records import record_repr
 
 
 def angle(a: Float[ArrayLike, "... p"], b: Float[ArrayLike, "... p"]) -> np.ndarray:
@@ -17,9 +19,10 @@ def angle(a: Float[ArrayLike, "... p"], b: Float[ArrayLike, "... p"]) -> np.ndar
 
     Computed as 2 atan2(||a^ - b^||, ||a^ + b^||) with a^ = a/||a||: accurate for tiny
     angles, where arccos(<a^, b^>) loses half the digits (1 - cos theta ~ theta^2 / 2).
+    A Trajectory in place of a or b stands for its last saved state traj.w[..., -1, :], as
+    everywhere in marginflow.analysis (pass traj.w for the angle at every save).
     """
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
+    a, b = (np.asarray(x.w[..., -1, :] if is_trajectory(x) else x, np.float64) for x in (a, b))
     na = np.linalg.norm(a, axis=-1, keepdims=True)
     nb = np.linalg.norm(b, axis=-1, keepdims=True)
     if np.any(na == 0) or np.any(nb == 0):
@@ -47,6 +50,8 @@ class MaxMargin(eqx.Module):
     kkt: dict = eqx.field(static=True)
     verified: bool = eqx.field(static=True)
     norm: str = eqx.field(static=True)
+
+    __repr__ = record_repr
 
 
 _VERIFY_TOL = 1e-9
@@ -317,6 +322,8 @@ class ToyMaxMargin(eqx.Module):
     feasible_plus: bool = eqx.field(static=True)
     feasible_minus: bool = eqx.field(static=True)
 
+    __repr__ = record_repr
+
     def gamma_for(self, theta) -> float:
         """gamma* of the branch of sign(v) of the flat toy parameters theta = (v, w_1, w_2)."""
         v = float(np.asarray(theta)[..., 0])
@@ -342,7 +349,7 @@ def toy_max_margin(data) -> ToyMaxMargin:
     v r / (v^2 + r^2) * min(min_{y=+1} <u,x>, min_{y=-1} -<u,x>/2), maximal at v = r:
         gamma*   = 1/2 max_{|u|=1} min( min_{y=+1} <u, x>, min_{y=-1} -<u, x>/2 ),
         gamma*_- = 1/2 max_{|u|=1} min( min_{y=-1} -<u, x>, min_{y=+1} <u, x>/2 )  (v < 0,
-    the leaky side on the positive class; MATH.md section 6). Each max-min of linear
+    the leaky side on the positive class; docs/math.md section 6). Each max-min of linear
     functions over the unit circle is an L2 max-margin problem with rows a_c (x_i, -x_i/2,
     ...), solved exactly by `max_margin_linear`. A flow converges to the branch its
     initialisation selects: compare with `gamma_for(theta)` (by sign(v)).

@@ -1,5 +1,5 @@
 """The surrogate margin, the monotone quantity of Lemma 3 and its pointwise decomposition
-(MATH.md section 4; the paper's Def. 9, Lemmas 2, 3, 18, 19).
+(docs/math.md section 4; the paper's Def. 9, Lemmas 2, 3, 18, 19).
 
 Coordinates: the paper works in v = h_inf^{-1/2} * w with beta = h / h_inf. Every quantity
 here is written in the code's w and h, where h_inf cancels:
@@ -8,6 +8,8 @@ here is written in the code's w and h, where h_inf cancels:
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -20,11 +22,16 @@ from ._common import (
     check_flat,
     constraint_margins,
     constraint_weights_over_loss,
-    make_objective,
+    is_trajectory,
     not_separated_message,
     separation_index,
+    states,
     trajectory_objective,
 )
+from ._records import record_repr
+
+if TYPE_CHECKING:
+    from ..flows import Trajectory
 
 
 class SurrogateMargin(eqx.Module):
@@ -37,6 +44,8 @@ class SurrogateMargin(eqx.Module):
     separated: np.ndarray
     i0: int | None = eqx.field(static=True)
     t0: float | None = eqx.field(static=True)
+
+    __repr__ = record_repr
 
 
 def _g_of_log_inv_loss(loss, log_loss):
@@ -95,6 +104,8 @@ class MonotoneQuantity(eqx.Module):
     i0: int = eqx.field(static=True)
     t0: float = eqx.field(static=True)
     max_drop: float = eqx.field(static=True)
+
+    __repr__ = record_repr
 
 
 def monotone_quantity(traj, model, data) -> MonotoneQuantity:
@@ -176,6 +187,8 @@ class Lemma3Terms(eqx.Module):
     rho: np.ndarray
     log_loss: np.ndarray
 
+    __repr__ = record_repr
+
 
 def _terms_one(flow, objective, t, w, m):
     L = objective.degree
@@ -247,9 +260,9 @@ def lemma3_terms(
     flow,
     model,
     data,
-    t: Float[ArrayLike, "..."],
-    w: Float[ArrayLike, "... p"],
-    m: Float[ArrayLike, "... p"],
+    t: Float[ArrayLike, "..."] | Trajectory,
+    w: Float[ArrayLike, "... p"] | None = None,
+    m: Float[ArrayLike, "... p"] | None = None,
     *,
     loss=None,
 ) -> Lemma3Terms:
@@ -271,12 +284,36 @@ def lemma3_terms(
     there, flagged by `separated` = False.
 
     Args:
-        flow: the flow (traj.flow()); model, data: as for simulate; loss: default from y.
-        t: times (k,) or scalar; w, m: states (k, p) or (p,) (traj.w, traj.m).
+        flow: the flow (traj.flow()); model, data: as for simulate; loss: default from y
+            (a Trajectory's own loss otherwise).
+        t: times (k,) or scalar; w, m: states (k, p) or (p,) (traj.w, traj.m). Or a
+            Trajectory in place of t, with w and m left out: its last saved state
+            (traj.ts[-1], traj.w[..., -1, :], traj.m[..., -1, :]), as everywhere in
+            marginflow.analysis; for every save pass traj.ts, traj.w, traj.m.
+
+    Example:
+        >>> lemma3_terms(traj.flow(), model, data, traj).dlog_gamma_tilde   # at the end
     """
-    objective = make_objective(model, data, loss, "lemma3_terms")
-    w = check_flat(objective, w, "lemma3_terms")
-    m = check_flat(objective, m, "lemma3_terms", name="m")
+    where = "lemma3_terms"
+    if is_trajectory(t):
+        traj = t
+        if w is not None or m is not None:
+            raise TypeError(
+                f"{where}: pass either a Trajectory (its last saved state is used) or the "
+                "arrays t, w, m, not both; e.g. lemma3_terms(flow, model, data, traj) or "
+                "lemma3_terms(flow, model, data, traj.ts, traj.w, traj.m)."
+            )
+        objective, w = states(model, data, traj, loss, where)
+        m = check_flat(objective, traj.m[..., -1, :], where, name="traj.m[-1]")
+        t = float(traj.ts[-1])
+    else:
+        if w is None or m is None:
+            raise TypeError(
+                f"{where}: `w` and `m` are required with times `t` (e.g. traj.ts, traj.w, "
+                "traj.m), or pass a Trajectory alone in place of t."
+            )
+        objective, w = states(model, data, w, loss, where)
+        m = check_flat(objective, m, where, name="m")
     single = w.ndim == 1
     W = w.reshape(-1, w.shape[-1])
     M = m.reshape(-1, m.shape[-1])

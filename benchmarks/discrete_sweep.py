@@ -3,7 +3,7 @@
 100 initialisations of the toy network Phi = v sigma(<w, x>) (leaky ReLU of slope 1/2) on
 the toy data, each trained with GD, AdaGrad, RMSProp and Adam (w/m) for 5000 full-batch
 steps (lr 0.1, b 0.9, eps 1e-5, the paper's convention: eps inside the root), exponential
-loss summed over the samples (MATH.md section 1).
+loss summed over the samples (docs/math.md section 1).
 
 - marginflow: one `run(optimizer, models, data, steps, batch=True)` per optimiser (all
   initialisations in one vmapped, jit-compiled scan), as a user calls it: by default the
@@ -91,8 +91,8 @@ def numpy_sweep(name, p0s, X, y, steps, save_every):
 
 # ---------------------------------------------------------------------- marginflow
 def optimizer(name):
-    return {"gd": GD(LR), "adagrad": AdaGrad(LR, EPS), "rmsprop": RMSProp(LR, B, EPS),
-            "adam": Adam(LR, B, EPS)}[name]
+    return {"gd": GD(LR), "adagrad": AdaGrad(LR, eps=EPS), "rmsprop": RMSProp(LR, b=B, eps=EPS),
+            "adam": Adam(LR, b2=B, eps=EPS)}[name]
 
 
 def marginflow_sweep(name, models, data, steps, save_every, workers=None):

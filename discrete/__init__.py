@@ -1,5 +1,5 @@
 """Discrete optimisers that match the flows, `run`, the flow <-> discrete dictionary
-(MATH.md section 5) and `compare` for two trajectories."""
+(docs/math.md section 5) and `compare` for two trajectories."""
 
 from ._compare import Comparison as Comparison
 from ._compare import compare as compare

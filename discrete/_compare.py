@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..analysis._records import record_repr
 from ..flows import Trajectory
 
 
@@ -31,6 +32,8 @@ class Comparison(eqx.Module):
     margin_difference: np.ndarray
     log_loss_difference: np.ndarray
     interpolated: bool = eqx.field(static=True)
+
+    __repr__ = record_repr
 
     def max_distance(self) -> np.ndarray:
         """max_t ||w_a(t) - w_b(t)|| (per member when batched)."""

@@ -1,16 +1,16 @@
-"""The flow <-> discrete dictionary (MATH.md section 5).
+"""The flow <-> discrete dictionary (docs/math.md section 5).
 
 With flow time t = k * eta a discrete rule follows its flow to first order (error O(eta)
 on a fixed interval [0, T]) when its decay rates scale with the step:
 
-| discrete optimiser        | eta  | flow                                                 |
-|---------------------------|------|------------------------------------------------------|
-| GD(lr)                    | lr   | GradientFlow()                                       |
-| AdaGrad(lr, eps) "paper"  | lr^2 | AdaGradFlow(eps = lr^2 eps)                          |
-| AdaGrad(lr, eps) "pytorch"| lr^2 | AdaGradFlow(eps = lr eps, conditioner="eps_outside") |
-| RMSProp(lr, b, eps)       | lr   | RMSPropFlow(eps, b_flow), 1 - b = eta (1 - b_flow)   |
-| Adam(lr, b2, eps), b1 = 0 | lr   | AdamFlow(eps, b_flow, bias_correction="ema"), same b |
-| SGDMomentum, Adam b1 > 0  | -    | none implemented (NotImplementedError)               |
+| discrete optimiser              | eta  | flow                                                 |
+|---------------------------------|------|------------------------------------------------------|
+| GD(lr)                          | lr   | GradientFlow()                                       |
+| AdaGrad(lr, eps=eps) "paper"    | lr^2 | AdaGradFlow(eps = lr^2 eps)                          |
+| AdaGrad(lr, eps=eps) "pytorch"  | lr^2 | AdaGradFlow(eps = lr eps, conditioner="eps_outside") |
+| RMSProp(lr, b=b, eps=eps)       | lr   | RMSPropFlow(eps, b_flow), 1 - b = eta (1 - b_flow)   |
+| Adam(lr, b2=b2, eps=eps), b1 = 0| lr   | AdamFlow(eps, b_flow, bias_correction="ema"), same b |
+| SGDMomentum, Adam b1 > 0        | -    | none implemented (NotImplementedError)               |
 
 "paper" pairs with conditioner "eps_inside", "pytorch" with "eps_outside".
 Why these: one step changes n by (1 - b)(g^2 - n) = eta (1 - b_flow)(g^2 - n), an Euler
@@ -63,7 +63,7 @@ def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
     Time: t = k * optimizer.eta. Raises NotImplementedError for rules with momentum
     (SGDMomentum, Adam with b1 > 0): marginflow has no flow with a first moment.
 
-    Example: `matching_flow(RMSProp(0.01, 0.995, 1.0))` is `RMSPropFlow(eps=1.0, b=0.5)`.
+    Example: `matching_flow(RMSProp(0.01, b=0.995, eps=1.0))` is `RMSPropFlow(eps=1.0, b=0.5)`.
     """
     if not isinstance(optimizer, AbstractOptimizer):
         raise TypeError(
@@ -107,11 +107,11 @@ def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
 def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
     """The discrete optimiser whose step eta follows `flow` to first order (the reverse map).
 
-    GradientFlow -> GD(eta); AdaGradFlow(eps) -> AdaGrad(sqrt(eta), eps / eta) (eps_inside)
-    or AdaGrad(sqrt(eta), eps / sqrt(eta), convention="pytorch") (eps_outside);
-    RMSPropFlow(eps, b) -> RMSProp(eta, 1 - eta (1 - b), eps); AdamFlow(eps, b, "ema") ->
-    Adam(eta, 1 - eta (1 - b), eps). The paper's Adam correction 1 - b^t is the limit of
-    no discrete Adam: ValueError. Needs eta (1 - b) <= 1.
+    GradientFlow -> GD(eta); AdaGradFlow(eps) -> AdaGrad(sqrt(eta), eps=eps / eta)
+    (eps_inside) or AdaGrad(sqrt(eta), eps=eps / sqrt(eta), convention="pytorch")
+    (eps_outside); RMSPropFlow(eps, b) -> RMSProp(eta, b=1 - eta (1 - b), eps=eps);
+    AdamFlow(eps, b, "ema") -> Adam(eta, b2=1 - eta (1 - b), eps=eps). The paper's Adam
+    correction 1 - b^t is the limit of no discrete Adam: ValueError. Needs eta (1 - b) <= 1.
 
     Example: `matching_optimizer(RMSPropFlow(1.0, 0.5), 0.01)` is
     `RMSProp(lr=0.01, b=0.995, eps=1.0)`.
@@ -134,7 +134,7 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
         lr = math.sqrt(eta)
         eps_f = _concrete(flow.eps, "eps", "matching_optimizer")
         eps_d = eps_f / eta if convention == "paper" else eps_f / lr
-        return AdaGrad(lr, eps_d, convention=convention)
+        return AdaGrad(lr, eps=eps_d, convention=convention)
     if isinstance(flow, (RMSPropFlow, AdamFlow)):
         b_flow = _concrete(flow.b, "b", "matching_optimizer")
         decay = eta * (1.0 - b_flow)
@@ -147,14 +147,14 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
         eps = _concrete(flow.eps, "eps", "matching_optimizer")
         b_d = 1.0 - decay
         if isinstance(flow, RMSPropFlow):
-            return RMSProp(eta, b_d, eps, convention=convention)
+            return RMSProp(eta, b=b_d, eps=eps, convention=convention)
         if flow.bias_correction != "ema":
             raise ValueError(
                 "matching_optimizer: AdamFlow with bias_correction='paper' (1 - b^t, eq. 9) is "
                 "the limit of no discrete Adam: 1 - b2^{k+1} tends to 1 - e^{-(1 - b_flow) t}. "
                 "Use AdamFlow(eps, b, bias_correction='ema') for the flow discrete Adam follows."
             )
-        return Adam(eta, b_d, eps, convention=convention)
+        return Adam(eta, b2=b_d, eps=eps, convention=convention)
     raise NotImplementedError(
         f"matching_optimizer: no discrete optimiser for {type(flow).__name__}."
     )

@@ -1,4 +1,4 @@
-"""The discrete rules of the paper (eq. 3, 6, 7; MATH.md section 5), each an optax transformation.
+"""The discrete rules of the paper (eq. 3, 6, 7; docs/math.md section 5), as optax transformations.
 
 k = 0, 1, ..., g_k = grad L(w_k), all operations elementwise, "paper" convention
 (eps inside the root, as in the paper and the authors' code):
@@ -13,6 +13,11 @@ k = 0, 1, ..., g_k = grad L(w_k), all operations elementwise, "paper" convention
 
 "pytorch" convention: eps outside the root, h_k = 1 / (sqrt(.) + eps), as torch.optim does.
 
+Only `lr` may be passed by position: every other hyper-parameter is keyword-only, e.g.
+`Adam(1e-3, b2=0.999, eps=1e-8)`. optax orders them differently (`optax.adam(lr, b1, b2,
+eps)`), so an optax-style positional call such as `Adam(1e-3, 0.9, 0.999)` would silently
+mean other values; it raises a TypeError naming the keywords instead.
+
 Each class is built on the optax transformation that equals its rule exactly; the tests
 check this step by step in float64 against the rules above written out in numpy.
 """
@@ -20,6 +25,8 @@ check this step by step in float64 against the rules above written out in numpy.
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
@@ -95,6 +102,37 @@ def _check_convention(convention, where: str) -> str:
     return convention
 
 
+def _keyword_only(init):
+    """Let only `lr` be positional: a clear TypeError for `Adam(1e-3, 0.9, 0.999)`.
+
+    The decorated __init__ has the signature (self, lr, *, ...); Python would reject extra
+    positional arguments too, but with a message that names neither the keywords nor the
+    optax order that leads to the mistake.
+    """
+    keywords = [p.name for p in inspect.signature(init).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "convention"]
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if len(args) > 1:
+            cls = type(self).__name__
+            if not keywords:
+                raise TypeError(
+                    f"{cls}: takes one hyper-parameter, lr, got {len(args)} positional "
+                    f"arguments {args!r}; write {cls}({args[0]!r})."
+                )
+            named = ", ".join(f"{k}=..." for k in keywords)
+            raise TypeError(
+                f"{cls}: only `lr` may be passed by position, got {len(args)} positional "
+                f"arguments {args!r}; the hyper-parameters after lr are keyword-only "
+                f"({', '.join(keywords)}): optax's constructors order them differently (e.g. "
+                f"optax.adam(lr, b1, b2, eps)). Pass them by name: {cls}({args[0]!r}, {named})."
+            )
+        return init(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _float(x):
     return float(x) if _is_concrete(x) else x
 
@@ -105,7 +143,7 @@ class AbstractOptimizer(eqx.Module):
     Subclasses give `transformation()`, the optax GradientTransformation of the rule, and
     read the second moment n_k and the conditioner h_k back from its state (after the
     update of step k, i.e. including g_k). `eta` is the flow time of one step
-    (MATH.md section 5): lr, except AdaGrad's lr^2.
+    (docs/math.md section 5): lr, except AdaGrad's lr^2.
     """
 
     name: ClassVar[str]
@@ -150,6 +188,7 @@ class GD(AbstractOptimizer):
     lr: Float[Array, ""]
     convention: str = eqx.field(static=True, default="paper")
 
+    @_keyword_only
     def __init__(self, lr, *, convention: str = "paper"):
         self.lr = _check_lr(lr, "GD")
         self.convention = _check_convention(convention, "GD")
@@ -167,11 +206,12 @@ class AdaGrad(AbstractOptimizer):
     default accumulator 0.1 is NOT the paper's rule). optax has no eps-outside AdaGrad, so
     "pytorch" is the same accumulator with the root written as PyTorch does.
 
-    Matching flow (MATH.md section 5): the AdaGrad flow with eta = lr^2 and eps_flow =
+    Matching flow (docs/math.md section 5): the AdaGrad flow with eta = lr^2 and eps_flow =
     lr^2 eps ("paper") or lr eps ("pytorch"), since lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}
     and m(t) ~ lr^2 S_k.
 
-    Args: lr > 0; eps > 0 (default 1e-5 "paper", 1e-10 "pytorch").
+    Args (all but lr keyword-only): lr > 0; eps > 0 (default 1e-5 "paper", 1e-10
+    "pytorch"). Example: `AdaGrad(0.1, eps=1e-5)`.
     """
 
     name: ClassVar[str] = "adagrad"
@@ -179,7 +219,8 @@ class AdaGrad(AbstractOptimizer):
     eps: Float[Array, ""]
     convention: str = eqx.field(static=True, default="paper")
 
-    def __init__(self, lr, eps=None, *, convention: str = "paper"):
+    @_keyword_only
+    def __init__(self, lr, *, eps=None, convention: str = "paper"):
         self.convention = _check_convention(convention, "AdaGrad")
         if eps is None:
             eps = _DEFAULTS[convention]["adagrad_eps"]
@@ -214,8 +255,9 @@ class RMSProp(AbstractOptimizer):
     ("paper") or eps_in_sqrt=False ("pytorch", = torch.optim.RMSprop with alpha = b).
     Matching flow: RMSProp flow with eta = lr, 1 - b = eta (1 - b_flow), same eps.
 
-    Args: lr > 0; b in [0, 1) (default 0.9 "paper", 0.99 "pytorch"); eps > 0 (default
-    1e-5 "paper", 1e-8 "pytorch").
+    Args (all but lr keyword-only): lr > 0; b in [0, 1) (default 0.9 "paper", 0.99
+    "pytorch"); eps > 0 (default 1e-5 "paper", 1e-8 "pytorch"). Example:
+    `RMSProp(0.1, b=0.9, eps=1e-5)`.
     """
 
     name: ClassVar[str] = "rmsprop"
@@ -224,7 +266,8 @@ class RMSProp(AbstractOptimizer):
     eps: Float[Array, ""]
     convention: str = eqx.field(static=True, default="paper")
 
-    def __init__(self, lr, b=None, eps=None, *, convention: str = "paper"):
+    @_keyword_only
+    def __init__(self, lr, *, b=None, eps=None, convention: str = "paper"):
         self.convention = _check_convention(convention, "RMSProp")
         d = _DEFAULTS[convention]
         b = d["rmsprop_b"] if b is None else b
@@ -258,8 +301,9 @@ class Adam(AbstractOptimizer):
     Matching flow (b1 = 0): Adam flow with eta = lr, 1 - b2 = eta (1 - b_flow), same eps,
     and the bias correction 1 - e^{-(1 - b_flow) t} ("ema"), the limit of 1 - b2^{k+1}.
 
-    Args: lr > 0; b2 in [0, 1) (default 0.9 "paper", 0.999 "pytorch"); eps > 0 (default
-    1e-5 "paper", 1e-8 "pytorch"); b1 in [0, 1), default 0.
+    Args (all but lr keyword-only, unlike optax.adam(lr, b1, b2, eps)): lr > 0; b2 in
+    [0, 1) (default 0.9 "paper", 0.999 "pytorch"); eps > 0 (default 1e-5 "paper", 1e-8
+    "pytorch"); b1 in [0, 1), default 0. Example: `Adam(1e-3, b2=0.999, eps=1e-8)`.
     """
 
     name: ClassVar[str] = "adam"
@@ -269,7 +313,8 @@ class Adam(AbstractOptimizer):
     b1: Float[Array, ""]
     convention: str = eqx.field(static=True, default="paper")
 
-    def __init__(self, lr, b2=None, eps=None, *, b1=0.0, convention: str = "paper"):
+    @_keyword_only
+    def __init__(self, lr, *, b2=None, eps=None, b1=0.0, convention: str = "paper"):
         self.convention = _check_convention(convention, "Adam")
         d = _DEFAULTS[convention]
         b2 = d["adam_b2"] if b2 is None else b2
@@ -305,7 +350,8 @@ class SGDMomentum(AbstractOptimizer):
     conventions are the same rule). No flow of marginflow matches it: `matching_flow`
     raises. Its Trajectory uses t = k * lr, h = 1 and m = 0.
 
-    Args: lr > 0; momentum mu in [0, 1) (default 0.9, the paper's Fig. 4).
+    Args (all but lr keyword-only): lr > 0; momentum mu in [0, 1) (default 0.9, the
+    paper's Fig. 4). Example: `SGDMomentum(0.1, momentum=0.9)`.
     """
 
     name: ClassVar[str] = "sgd_momentum"
@@ -313,7 +359,8 @@ class SGDMomentum(AbstractOptimizer):
     momentum: Float[Array, ""]
     convention: str = eqx.field(static=True, default="paper")
 
-    def __init__(self, lr, momentum=0.9, *, convention: str = "paper"):
+    @_keyword_only
+    def __init__(self, lr, *, momentum=0.9, convention: str = "paper"):
         self.convention = _check_convention(convention, "SGDMomentum")
         self.lr = _check_lr(lr, "SGDMomentum")
         self.momentum = _check_unit(momentum, "momentum", "SGDMomentum",

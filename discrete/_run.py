@@ -43,7 +43,8 @@ def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data):
     if not isinstance(optimizer, AbstractOptimizer):
         raise TypeError(
             "run: `optimizer` must be a marginflow.discrete optimiser (GD(lr), AdaGrad(lr, "
-            "eps), RMSProp(lr, b, eps), Adam(lr, b2, eps), SGDMomentum(lr, momentum)), got "
+            "eps=...), RMSProp(lr, b=..., eps=...), Adam(lr, b2=..., eps=...), "
+            "SGDMomentum(lr, momentum=...)), got "
             f"{type(optimizer).__name__}; optax transformations are wrapped by these classes."
         )
     steps = _check_int(steps, "steps", 1, "pass the number of optimiser steps, e.g. 5000")
@@ -185,7 +186,7 @@ def run(
     w_{k+1} = w_k - lr * h_k * g_k (see the optimiser's docstring), g_k = grad L(w_k) with
     L(w) = sum_i exp(-f(q_i(w))) (the full data set, or a minibatch), w_0 = the model's
     parameters. The Trajectory has the type `simulate` returns, with
-    - ts = k * eta, eta = the step of the matching flow (MATH.md section 5: lr, AdaGrad
+    - ts = k * eta, eta = the step of the matching flow (docs/math.md section 5: lr, AdaGrad
       lr^2), so it shares a time axis with `simulate(matching_flow(optimizer), ...)`;
     - w = w_k; conditioner = h_k and m = the optimiser's second moment after step k
       (AdaGrad: S_k = sum_{s<=k} g_s^2, so the flow's m is about lr^2 S_k and its h is
@@ -233,7 +234,7 @@ def run(
         >>> import jax
         >>> from marginflow.discrete import RMSProp, run
         >>> from marginflow.models import ToyLeaky, toy_dataset
-        >>> traj = run(RMSProp(0.1, 0.9, 1e-5), ToyLeaky(key=jax.random.key(0)),
+        >>> traj = run(RMSProp(0.1, b=0.9, eps=1e-5), ToyLeaky(key=jax.random.key(0)),
         ...            toy_dataset(0), 5000, save_every=50)
     """
     if dtype not in (jnp.float64, jnp.float32):

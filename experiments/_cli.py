@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,25 +32,51 @@ class UsageError(ValueError):
     pass
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: "(default: 1e6)", "(default: none)" for an
+    option that is off unless given, "(required)" for a required one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.required and action.option_strings:
+            return f"{text} (required)"
+        if action.default is None and action.option_strings:
+            return f"{text} (default: none)"
+        return super()._get_help_string(action)
+
+
 # ----------------------------------------------------------------------- simulate
 def _simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flow", default="rmsprop", choices=["gd", "adagrad", "rmsprop", "adam"],
-                   help="which flow (default: rmsprop)")
+                   help="which flow: gradient flow, or the AdaGrad / RMSProp / Adam (w/m) flow")
     p.add_argument("--model", default="toy", choices=["toy", "linear", "deeplinear", "mlp"],
                    help="toy: the paper's v*sigma(<w,x>); linear; deeplinear (3 layers); "
                    "mlp (2 layers of width 16, ReLU^2)")
     p.add_argument("--data", default="toy", choices=["toy", "soudry", "gaussians"],
-                   help="toy: the paper's 100 points (default); soudry; gaussians (40 points)")
+                   help="toy: the paper's 100 points in 2-D; soudry: Soudry et al.'s 2-D set; "
+                   "gaussians: 40 separable points in 5-D")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
-    p.add_argument("--t1", type=float, default=1e6, help="end time (default 1e6)")
-    p.add_argument("--eps", type=float, default=1e-5, help="eps (default 1e-5, the paper's)")
-    p.add_argument("--b", type=float, default=0.9, help="b for rmsprop/adam (default 0.9)")
-    p.add_argument("--bias-correction", default="paper", choices=["paper", "ema"])
-    p.add_argument("--conditioner", default="eps_inside", choices=["eps_inside", "eps_outside"])
-    p.add_argument("--loss", default="exponential", choices=["exponential", "logistic"])
-    p.add_argument("--rtol", type=float, default=1e-8)
-    p.add_argument("--n-save", type=int, default=200)
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--t1", type=float, default="1e6", help="end time of the flow")
+    p.add_argument("--eps", type=float, default="1e-5",
+                   help="eps of the conditioner (the paper's value; unused by gd)")
+    p.add_argument("--b", type=float, default=0.9,
+                   help="decay b of the second moment, rmsprop / adam only")
+    p.add_argument("--bias-correction", default="paper", choices=["paper", "ema"],
+                   help="adam only: the paper's 1 - b^t, or 1 - e^{-(1-b)t}, the limit of "
+                   "discrete Adam")
+    p.add_argument("--conditioner", default="eps_inside", choices=["eps_inside", "eps_outside"],
+                   help="h = 1/sqrt(eps + m) (the paper's) or h = 1/(sqrt(m) + eps) (PyTorch's)")
+    p.add_argument("--loss", default="exponential", choices=["exponential", "logistic"],
+                   help="the loss of each margin q: exp(-q) or log(1 + exp(-q))")
+    p.add_argument("--rtol", type=float, default="1e-8",
+                   help="relative tolerance of the adaptive ODE solver")
+    p.add_argument("--n-save", type=int, default=200,
+                   help="number of saved times, t = 0 then log-spaced up to --t1")
+    p.add_argument("--out", required=True,
+                   help="output folder (created if missing) for trajectory.npz, "
+                   "trajectory.png and summary.json")
     p.add_argument("--no-progress", action="store_true", help="hide the progress meter")
     p.add_argument("--checkpoint", default=None,
                    help="write the run to this folder segment by segment; continue a killed "
@@ -99,23 +126,40 @@ def _build(args):
     return flow, model, data
 
 
-def summary_rows(traj, model, data) -> list[tuple[str, str]]:
-    """The rows of the summary table of a trajectory's last save."""
+def summary_values(traj, model, data) -> dict:
+    """The numbers of a trajectory's last save: written to summary.json as JSON numbers
+    (`_plain_json`) and printed in the summary table."""
     import numpy as np
 
     from ..analysis import normalized_margin
 
-    h = traj.h()[-1]
+    h = np.asarray(traj.h()[-1], np.float64)
     gamma = float(normalized_margin(model, data, traj.w[-1], loss=traj.meta["loss"]))
-    return [
-        ("t", f"{traj.ts[-1]:.4g}"),
-        ("log L (final loss)", f"{traj.log_loss[-1]:.6g}"),
-        ("||w||", f"{np.linalg.norm(traj.w[-1]):.6g}"),
-        ("normalised margin", f"{gamma:.6g}"),
-        ("h spread (max h / min h)", f"{np.max(h) / np.min(h):.6g}"),
-        ("solver steps", f"{int(np.sum(traj.stats['num_steps']))}"),
-        ("result", traj.result),
-    ]
+    return {
+        "t": float(traj.ts[-1]),
+        "log L (final loss)": float(traj.log_loss[-1]),
+        "||w||": float(np.linalg.norm(traj.w[-1])),
+        "normalised margin": gamma,
+        "h spread (max h / min h)": float(np.max(h) / np.min(h)),
+        "solver steps": int(np.sum(traj.stats["num_steps"])),
+        "result": traj.result,
+    }
+
+
+def _plain_json(x):
+    """x with every non-finite float replaced by None (JSON null): strict JSON, whose
+    numbers cannot be NaN or infinite."""
+    if isinstance(x, dict):
+        return {k: _plain_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain_json(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _display(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def print_table(rows, title: str) -> None:
@@ -126,34 +170,117 @@ def print_table(rows, title: str) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-def plot_trajectory(traj, model, data, path: str) -> None:
-    """Loss and normalised margin against t, log axes (first save at t = 0 dropped)."""
-    import matplotlib
+def reference_margin(traj, data) -> tuple[float, str] | None:
+    """(gamma*, label) when the exact max normalised margin of the run's model is known:
+    `Linear` (the L2 max-margin classifier, max_margin_linear) and `ToyLeaky` (the branch of
+    sign(v) at the last save, toy_max_margin); None otherwise or if the data is not
+    separable."""
+    import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..analysis import max_margin_linear, toy_max_margin
+
+    cls = traj.meta.get("model", {}).get("class")
+    try:
+        if cls == "Linear":
+            X = np.asarray(data.X, np.float64).reshape(len(data), -1)
+            return max_margin_linear(X, np.asarray(data.y)).margin, "gamma* (L2 max margin)"
+        if cls == "ToyLeaky" and not traj.batched:
+            ref = toy_max_margin(data)
+            w_end = np.asarray(traj.w[-1])
+            if w_end[0] == 0:
+                return None
+            gamma = ref.gamma_for(w_end)
+            branch = "v > 0" if w_end[0] > 0 else "v < 0"
+            return (gamma, f"gamma* ({branch} branch)") if np.isfinite(gamma) else None
+    except (ValueError, RuntimeError):  # not separable (no max-margin solution), LP failure
+        return None
+    return None
+
+
+def conditioner_limit_value(traj) -> tuple[float, str] | None:
+    """(h_inf, label) where Theorem 5 gives the conditioner's limit: RMSProp and Adam (w/m)
+    flows and their discrete runs, h -> eps^{-1/2} (eps_outside: 1/eps); None otherwise."""
+    meta = traj.meta
+    if meta.get("flow") not in ("rmsprop", "adam"):
+        return None
+    eps = float(meta["hyper"]["eps"])
+    if meta.get("conditioner") == "eps_outside":
+        return 1.0 / eps, "1/eps (Thm 5)"
+    return eps**-0.5, "eps^-1/2 (Thm 5)"
+
+
+def trajectory_figure(traj, model, data):
+    """The figure `marginflow simulate` writes: log L, the normalised margin and the range of
+    the conditioner h against t (log axes; the save at t = 0 is left out), with the
+    theory's reference lines: slope -1 for log L against log t (Theorem 10), gamma* where
+    `reference_margin` knows it, and h's limit where `conditioner_limit_value` gives one.
+    Returns the matplotlib Figure (unbatched trajectories)."""
     import numpy as np
 
     from ..analysis import normalized_margin
+    from ._common import pyplot
 
+    plt = pyplot()
     keep = traj.ts > 0
-    t = traj.ts[keep]
+    t = np.asarray(traj.ts[keep], np.float64)
+    log10_l = np.asarray(traj.log_loss[keep], np.float64) / np.log(10)
     gamma = normalized_margin(model, data, traj.w[keep], loss=traj.meta["loss"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(t, traj.log_loss[keep] / np.log(10))
+    h = np.asarray(traj.h()[keep], np.float64)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+
+    a.plot(t, log10_l, label="log10 L(w(t))")
+    late = (t >= t[-1] / 1e3) & (t > 1.0) if t.size else t > 0
+    if np.count_nonzero(late) >= 2 and np.isfinite(log10_l[-1]):
+        # A line of slope -1 on (log t, log L) through the last save: L ~ 1/t.
+        a.plot(t[late], log10_l[-1] - np.log10(t[late] / t[-1]), "k--", lw=0.9,
+               label="slope -1 (Thm 10: L ~ 1/t)")
     a.set_xscale("log")
     a.set_xlabel("t")
     a.set_ylabel("log10 L(w(t))")
     a.set_title("training loss")
-    b.plot(t, gamma)
+    a.legend(fontsize=8)
+
+    b.plot(t, gamma, label="q_min / ||w||^L")
+    ref = reference_margin(traj, data)
+    if ref is not None:
+        b.axhline(ref[0], color="k", ls="--", lw=0.9, label=f"{ref[1]} = {ref[0]:.4g}")
     b.set_xscale("log")
     b.set_xlabel("t")
     b.set_ylabel("q_min / ||w||^L")
     b.set_title("normalised margin")
-    b.set_ylim(bottom=max(float(np.min(gamma)), -float(np.max(np.abs(gamma)))))
+    # Early margins are very negative (before separation): show the range down to -|top|.
+    finite = np.asarray(gamma)[np.isfinite(gamma)]
+    top = max([*finite.tolist(), *([ref[0]] if ref is not None else [])], default=np.nan)
+    bottom = max(float(np.min(finite)), -abs(top)) if finite.size else np.nan
+    if np.isfinite(top) and top > bottom:
+        b.set_ylim(bottom=bottom, top=top + 0.05 * (top - bottom))
+    b.legend(fontsize=8)
+
+    c.plot(t, np.max(h, axis=-1), label="max_i h_i(t)")
+    c.plot(t, np.min(h, axis=-1), label="min_i h_i(t)")
+    lim = conditioner_limit_value(traj)
+    if lim is not None:
+        c.axhline(lim[0], color="k", ls="--", lw=0.9, label=f"{lim[1]} = {lim[0]:.4g}")
+    c.set_xscale("log")
+    c.set_yscale("log")
+    c.set_xlabel("t")
+    c.set_ylabel("conditioner h_i(t)")
+    c.set_title("conditioner range over the parameters")
+    c.legend(fontsize=8)
+
     fig.suptitle(f"{traj.meta['flow']} flow, {traj.meta['model']['class']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
+
+
+def plot_trajectory(traj, model, data, path: str) -> None:
+    """Write `trajectory_figure` to `path` as a PNG at DPI (150) dots per inch."""
+    import matplotlib.pyplot as plt
+
+    from ._results import DPI
+
+    fig = trajectory_figure(traj, model, data)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -164,33 +291,35 @@ def _simulate_run(args) -> int:
         raise UsageError(f"--t1 must be > 0, got {args.t1!r}; e.g. --t1 1e6.")
     flow, model, data = _build(args)
     os.makedirs(args.out, exist_ok=True)
-    kwargs = dict(rtol=args.rtol, n_save=args.n_save, loss=args.loss)
     start = time.perf_counter()
     try:
         traj = simulate(flow, model, data, args.t1, progress=not args.no_progress,
-                        checkpoint=args.checkpoint, **kwargs)
+                        checkpoint=args.checkpoint, rtol=args.rtol, n_save=args.n_save,
+                        loss=args.loss)
     except SimulationError as err:
         traj = err.trajectory
-    first = time.perf_counter() - start
-    run = None
-    if traj.success:
-        # A second, compiled call separates compilation from integration time.
-        start = time.perf_counter()
-        simulate(flow, model, data, args.t1, **kwargs)
-        run = time.perf_counter() - start
-    traj.save(os.path.join(args.out, "trajectory.npz"))
-    plot_trajectory(traj, model, data, os.path.join(args.out, "trajectory.png"))
-    rows = summary_rows(traj, model, data)
-    rows.append(("first call (compile + run)", f"{first:.2f} s"))
-    if run is not None:
-        rows.append(("run (compiled)", f"{run:.3f} s"))
-    return _write_outputs(traj, model, data, args.out, rows,
-                          f"marginflow simulate: {args.flow} flow on {args.model} / {args.data}")
+    wall = time.perf_counter() - start
+    return _write_outputs(traj, model, data, args.out,
+                          f"marginflow simulate: {args.flow} flow on {args.model} / {args.data}",
+                          wall_s=wall)
 
 
-def _write_outputs(traj, model, data, out, rows, title) -> int:
-    with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump(dict(rows) | {"meta": traj.meta}, fh, indent=2)
+def _write_outputs(traj, model, data, out, title, wall_s=None) -> int:
+    """trajectory.npz, trajectory.png and summary.json in `out` (all with the mode a plain
+    open() gives, 0666 minus the umask), and the summary table on stdout. `wall_s`: the
+    wall time of the one simulate call (compilation included), or None when nothing was
+    timed (resume)."""
+    paths = [os.path.join(out, name) for name in ("trajectory.npz", "trajectory.png",
+                                                  "summary.json")]
+    traj.save(paths[0])
+    plot_trajectory(traj, model, data, paths[1])
+    values = summary_values(traj, model, data)
+    rows = [(k, _display(v)) for k, v in values.items()]
+    if wall_s is not None:
+        values["wall_s"] = wall_s
+        rows.append(("wall time of the run (compilation included)", f"{wall_s:.2f} s"))
+    with open(paths[2], "w") as fh:
+        json.dump(_plain_json(values | {"meta": traj.meta}), fh, indent=2, allow_nan=False)
     print_table(rows, title)
     print(f"wrote {out}/trajectory.npz, trajectory.png, summary.json")
     if not traj.success:
@@ -207,7 +336,9 @@ subcommand("simulate", "integrate a flow and write trajectory, plot and summary"
 # ------------------------------------------------------------------------- resume
 def _resume_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="the folder given to simulate --checkpoint")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--out", required=True,
+                   help="output folder (created if missing) for trajectory.npz, "
+                   "trajectory.png and summary.json")
     p.add_argument("--no-progress", action="store_true", help="hide the progress meter")
 
 
@@ -225,10 +356,7 @@ def _resume_run(args) -> int:
 
     _, arrays, _ = read_checkpoint(args.checkpoint)
     data = Dataset(arrays["X"], arrays["y"])
-    traj.save(os.path.join(args.out, "trajectory.npz"))
-    plot_trajectory(traj, model, data, os.path.join(args.out, "trajectory.png"))
-    return _write_outputs(traj, model, data, args.out, summary_rows(traj, model, data),
-                          f"marginflow resume: {args.checkpoint}")
+    return _write_outputs(traj, model, data, args.out, f"marginflow resume: {args.checkpoint}")
 
 
 subcommand("resume", "continue a checkpointed simulate run")((_resume_arguments, _resume_run))
@@ -247,16 +375,23 @@ def _load_subcommands() -> None:
                 raise
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `marginflow` parser with every registered subcommand (help shows defaults)."""
     _load_subcommands()
     parser = argparse.ArgumentParser(
         prog="marginflow",
         description="Flows of adaptive optimisers on homogeneous networks (Wang et al. 2021).",
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in _SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text))
-    args = parser.parse_args(argv)
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text,
+                                     formatter_class=HelpFormatter))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     _, _, run = _SUBCOMMANDS[args.command]
     try:
         return run(args)

@@ -156,7 +156,7 @@ def _plot(result: ExperimentResult):
             ax.semilogx(d[f"{key}_t"], d[f"{key}_l2"], ls=":", color=line.get_color())
         ax.set_title(f"{fname}: angle to L-inf (solid), L2 (dotted)", fontsize=9)
         ax.set_xlabel("t")
-        ax.set_ylabel("degrees")
+        ax.set_ylabel("angle of w(t) [deg]")
         ax.legend(fontsize=7)
     ax = axes[2]
     for fname in FLOWS:
@@ -165,7 +165,7 @@ def _plot(result: ExperimentResult):
         e, t = np.array(pts).T
         ax.loglog(e, t, "o-", label=fname)
     ax.set_xlabel("eps")
-    ax.set_ylabel("crossover time")
+    ax.set_ylabel("crossover time t_cross")
     ax.set_title("crossover time vs eps", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

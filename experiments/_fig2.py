@@ -7,7 +7,7 @@ i.e. 0.1 / N on our sum loss). Per run: the unit vector
 u = h^{-1/2} / ||h^{-1/2}|| of the final conditioner (Theorem 4: AdaGrad's h_inf depends
 on the run; Theorem 5: RMSProp/Adam's is eps^{-1/2} 1, so u = (1,1,1)/sqrt 3), the final
 normalised margin q_min / ||theta||^2 against the exact gamma* of the branch of sign(v)
-(MATH.md section 6), and the training accuracy.
+(docs/math.md section 6), and the training accuracy.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def _optimizer(name: str, n: int):
         # rules are run as the brief states them (sum loss, lr 0.1, eps 1e-5): their step
         # is bounded by lr * eps^{-1/2} whatever the scale of the loss.
         "GD": lambda: GD(PAPER_LR / n),
-        "AdaGrad": lambda: AdaGrad(PAPER_LR, PAPER_EPS),
-        "RMSProp": lambda: RMSProp(PAPER_LR, PAPER_B, PAPER_EPS),
-        "Adam (w/m)": lambda: Adam(PAPER_LR, PAPER_B, PAPER_EPS),
+        "AdaGrad": lambda: AdaGrad(PAPER_LR, eps=PAPER_EPS),
+        "RMSProp": lambda: RMSProp(PAPER_LR, b=PAPER_B, eps=PAPER_EPS),
+        "Adam (w/m)": lambda: Adam(PAPER_LR, b2=PAPER_B, eps=PAPER_EPS),
     }[name]()
 
 
@@ -197,52 +197,76 @@ def _claims(stats, steps, t1) -> list[Claim]:
                 paper="KKT point of (P): gamma*",
                 measured="mean relative gap " + ", ".join(f"{n} {v:.2g}"
                                                           for n, v in gaps.items()),
-                # 5%: MATH.md section 6 measured 1-4% at t = 1e5 for the flow; the margin
+                # 5%: docs/math.md section 6 measured 1-4% at t = 1e5 for the flow; the margin
                 # converges like 1/log t, so only a loose bound is honest at finite t.
                 reproduced=max(gaps.values()) < 0.05,
             ))
     return claims
 
 
+# An orthonormal basis of the plane orthogonal to (1,1,1)/sqrt3 in the coordinates
+# (v, w1, w2): a unit vector u near the isotropic direction is drawn as (u.E1, u.E2), the
+# isotropic direction itself at the origin, and the distance from the origin is sin(angle).
+E1 = np.array([1.0, -1.0, 0.0]) / np.sqrt(2.0)
+E2 = np.array([1.0, 1.0, -2.0]) / np.sqrt(6.0)
+
+
 def _plot(result: ExperimentResult):
+    """Two figures: "directions", the h^{-1/2} direction of every run projected on the
+    plane orthogonal to (1,1,1)/sqrt3 (the origin is Theorem 5's limit h = eps^{-1/2} 1);
+    "margins", the final normalised margins against gamma* and the training accuracy."""
     plt = pyplot()
     d = result.data
-    iso = np.ones(3) / np.sqrt(3.0)
     figs = {}
-    fig = plt.figure(figsize=(10, 6.4))
-    for r, kind in enumerate(KINDS):
-        for c, name in enumerate(("AdaGrad", "RMSProp", "Adam (w/m)")):
-            ax = fig.add_subplot(2, 3, 3 * r + c + 1, projection="3d")
+    names = ("AdaGrad", "RMSProp", "Adam (w/m)")
+    coords = {}
+    for kind in KINDS:
+        for name in names:
             k = _key(kind, name)
             if f"{k}_direction" in d:
-                u = d[f"{k}_direction"]
-                z = np.zeros(len(u))
-                ax.quiver(z, z, z, u[:, 0], u[:, 1], u[:, 2], color="tab:red", lw=0.6,
-                          arrow_length_ratio=0.08)
-            ax.quiver(0, 0, 0, *iso, color="tab:green", lw=2, arrow_length_ratio=0.08)
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-            ax.set_zlim(0, 1)
-            ax.set_title(f"{name} ({kind})", fontsize=9)
-            ax.tick_params(labelsize=6)
-    fig.suptitle("h^-1/2 / ||h^-1/2|| per run (red) and (1,1,1)/sqrt3 (green); "
-                 "coordinates (v, w1, w2)", fontsize=9)
+                u = np.asarray(d[f"{k}_direction"])
+                coords[kind, name] = (u @ E1, u @ E2)
+    # One scale for all panels, so that the spreads compare at a glance.
+    span = max([0.02] + [float(np.max(np.abs(np.concatenate(c)))) for c in coords.values()])
+    lim = 1.15 * span
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), layout="constrained")
+    for ax, name in zip(axes, names, strict=True):
+        angles = []
+        for kind, marker in zip(KINDS, ("o", "x"), strict=True):
+            if (kind, name) in coords:
+                x, y = coords[kind, name]
+                ax.plot(x, y, marker, ls="none", ms=5, alpha=0.7, label=f"{kind} runs")
+                angles.append(f"{kind} {np.max(d[f'{_key(kind, name)}_angle_deg']):.2g} deg")
+        ax.plot([0.0], [0.0], "k+", ms=14, mew=2, label="(1,1,1)/sqrt3: h = eps^-1/2 (Thm 5)")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xlabel("u . (1,-1,0)/sqrt2")
+        ax.set_ylabel("u . (1,1,-2)/sqrt6")
+        ax.set_title(f"{name}: largest angle to (1,1,1)/sqrt3\n" + ", ".join(angles),
+                     fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("direction u = h^-1/2 / ||h^-1/2|| at the end of each run, coordinates "
+                 "(v, w1, w2), seen along (1,1,1)/sqrt3", fontsize=10)
     figs["directions"] = fig
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for i, kind in enumerate(KINDS):
         ax = axes[i]
         for j, name in enumerate(OPTIMISERS):
             k = _key(kind, name)
             if f"{k}_margin" in d:
                 m = d[f"{k}_margin"]
-                ax.plot(np.full(len(m), j) + np.linspace(-0.2, 0.2, len(m)), m, ".", ms=3)
-        ax.axhline(float(d["gamma_plus"]), color="k", ls="--", lw=0.8, label="gamma*_+ (v>0)")
+                ax.plot(np.full(len(m), j) + np.linspace(-0.2, 0.2, len(m)), m, ".", ms=4)
+        ax.axhline(float(d["gamma_plus"]), color="k", ls="--", lw=0.8,
+                   label=f"gamma*_+ (v > 0) = {float(d['gamma_plus']):.4g}")
         ax.axhline(float(d["gamma_minus"]), color="gray", ls=":", lw=0.8,
-                   label="gamma*_- (v<0)")
-        ax.set_xticks(range(len(OPTIMISERS)), OPTIMISERS, fontsize=8)
-        ax.set_title(f"final normalised margin per run ({kind})", fontsize=9)
-        ax.legend(fontsize=7)
+                   label=f"gamma*_- (v < 0) = {float(d['gamma_minus']):.4g}")
+        ax.set_xticks(range(len(OPTIMISERS)), OPTIMISERS)
+        ax.set_xlabel("optimiser (one dot per run)")
+        ax.set_ylabel("final q_min / ||theta||^2")
+        ax.set_title(f"final normalised margin ({kind})", fontsize=10)
+        ax.legend(fontsize=8)
     ax = axes[2]
     for name in OPTIMISERS:
         k = _key("discrete", name)
@@ -250,8 +274,9 @@ def _plot(result: ExperimentResult):
             ax.plot(d[f"{k}_t"], d[f"{k}_accuracy"].mean(axis=0), label=name)
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("t = k * eta (discrete)")
-    ax.set_title("mean training accuracy", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("training accuracy (mean over runs)")
+    ax.set_title("training accuracy (discrete runs)", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     figs["margins"] = fig
     return figs

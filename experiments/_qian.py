@@ -4,7 +4,7 @@ Data: x1 = (cos 3pi/8, sin 3pi/8), x2 = (cos 9pi/20, sin 9pi/20), both with labe
 a linear model Phi(w; x) = <w, x>. Theorem 7: the AdaGrad flow's direction converges to a
 KKT point of
     (PA)  min 1/2 ||h_inf^{-1/2} * w||^2  s.t.  <w, x_i> >= 1,
-i.e. (MATH.md sections 3-4, w = h_inf^{1/2} * v) the L2 max-margin direction of the data
+i.e. (docs/math.md sections 3-4, w = h_inf^{1/2} * v) the L2 max-margin direction of the data
 h_inf^{1/2} * x_i in v, mapped back to w. For a linear model (PA) is convex, its KKT point is
 its unique minimiser, which `max_margin_linear(X, y, weights=h_inf ** -0.5)` returns in w
 coordinates. Its L2 counterpart (P) has both points as support vectors; (PA) with an
@@ -167,15 +167,18 @@ def _plot(result: ExperimentResult):
             b.plot([0, u[0]], [0, u[1]], color=line.get_color(), lw=1)
         i += 1
     a.set_xlabel("t")
-    a.set_ylabel("degrees")
+    a.set_ylabel("angle [deg]")
     a.set_title("angle of w(t) to (PA) (solid) and to L2 (dotted)", fontsize=9)
     a.legend(fontsize=6)
     u = d["l2_direction"]
-    b.plot([0, u[0]], [0, u[1]], "k--", lw=2, label="L2 max margin")
-    for x in d["X"]:
-        b.plot([0, x[0]], [0, x[1]], color="gray", lw=3, alpha=0.4)
+    b.plot([0, u[0]], [0, u[1]], "k--", lw=2, label="L2 max margin (P)")
+    for j, x in enumerate(d["X"]):
+        b.plot([0, x[0]], [0, x[1]], color="gray", lw=3, alpha=0.4,
+               label="data x_1, x_2" if j == 0 else None)
     b.set_aspect("equal")
-    b.set_title("(PA) directions per run, L2 (dashed), data (gray)", fontsize=9)
+    b.set_xlabel("w_1")
+    b.set_ylabel("w_2")
+    b.set_title("(PA) solution per run (colours as left), L2 (dashed)", fontsize=9)
     b.legend(fontsize=7)
     fig.tight_layout()
     return {"directions": fig}

@@ -6,7 +6,8 @@ A result carries
 - `claims`: the paper's claims this experiment checks, each marked reproduced or not with
   the numbers that decide it;
 - `settings`: what was run (sizes, horizons, hyper-parameters, quick or full);
-- a plotting function that turns the result into matplotlib figures (`<name>_<fig>.png`).
+- a plotting function that turns the result into matplotlib figures (`<name>_<fig>.png`,
+  written at DPI = 150 dots per inch).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+DPI = 150  # every PNG the package writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +106,9 @@ class ExperimentResult:
         rows += [(f"[{c.verdict}] {c.claim}", c.measured) for c in self.claims]
         return rows
 
-    def save(self, out: str | os.PathLike, *, dpi: int = 72) -> list[str]:
-        """Write `<name>.json`, `<name>.npz` and `<name>_<figure>.png` into `out`."""
+    def save(self, out: str | os.PathLike, *, dpi: int = DPI) -> list[str]:
+        """Write `<name>.json`, `<name>.npz` and `<name>_<figure>.png` (at `dpi` dots per
+        inch) into `out`."""
         import matplotlib
 
         matplotlib.use("Agg")

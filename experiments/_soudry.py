@@ -136,12 +136,15 @@ def _plot(result: ExperimentResult):
         anchor_a = d["GD_angle_deg"][-1] * np.log(t[-1])
         axes[0].loglog(t[late], anchor_a / np.log(t[late]), "k--", lw=0.8, label="~ 1/log t")
         axes[2].loglog(t[late], d["GD_loss"][-1] * t[-1] / t[late], "k:", lw=0.8,
-                       label="~ 1/t")
-    axes[0].set_title("angle to (1,1)/sqrt2 [deg]")
-    axes[1].set_title("margin gap gamma* - gamma(t)")
-    axes[2].set_title("loss L(w(t))")
+                       label="slope -1 (Thm 10: L ~ 1/t)")
+    axes[0].set_title("direction: angle to the L2 max margin")
+    axes[0].set_ylabel("angle of w(t) to (1,1)/sqrt2 [deg]")
+    axes[1].set_title(f"margin gap to gamma* = {float(d['gamma_star']):.4g} (exact SVM)")
+    axes[1].set_ylabel("gamma* - q_min / ||w(t)||")
+    axes[2].set_title("loss")
+    axes[2].set_ylabel("L(w(t))")
     for a in axes:
         a.set_xlabel("t")
-        a.legend(fontsize=7)
+        a.legend(fontsize=8)
     fig.tight_layout()
     return {"rates": fig}

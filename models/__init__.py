@@ -1,4 +1,4 @@
-"""Homogeneous models, margin losses and data sets (MATH.md section 1)."""
+"""Homogeneous models, margin losses and data sets (docs/math.md section 1)."""
 
 from ._base import AbstractModel as AbstractModel
 from ._base import from_spec as from_spec

@@ -1,4 +1,4 @@
-"""Data sets: a validated `Dataset(X, y)` and the paper's synthetic sets (MATH.md section 6)."""
+"""Data sets: a validated `Dataset(X, y)`, the paper's synthetic sets (docs/math.md section 6)."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def check_compatible(model, data: Dataset, loss: AbstractLoss, where: str) -> No
 class Objective(eqx.Module):
     """L(w) = sum_i exp(-f(q_i(w))) for a model, a data set and a loss, w flat.
 
-    `log_loss(w)` is log L (log space, MATH.md section 1); `grad(w)` is grad L computed as
+    `log_loss(w)` is log L (log space, docs/math.md section 1); `grad(w)` is grad L computed as
     L * grad log L, so it is exact in relative terms even when L = e^{-700} and below.
     """
 

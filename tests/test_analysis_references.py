@@ -116,7 +116,7 @@ def test_multiclass_l2_against_the_model_margin():
 
 
 def test_problems_P_and_PA_differ_when_N_below_d():
-    # MATH.md section 3: with N < d the weighted and unweighted solutions differ (26-37
+    # docs/math.md section 3: with N < d the weighted and unweighted solutions differ (26-37
     # degrees measured on 6 points in 12 dimensions); with as many support vectors as
     # dimensions (and the same support set) they coincide. Both facts are checked.
     X, y = random_separable(7, 6, 12)
@@ -143,7 +143,7 @@ def test_problems_P_and_PA_differ_when_N_below_d():
 
 
 def toy_brute_force(X, y, positive_branch: bool):
-    """1/2 max_theta min(...) of MATH.md section 6 by a scan of 2e5 angles + a local refine."""
+    """1/2 max_theta min(...) of docs/math.md section 6 by a scan of 2e5 angles + a local refine."""
     pos, neg = X[y > 0], X[y < 0]
 
     def inner(phi):

@@ -52,7 +52,7 @@ def soudry():
 
 @pytest.fixture(scope="module")
 def adagrad_pa():
-    # N = 6 < d = 12: (P) and (PA) have different solutions (MATH.md section 3).
+    # N = 6 < d = 12: (P) and (PA) have different solutions (docs/math.md section 3).
     data = separable_gaussians(6, 12, seed=0)
     model = Linear(12, key=jax.random.key(0))
     return model, data, simulate(AdaGradFlow(EPS), model, data, T1, ts=TS)
@@ -255,7 +255,7 @@ def test_errors_on_unseparated_or_mismatched_runs(soudry):
 
 @pytest.mark.slow
 def test_toy_converges_to_the_branch_of_its_initialisation():
-    # MATH.md section 6: the toy (L = 2) has two KKT branches; a flow converges to the one
+    # docs/math.md section 6: the toy (L = 2) has two KKT branches; a flow converges to the one
     # sign(v) selects, slowly. Gaps 1 - gamma / gamma*_branch measured for RMSProp (eps 1e-5,
     # b 0.9) at t = 1e4 .. 1e12: seeds 1-4 start at 1e-3..0.22 and fall by 2.3x-5.6x.
     from marginflow.analysis import toy_max_margin

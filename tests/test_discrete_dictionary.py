@@ -1,4 +1,4 @@
-"""The flow <-> discrete dictionary (MATH.md section 5): the map itself, first-order
+"""The flow <-> discrete dictionary (docs/math.md section 5): the map itself, first-order
 convergence of discrete runs to their flows, and the fixed-b regime where they do not."""
 
 import math
@@ -35,20 +35,20 @@ GRID = 0.04  # saves every 0.04 of flow time: a multiple of every eta, one compi
 def test_matching_flow_table():
     f = matching_flow(GD(0.1))
     assert isinstance(f, GradientFlow)
-    f = matching_flow(AdaGrad(0.1, 2e-3))
+    f = matching_flow(AdaGrad(0.1, eps=2e-3))
     assert isinstance(f, AdaGradFlow) and f.conditioner == "eps_inside"
     assert math.isclose(float(f.eps), 0.1**2 * 2e-3, rel_tol=1e-15)
-    f = matching_flow(AdaGrad(0.1, 2e-3, convention="pytorch"))
+    f = matching_flow(AdaGrad(0.1, eps=2e-3, convention="pytorch"))
     assert f.conditioner == "eps_outside" and math.isclose(float(f.eps), 0.1 * 2e-3,
                                                            rel_tol=1e-15)
-    f = matching_flow(RMSProp(0.01, 0.995, 0.3))
+    f = matching_flow(RMSProp(0.01, b=0.995, eps=0.3))
     assert isinstance(f, RMSPropFlow)
     assert math.isclose(float(f.b), 0.5, rel_tol=1e-12) and float(f.eps) == 0.3
-    f = matching_flow(Adam(0.01, 0.995, 0.3, convention="pytorch"))
+    f = matching_flow(Adam(0.01, b2=0.995, eps=0.3, convention="pytorch"))
     assert isinstance(f, AdamFlow) and f.bias_correction == "ema"
     assert f.conditioner == "eps_outside" and math.isclose(float(f.b), 0.5, rel_tol=1e-12)
     # The paper's toy setting: 1 - b = 0.1 = lr exactly, b_flow = 0 (up to rounding).
-    assert float(matching_flow(RMSProp(0.1, 0.9, 1e-5)).b) == 0.0
+    assert float(matching_flow(RMSProp(0.1, b=0.9, eps=1e-5)).b) == 0.0
 
 
 @pytest.mark.parametrize("flow", [GradientFlow(), AdaGradFlow(0.7), RMSPropFlow(0.7, 0.3),
@@ -70,11 +70,11 @@ def test_round_trip(flow):
 
 def test_dictionary_errors():
     with pytest.raises(NotImplementedError, match="SGDMomentum has no flow"):
-        matching_flow(SGDMomentum(0.1, 0.9))
+        matching_flow(SGDMomentum(0.1, momentum=0.9))
     with pytest.raises(NotImplementedError, match="b1 = 0.9"):
-        matching_flow(Adam(0.1, 0.9, b1=0.9))
+        matching_flow(Adam(0.1, b2=0.9, b1=0.9))
     with pytest.raises(ValueError, match=r"b >= 1 - lr = 0.99"):
-        matching_flow(RMSProp(0.01, 0.9, 1e-5))  # 1 - b = 0.1 > lr: no flow
+        matching_flow(RMSProp(0.01, b=0.9, eps=1e-5))  # 1 - b = 0.1 > lr: no flow
     with pytest.raises(ValueError, match="bias_correction='paper'"):
         matching_optimizer(AdamFlow(1.0, 0.5), 0.01)
     with pytest.raises(ValueError, match=r"eta <= 2"):
@@ -130,7 +130,7 @@ def slope(errs):
 FLOWS = {
     "gd": GradientFlow(),
     "adagrad": AdaGradFlow(1.0),
-    # eps of order 1 and b_flow = 0.5: MATH.md section 5 (with eps = 1e-5 the O(eta)
+    # eps of order 1 and b_flow = 0.5: docs/math.md section 5 (with eps = 1e-5 the O(eta)
     # regime needs eta far below 1e-3).
     "rmsprop": RMSPropFlow(1.0, 0.5),
     "adam": AdamFlow(1.0, 0.5, bias_correction="ema"),
@@ -158,14 +158,14 @@ def test_fixed_b_does_not_converge_to_the_flow(problem):
     model, data = problem
     flow = FLOWS["rmsprop"]
     traj = flow_run(flow, model, data)
-    fixed = discrete_errors(lambda eta: RMSProp(eta, 0.5, 1.0), traj, model, data)
+    fixed = discrete_errors(lambda eta: RMSProp(eta, b=0.5, eps=1.0), traj, model, data)
     assert fixed[-1] > 0.5 * fixed[0], fixed
     matched = discrete_errors(lambda eta: matching_optimizer(flow, eta), traj, model, data)
     assert fixed[-1] > 30 * matched[-1], (fixed, matched)
 
 
 class _SlavedRMSPropFlow(AbstractFlow):
-    """dw/dt = -g / sqrt(eps + g^2): the limit of RMSProp at fixed b (MATH.md section 5)."""
+    """dw/dt = -g / sqrt(eps + g^2): the limit of RMSProp at fixed b (docs/math.md section 5)."""
 
     name: ClassVar[str] = "slaved_rmsprop"
     eps: jax.Array
@@ -191,5 +191,5 @@ def test_fixed_b_follows_the_slaved_flow(problem):
     dw/dt = -g / sqrt(eps + g^2). Measured slope 0.94 (b_d = 0.5 forgets in ~2 steps)."""
     model, data = problem
     slaved = flow_run(_SlavedRMSPropFlow(1.0), model, data)
-    errs = discrete_errors(lambda eta: RMSProp(eta, 0.5, 1.0), slaved, model, data)
+    errs = discrete_errors(lambda eta: RMSProp(eta, b=0.5, eps=1.0), slaved, model, data)
     assert 0.8 <= slope(errs) <= 1.2, errs

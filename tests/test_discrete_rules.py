@@ -1,4 +1,4 @@
-"""Each optimiser's optax configuration against its rule written out in numpy (MATH.md sec. 5).
+"""Each optimiser's optax configuration against its rule written out in numpy (docs/math.md sec. 5).
 
 The reference below is independent of optax and of marginflow: the gradient of
 L(w) = sum_i exp(-y_i <w, x_i>) is written by hand, and the rules are the formulas of the
@@ -156,21 +156,21 @@ def test_gd_equals_rule(seed, scale, fraction, convention):
 @given(seed=seeds, scale=scales, fraction=fractions, mu=bs)
 def test_sgd_momentum_equals_torch_rule(seed, scale, fraction, mu):
     lr = stable_lr(seed, scale, fraction)
-    check(SGDMomentum(lr, mu), "sgd_momentum", "paper", {"lr": lr, "momentum": mu}, seed,
+    check(SGDMomentum(lr, momentum=mu), "sgd_momentum", "paper", {"lr": lr, "momentum": mu}, seed,
           scale)
 
 
 @SETTINGS
 @given(seed=seeds, scale=scales, lr=st.floats(1e-2, 0.5), eps=epss, convention=conventions)
 def test_adagrad_equals_rule(seed, scale, lr, eps, convention):
-    check(AdaGrad(lr, eps, convention=convention), "adagrad", convention,
+    check(AdaGrad(lr, eps=eps, convention=convention), "adagrad", convention,
           {"lr": lr, "eps": eps}, seed, scale)
 
 
 @SETTINGS
 @given(seed=seeds, scale=scales, lr=lrs, b=bs, eps=epss, convention=conventions)
 def test_rmsprop_equals_rule(seed, scale, lr, b, eps, convention):
-    check(RMSProp(lr, b, eps, convention=convention), "rmsprop", convention,
+    check(RMSProp(lr, b=b, eps=eps, convention=convention), "rmsprop", convention,
           {"lr": lr, "b": b, "eps": eps}, seed, scale)
 
 
@@ -178,7 +178,7 @@ def test_rmsprop_equals_rule(seed, scale, lr, b, eps, convention):
 @given(seed=seeds, scale=scales, lr=lrs, b2=bs, eps=epss, b1=st.sampled_from([0.0, 0.9]),
        convention=conventions)
 def test_adam_equals_rule(seed, scale, lr, b2, eps, b1, convention):
-    check(Adam(lr, b2, eps, b1=b1, convention=convention), "adam", convention,
+    check(Adam(lr, b2=b2, eps=eps, b1=b1, convention=convention), "adam", convention,
           {"lr": lr, "b2": b2, "eps": eps, "b1": b1}, seed, scale)
 
 

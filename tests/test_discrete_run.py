@@ -40,8 +40,8 @@ def member(models, i):
 
 
 # ------------------------------------------------------------------ batching
-@pytest.mark.parametrize("opt", [RMSProp(0.1, 0.9, 1e-5), AdaGrad(0.1, 1e-5),
-                                 Adam(0.05, 0.99, 1e-3, b1=0.9, convention="pytorch")])
+@pytest.mark.parametrize("opt", [RMSProp(0.1, b=0.9, eps=1e-5), AdaGrad(0.1, eps=1e-5),
+                                 Adam(0.05, b2=0.99, eps=1e-3, b1=0.9, convention="pytorch")])
 def test_vmap_equals_loop(opt):
     """run(batch=True) equals separate runs of each initialisation. Tolerance 1e-12
     relative: the batched program groups the same float64 operations differently (a
@@ -65,12 +65,12 @@ def test_no_retrace_for_new_hyperparameters_or_steps():
     saves -> no new compilation."""
     data = toy_dataset(0)
     model = ToyLeaky(key=jax.random.PRNGKey(3))
-    run(RMSProp(0.1, 0.9, 1e-5), model, data, 40, save_every=4)
+    run(RMSProp(0.1, b=0.9, eps=1e-5), model, data, 40, save_every=4)
     n0 = eqx.debug.get_num_traces(_run_counted)
-    run(RMSProp(0.05, 0.5, 1e-3), model, data, 80, save_every=8)  # 10 saves + the end again
-    run(RMSProp(0.2, 0.0, 1.0), model, data, 37, save_every=4)  # a short last block
+    run(RMSProp(0.05, b=0.5, eps=1e-3), model, data, 80, save_every=8)  # 10 saves + the end again
+    run(RMSProp(0.2, b=0.0, eps=1.0), model, data, 37, save_every=4)  # a short last block
     assert eqx.debug.get_num_traces(_run_counted) == n0
-    run(RMSProp(0.1, 0.9, 1e-5), model, data, 40, save_every=2)  # 20 saves: a new shape
+    run(RMSProp(0.1, b=0.9, eps=1e-5), model, data, 40, save_every=2)  # 20 saves: a new shape
     assert eqx.debug.get_num_traces(_run_counted) == n0 + 1
 
 
@@ -78,10 +78,10 @@ def test_no_retrace_for_new_hyperparameters_or_steps():
 def test_save_times_and_final_point():
     data = toy_dataset(0)
     model = ToyLeaky(key=jax.random.PRNGKey(1))
-    traj = run(AdaGrad(0.3, 1e-3), model, data, 23, save_every=5)
+    traj = run(AdaGrad(0.3, eps=1e-3), model, data, 23, save_every=5)
     # saves at k = 0, 5, 10, 15, 20 and the end k = 23; AdaGrad's flow time is k lr^2.
     np.testing.assert_allclose(traj.ts, np.array([0, 5, 10, 15, 20, 23]) * 0.09, rtol=1e-15)
-    full = run(AdaGrad(0.3, 1e-3), model, data, 23, save_every=1)
+    full = run(AdaGrad(0.3, eps=1e-3), model, data, 23, save_every=1)
     np.testing.assert_array_equal(traj.w, full.w[[0, 5, 10, 15, 20, 23]])
     assert np.all(np.isnan(traj.I))
 
@@ -173,8 +173,8 @@ def test_minibatch_of_everything_is_full_batch():
     full one summed in another order (rounding only, hence 1e-12)."""
     data = toy_dataset(1)
     model = ToyLeaky(key=jax.random.PRNGKey(2))
-    full = run(RMSProp(0.1, 0.9, 1e-5), model, data, 200, save_every=20)
-    mini = run(RMSProp(0.1, 0.9, 1e-5), model, data, 200, save_every=20, batch_size=100,
+    full = run(RMSProp(0.1, b=0.9, eps=1e-5), model, data, 200, save_every=20)
+    mini = run(RMSProp(0.1, b=0.9, eps=1e-5), model, data, 200, save_every=20, batch_size=100,
                key=jax.random.PRNGKey(5))
     assert np.max(np.abs(mini.w - full.w)) <= 1e-12 * np.max(np.abs(full.w))
     assert mini.meta["batch_size"] == 100
@@ -207,7 +207,7 @@ def test_minibatch_gd_matches_hand_written_sgd():
 def test_meta_model_at_flow_and_save_load(tmp_path):
     data = toy_dataset(0)
     model = ToyLeaky(key=jax.random.PRNGKey(4))
-    opt = RMSProp(0.1, 0.95, 1e-5)
+    opt = RMSProp(0.1, b=0.95, eps=1e-5)
     traj = run(opt, model, data, 100, save_every=10)
     meta = traj.meta
     assert meta["kind"] == "discrete" and meta["optimizer"] == "rmsprop"
@@ -233,12 +233,12 @@ def test_meta_model_at_flow_and_save_load(tmp_path):
     [
         (lambda: GD(0.0), r"`lr` must be a finite number > 0, got 0.0"),
         (lambda: GD(float("nan")), r"`lr` must be a finite number > 0"),
-        (lambda: AdaGrad(0.1, -1e-5), r"`eps` must be a finite number > 0, got -1e-05"),
-        (lambda: RMSProp(0.1, 1.0), r"`b` must be in \[0, 1\), got 1.0"),
-        (lambda: RMSProp(0.1, -0.1), r"`b` must be in \[0, 1\), got -0.1"),
-        (lambda: Adam(0.1, 0.9, 0.0), r"`eps` must be a finite number > 0, got 0.0"),
-        (lambda: Adam(0.1, 0.9, b1=1.5), r"`b1` must be in \[0, 1\), got 1.5"),
-        (lambda: SGDMomentum(0.1, 1.0), r"`momentum` must be in \[0, 1\), got 1.0"),
+        (lambda: AdaGrad(0.1, eps=-1e-5), r"`eps` must be a finite number > 0, got -1e-05"),
+        (lambda: RMSProp(0.1, b=1.0), r"`b` must be in \[0, 1\), got 1.0"),
+        (lambda: RMSProp(0.1, b=-0.1), r"`b` must be in \[0, 1\), got -0.1"),
+        (lambda: Adam(0.1, b2=0.9, eps=0.0), r"`eps` must be a finite number > 0, got 0.0"),
+        (lambda: Adam(0.1, b2=0.9, b1=1.5), r"`b1` must be in \[0, 1\), got 1.5"),
+        (lambda: SGDMomentum(0.1, momentum=1.0), r"`momentum` must be in \[0, 1\), got 1.0"),
         (lambda: RMSProp(0.1, convention="torch"), r"`convention` must be 'paper'"),
         (lambda: GD("0.1"), r"`lr` must be a real number"),
     ],
@@ -320,8 +320,8 @@ def test_compare_interpolates_linearly_in_log_t():
 def test_compare_margins_match_analysis_and_batches():
     data = toy_dataset(0)
     models = toys(2, seed=3)
-    a = run(RMSProp(0.1, 0.9, 1e-5), models, data, 200, save_every=50, batch=True)
-    b = run(Adam(0.1, 0.9, 1e-5), models, data, 200, save_every=50, batch=True)
+    a = run(RMSProp(0.1, b=0.9, eps=1e-5), models, data, 200, save_every=50, batch=True)
+    b = run(Adam(0.1, b2=0.9, eps=1e-5), models, data, 200, save_every=50, batch=True)
     c = compare(a, b, data)
     assert c.distance.shape == (2, 5) and c.max_distance().shape == (2,)
     for i in range(2):
@@ -365,7 +365,7 @@ def test_float32_runs_in_float32():
     steps of a mild problem; float32 rounding is 6e-8 per operation)."""
     data = toy_dataset(0)
     model = ToyLeaky(key=jax.random.PRNGKey(2))
-    opt = RMSProp(0.01, 0.995, 1.0)
+    opt = RMSProp(0.01, b=0.995, eps=1.0)
     t32 = run(opt, model, data, 200, save_every=20, dtype=jnp.float32)
     t64 = run(opt, model, data, 200, save_every=20)
     assert t32.w.dtype == np.float32 and t32.meta["dtype"] == "float32"

@@ -229,7 +229,7 @@ def test_hyperparameters_refuse_bools_and_strings(build, name, bad):
 def test_numbers_are_still_accepted():
     # Numbers in the forms numpy and JAX give them (scalars, 0-d arrays, ints).
     RMSPropFlow(np.float32(1e-5), jnp.asarray(0.9))
-    RMSProp(np.float64(0.1), 0.9, 1)
+    RMSProp(np.float64(0.1), b=0.9, eps=1)
     AdaGradFlow(1)
 
 

@@ -1,4 +1,4 @@
-"""Flows: the vector fields of MATH.md section 2, Adam at t = 0, input validation (issue 2)."""
+"""Flows: the vector fields of docs/math.md section 2, Adam at t = 0, input validation (issue 2)."""
 
 import math
 
@@ -16,7 +16,7 @@ moments = st.lists(st.floats(0.0, 5.0), min_size=P, max_size=P).map(np.array)
 
 
 def reference_field(name, t, m, g, eps, b, correction="paper", conditioner="eps_inside"):
-    """MATH.md section 2 table written out in numpy, independently of the package."""
+    """docs/math.md section 2 table written out in numpy, independently of the package."""
     if name == "gd":
         return -g, np.zeros_like(m)
     if name == "adagrad":

@@ -153,10 +153,10 @@ def test_discrete_run_arguments(lr, b, eps, which, steps, save_every, batch_size
     def call():
         opt = {
             "gd": lambda: GD(lr),
-            "adagrad": lambda: AdaGrad(lr, eps),
-            "rmsprop": lambda: RMSProp(lr, b, eps),
-            "adam": lambda: Adam(lr, b, eps),
-            "momentum": lambda: SGDMomentum(lr, b),
+            "adagrad": lambda: AdaGrad(lr, eps=eps),
+            "rmsprop": lambda: RMSProp(lr, b=b, eps=eps),
+            "adam": lambda: Adam(lr, b2=b, eps=eps),
+            "momentum": lambda: SGDMomentum(lr, momentum=b),
         }[which]()
         # steps and save_every are always malformed here: run must refuse them cleanly.
         run(opt, model, data, steps, save_every=save_every, batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""Property tests of the lemmas of MATH.md section 4 along random runs (hypothesis).
+"""Property tests of the lemmas of docs/math.md section 4 along random runs (hypothesis).
 
 Random separable data, initialisations and hyper-parameters; every flow; float64. Each
 example simulates one short run (the compiled solver is shared between examples of one

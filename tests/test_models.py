@@ -75,6 +75,7 @@ def test_cnn_homogeneity_and_size():
     assert float(jnp.max(jnp.abs(model.fc1))) > 0.99 / math.sqrt(3136)
 
 
+@pytest.mark.slow  # 17 s: compiles the CNN's forward pass three ways
 def test_cnn_conv_implementations_agree():
     """im2col and XLA's convolution op compute the same network, values and gradients.
 
@@ -176,7 +177,7 @@ def test_cross_entropy_log_space_and_margin():
 def test_f_g_inverse_and_f_prime(name):
     loss = get_loss(name)
     q = jnp.array([0.1, 0.5, 1.0, 3.0, 20.0, 300.0, 1e4])
-    # g = f^{-1} (MATH.md section 1).
+    # g = f^{-1} (docs/math.md section 1).
     np.testing.assert_allclose(loss.g(loss.f(q)), q, rtol=1e-10)
     # f' agrees with automatic differentiation of f.
     auto = jax.vmap(jax.grad(loss.f))(q)

@@ -67,7 +67,7 @@ def test_same_seed_bitwise_identical(toy):
 def test_discrete_same_seed_bitwise_identical(toy):
     from marginflow.discrete import Adam, run
 
-    runs = [run(Adam(0.05, 0.9, 1e-5), ToyLeaky(key=jax.random.PRNGKey(7)), toy, 500,
+    runs = [run(Adam(0.05, b2=0.9, eps=1e-5), ToyLeaky(key=jax.random.PRNGKey(7)), toy, 500,
                 save_every=25) for _ in range(2)]
     for field in ("ts", "w", "m", "conditioner", "log_loss"):
         assert np.array_equal(getattr(runs[0], field), getattr(runs[1], field)), field

@@ -72,6 +72,7 @@ def test_batch_is_sharded_over_all_local_devices():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
+@pytest.mark.slow  # 20 s; the verification bank's default float32 row checks float32 runs
 def test_float32_agrees_with_float64_where_it_resolves_the_answer():
     model, data = ToyLeaky(key=jax.random.key(0)), toy_dataset(0)
     kw = dict(n_save=9, rtol=1e-5, atol=1e-8)

@@ -46,7 +46,7 @@ def runs(toy, toy_model):
 
 
 def exact_toy_gamma(data, branch):
-    """gamma* of the toy model by a brute-force angle scan (MATH.md section 6).
+    """gamma* of the toy model by a brute-force angle scan (docs/math.md section 6).
 
     v > 0: 1/2 max_u min(min_{y=+1} <u,x>, min_{y=-1} -<u,x>/2);
     v < 0: 1/2 max_u min(min_{y=-1} -<u,x>, min_{y=+1} <u,x>/2).
@@ -103,7 +103,7 @@ def test_rmsprop_margin_close_to_exact_gamma(runs, toy, toy_model):
     gamma = q_min / np.linalg.norm(w_end) ** 2
     v_sign = np.sign(traj.model_at(len(traj) - 1).v)
     gamma_star = exact_toy_gamma(toy, v_sign)
-    # Theorem 6 + MATH.md section 6: the margin approaches gamma* of the branch of sign(v)
+    # Theorem 6 + docs/math.md section 6: the margin approaches gamma* of the branch of sign(v)
     # from below, slowly (1e-2..4e-2 relative at 1e5); the issue asks 1% below at t = 1e6.
     assert gamma <= gamma_star * (1 + 1e-9)
     assert gamma >= 0.99 * gamma_star

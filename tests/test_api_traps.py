@@ -1,0 +1,240 @@
+"""An API without traps (issue 16): keyword-only optimiser hyper-parameters, analysis
+functions that take a Trajectory, result records that print their values, and a CLI whose
+flags show their defaults and whose outputs are plain JSON numbers with one file mode.
+
+The runs reuse configurations of other tests (the CLI's toy run of tests/test_cli.py, the
+batched toy runs of tests/test_discrete_run.py), so that a full test session compiles
+each of them once.
+"""
+
+import inspect
+import json
+import os
+import re
+import stat
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from marginflow import analysis as mfa
+from marginflow.discrete import GD, AdaGrad, Adam, RMSProp, SGDMomentum, compare, run
+from marginflow.experiments._cli import build_parser, main
+from marginflow.flows import RMSPropFlow, Trajectory, simulate
+from marginflow.models import ToyLeaky, soudry_dataset, toy_dataset
+
+OPTIMIZERS = (GD, AdaGrad, RMSProp, Adam, SGDMomentum)
+# The CLI's default job at the size tests/test_cli.py runs it.
+CLI_ARGS = ["simulate", "--flow", "rmsprop", "--model", "toy", "--t1", "1e4", "--no-progress",
+            "--n-save", "40"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    data = toy_dataset(0)
+    model = ToyLeaky(key=jax.random.PRNGKey(0))
+    # The run `marginflow simulate` makes with CLI_ARGS (same arguments: same compilation).
+    traj = simulate(RMSPropFlow(1e-5, 0.9), model, data, 1e4, progress=False, checkpoint=None,
+                    rtol=1e-8, n_save=40, loss="exponential")
+    assert traj.success
+    return model, data, traj
+
+
+@pytest.fixture(scope="module")
+def batched():
+    data = toy_dataset(0)
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)
+    a = run(RMSProp(0.1, b=0.9, eps=1e-5), models, data, 200, save_every=50, batch=True)
+    b = run(Adam(0.1, b2=0.9, eps=1e-5), models, data, 200, save_every=50, batch=True)
+    return ToyLeaky(key=jax.random.PRNGKey(0)), data, a, b
+
+
+# ------------------------------------------------------------ keyword-only optimisers
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_only_lr_is_positional(cls):
+    params = list(inspect.signature(cls.__init__).parameters.values())
+    assert [p.name for p in params[:2]] == ["self", "lr"]
+    assert params[1].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
+    keywords = [p.name for p in params[2:] if p.name != "convention"]
+    with pytest.raises(TypeError, match=r"^" + cls.__name__) as err:
+        cls(0.1, 0.5, 0.5)
+    # The message names every keyword, so the fix is in it.
+    for name in keywords:
+        assert f"{name}=" in str(err.value)
+
+
+def test_optax_style_adam_fails_loudly():
+    # optax.adam(1e-3, 0.9, 0.999) means b1 = 0.9, b2 = 0.999; here it used to mean b2 = 0.9,
+    # eps = 0.999 in silence.
+    with pytest.raises(TypeError, match=r"Adam: only `lr` may be passed by position, got 3"):
+        Adam(1e-3, 0.9, 0.999)
+    opt = Adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
+    assert opt.hyperparameters() == {"lr": 1e-3, "b2": 0.999, "eps": 1e-8, "b1": 0.9}
+    assert RMSProp(lr=0.01, b=0.995, eps=1.0).hyperparameters() == {"lr": 0.01, "b": 0.995,
+                                                                    "eps": 1.0}
+
+
+# ------------------------------------------------------------ analysis on a Trajectory
+def test_analysis_takes_a_trajectory_as_its_last_state(toy):
+    model, data, traj = toy
+    w_end = traj.w[-1]
+    np.testing.assert_array_equal(mfa.normalized_margin(model, data, traj),
+                                  mfa.normalized_margin(model, data, w_end))
+    np.testing.assert_array_equal(mfa.q_min(model, data, traj), mfa.q_min(model, data, w_end))
+    a, b = mfa.kkt_residual(model, data, traj), mfa.kkt_residual(model, data, w_end)
+    for f in ("residual_best", "eps_paper", "gamma", "lambda_best"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    flow = traj.flow()
+    t1 = mfa.lemma3_terms(flow, model, data, traj)
+    t2 = mfa.lemma3_terms(flow, model, data, traj.ts[-1], w_end, traj.m[-1])
+    np.testing.assert_array_equal(t1.dlog_gamma_tilde, t2.dlog_gamma_tilde)
+    np.testing.assert_array_equal(t1.q_min, t2.q_min)
+    u = np.array([1.0, 2.0, 3.0])
+    assert mfa.angle(traj, u) == mfa.angle(w_end, u)
+
+
+def test_analysis_on_a_batched_trajectory_gives_one_value_per_member(batched):
+    model, data, a, _ = batched
+    gamma = mfa.normalized_margin(model, data, a)
+    assert gamma.shape == (2,)
+    np.testing.assert_array_equal(gamma, mfa.normalized_margin(model, data, a.w[:, -1]))
+
+
+def test_analysis_checks_the_trajectory_against_its_inputs(toy):
+    model, data, traj = toy
+    with pytest.raises(ValueError, match=r"normalized_margin: `data` is not the data set"):
+        mfa.normalized_margin(model, toy_dataset(1), traj)
+    with pytest.raises(ValueError, match=r"kkt_residual: `loss` is 'logistic' but the "
+                       r"trajectory was computed with 'exponential'"):
+        mfa.kkt_residual(model, data, traj, loss="logistic")
+    with pytest.raises(TypeError, match=r"lemma3_terms: pass either a Trajectory"):
+        mfa.lemma3_terms(traj.flow(), model, data, traj, traj.w)
+    with pytest.raises(TypeError, match=r"lemma3_terms: `w` and `m` are required"):
+        mfa.lemma3_terms(traj.flow(), model, data, traj.ts)
+
+
+# ------------------------------------------------------------ readable records
+def test_record_repr_shows_values():
+    lim = mfa.ConditionerLimit(h_inf=np.array([316.227766, 316.227766]), t_end=1e6,
+                               decade_starts=np.array([1e5, 1e4, 1e3]),
+                               change=np.array([1.23456e-9, np.nan, 2.0]),
+                               last_decade_change=1.23456e-9)
+    assert repr(lim) == (
+        "ConditionerLimit(\n"
+        "  h_inf=[316.2, 316.2],\n"
+        "  t_end=1e+06,\n"
+        "  decade_starts=[1e+05, 1e+04, 1000],\n"
+        "  change=[1.235e-09, nan, 2],\n"
+        "  last_decade_change=1.235e-09,\n"
+        ")"
+    )
+    fit = mfa.RateFit(loss_exponent=1.00234, norm_exponent=0.5, loss_t_exponent=-1.0,
+                      t_min=10.0, t_max=1e6, n_points=9)
+    assert repr(fit) == ("RateFit(\n  loss_exponent=1.002,\n  norm_exponent=0.5,\n  "
+                         "loss_t_exponent=-1,\n  t_min=10,\n  t_max=1e+06,\n  n_points=9,\n)")
+    # Long arrays: dtype[shape] with their range, the last entry of a series, and how many
+    # entries are not finite; boolean arrays with their count of True.
+    sm = mfa.SurrogateMargin(ts=np.linspace(0.0, 1.0, 100), rho=np.full(100, 2.0),
+                             gamma_tilde=np.r_[np.nan, np.linspace(-1.0, 0.5, 99)],
+                             g_value=np.zeros((2, 50)), separated=np.arange(100) > 59,
+                             i0=60, t0=0.6)
+    text = repr(sm)
+    assert "ts=f64[100](min 0, max 1, last 1)" in text
+    assert "gamma_tilde=f64[100](min -1, max 0.5, last 0.5, 1 non-finite)" in text
+    assert "g_value=f64[2,50](min 0, max 0)" in text
+    assert "separated=bool[100](40 True)" in text
+    assert "i0=60" in text and "t0=0.6" in text
+
+
+def test_records_from_real_runs_print_no_shapes(toy, batched):
+    model, data, traj = toy
+    _, data_b, a, b = batched
+    records = [
+        mfa.kkt_residual(model, data, traj),
+        mfa.conditioner_limit(traj),
+        compare(a, b, data_b),
+        mfa.max_margin_linear(soudry_dataset(0).X, soudry_dataset(0).y),
+        mfa.toy_max_margin(data),
+        mfa.surrogate_margin(traj, model, data),
+        mfa.monotone_quantity(traj, model, data),
+        mfa.lemma3_terms(traj.flow(), model, data, traj),
+        mfa.rate_fit(traj),
+    ]
+    for r in records:
+        text = repr(r)
+        assert "(numpy)" not in text and "(jax)" not in text, text
+    kkt = records[0]
+    assert f"gamma={float(kkt.gamma):.4g}," in repr(kkt)
+    assert f"residual_best={float(kkt.residual_best):.4g}," in repr(kkt)
+    h = records[1].h_inf
+    assert f"h_inf=[{h[0]:.4g}, {h[1]:.4g}, {h[2]:.4g}]" in repr(records[1])
+    c = records[2]
+    assert f"max {float(np.max(c.distance)):.4g}" in repr(c)
+
+
+# ------------------------------------------------------------ the command line
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_every_cli_flag_has_help_and_shows_its_default():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) >= {"simulate", "resume", "reproduce"}
+    for name, sp in sub.choices.items():
+        text = _norm(sp.format_help())
+        for action in sp._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"marginflow {name} {action.option_strings or action.dest}"
+            if not action.option_strings:
+                continue  # a positional argument has no default
+            if action.required:
+                shown = "(required)"
+            elif action.default is None:
+                shown = "(default: none)"
+            else:
+                shown = f"(default: {action.default})"
+            assert _norm(f"{action.help} {shown}") in text, (name, action.option_strings)
+    help_text = _norm(sub.choices["simulate"].format_help())
+    assert "--t1 T1 end time of the flow (default: 1e6)" in help_text
+
+
+def test_cli_runs_once_writes_numbers_and_one_file_mode(tmp_path, capsys, monkeypatch):
+    import marginflow.flows
+
+    calls = []
+    real = marginflow.flows.simulate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(marginflow.flows, "simulate", counted)
+    out = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        rc = main([*CLI_ARGS, "--out", str(out)])
+    finally:
+        os.umask(old)
+    assert rc == 0
+    assert len(calls) == 1  # no second run to time a compiled call
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    traj = Trajectory.load(out / "trajectory.npz")
+    for key, value in summary.items():
+        if key not in ("result", "meta"):
+            assert type(value) in (int, float), (key, value)
+    assert summary["log L (final loss)"] == float(traj.log_loss[-1])
+    assert summary["solver steps"] == int(np.sum(traj.stats["num_steps"]))
+    assert summary["t"] == float(traj.ts[-1])
+    assert summary["wall_s"] > 0
+    assert summary["result"] == "successful"
+    # The table says what the time is, and shows the same number.
+    assert re.search(rf"wall time of the run \(compilation included\)\s+"
+                     rf"{summary['wall_s']:.2f} s", printed)
+    # trajectory.npz used to be 0600 (tempfile + rename); now every file gets 0o666 & ~umask.
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"trajectory.npz": 0o640, "trajectory.png": 0o640, "summary.json": 0o640}
