@@ -97,9 +97,10 @@ def known_failure(check: str, row: Problem):
     return KNOWN_FAILURES.get((check, row.name))
 
 
-# With pytest-xdist (`-n 4 --dist loadgroup`), all checks of a row run in one worker, which
-# integrates the row once (the runs are cached per process). Measured on 2 cores: `-n 2` is
-# slower than one process (114 s against 93 s for the default slice).
+# With `--dist loadgroup` (e.g. `-n 4 --dist loadgroup` on a larger machine), all checks of
+# a row run in one worker, which integrates the row once (the runs are cached per process).
+# Measured on 2 cores: `-n 2 --dist loadgroup` is slower than one process (114 s against
+# 93 s for the default slice); the default run (`--dist loadfile`) keeps the file together.
 _XDIST = importlib.util.find_spec("xdist") is not None
 
 
