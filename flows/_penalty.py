@@ -11,8 +11,13 @@ is the positive variation of each phi_i along the path, summed over i:
 
 `PenaltyIntegral` wraps the solver that integrates (v, m) and adds, after each accepted
 step, the positive variation of each phi_i over the step's end states and seven interior
-points of its dense output. The only error is the variation a turning point of some phi_i
-hides inside one of those sub-intervals: O((dt / 8)^2) near a smooth extremum.
+points of its dense output. Its errors: the variation a turning point of some phi_i hides
+inside one of those sub-intervals, O((dt / 8)^2) near a smooth extremum, and the positive
+parts of every sample's tolerance-level error, which a positive variation adds up (about
+samples x p sqrt(2p) x rtol / 4 with eps inside the root; with eps outside, phi has an
+infinite slope at psi = 0 and small psi amplify it). Against the verification bank's oracle:
+within 1e-6 (1 + I) plus that bound on 95 of 106 problems, within 2.3 times it on 9, and
+3-4e-4 relative on the small MLP's two RMSProp rows with eps outside.
 
 Why not integrate I as a component of the ODE. Its rate, (-1/2 dpsi/dt / (eps + psi))_+, is
 1/sqrt(psi)-singular at t = 0 with eps outside the root (psi ~ t), and late in training it is
@@ -97,7 +102,7 @@ class _Interpolation(dfx.AbstractLocalInterpolation):
 
 
 class PenaltyIntegral(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
-    """`solver` on the state (v, m, I), with I advanced by the exact step increment.
+    """`solver` on the state (v, m, I), with I advanced by the step's sampled variation.
 
     Args:
         solver: integrates (v, m); the field's I-component must be 0.
