@@ -113,7 +113,18 @@ def check(opt, name, convention, hyper, seed, scale):
     np.testing.assert_array_equal(traj.w[0], w0)
     nxt, ns, hs = reference(name, convention, hyper, traj.w, X, y)
     assert _rel(traj.w[1:], nxt) < RTOL
-    assert _rel(traj.conditioner[:-1], hs) < RTOL
+    # h is a function of the gradients so far, and a gradient summed over samples cancels:
+    # its relative rounding is about N u sum_i |y_i x_ij e^{-q_i}| / |g_j| (the two sides
+    # sum in other orders), which h inherits at most fully (through n = EMA or sum of g^2,
+    # hence the running maximum over steps). Measured: 1.9e-12 relative at a cancellation
+    # of ~1e4 (RMSProp, b = 0, eps outside the root, h up to 1e3).
+    e = np.exp(-y[None, :] * (traj.w[:-1] @ X.T))  # (steps, N)
+    absum = e @ np.abs(X)
+    gabs = np.abs((e * y[None, :]) @ X)
+    cond = np.maximum.accumulate(absum / np.maximum(gabs, 1e-300), axis=0)
+    u = np.finfo(np.float64).eps
+    bound = RTOL * np.max(np.abs(hs)) + 4 * N * u * cond * np.abs(hs)
+    assert np.all(np.abs(traj.conditioner[:-1] - hs) <= bound)
     if name in ("adagrad", "rmsprop", "adam"):
         assert _rel(traj.m[:-1], ns) < RTOL
     else:
