@@ -23,6 +23,9 @@ _jax.config.update("jax_enable_x64", True)
 
 __version__ = "0.1.0"
 
+from ._cache import cache_dir as cache_dir  # noqa: E402
+from ._cache import use_cache as use_cache  # noqa: E402
+
 
 def _has_avx512() -> bool:
     try:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .._cache import use_cache
 from ..flows import Trajectory
 from ..flows._simulate import _check_params, _is_model, raise_if_failed
 from ..flows._threads import map_chunks
@@ -257,6 +258,7 @@ def run(
     if batch and w0.ndim != 2:
         raise ValueError("run: batch=True needs parameters with a leading batch axis.")
     _check_params(w0, "run")
+    use_cache()  # compiled programs persist across processes (marginflow._cache)
     check_homogeneous(objective, w0, "run")  # compiled: run is called in sweeps
 
     w0 = jnp.asarray(w0, dtype=dtype)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._cache import CompileClock, use_cache
 from ..models import Objective
 from ..models._base import check_real_type
 from ..models._homogeneity import check_homogeneous
@@ -29,6 +30,7 @@ from . import _checkpoint as ckpt
 from ._flow import AbstractFlow
 from ._imex import DecayIMEX
 from ._penalty import PenaltyIntegral
+from ._saves import SavedAt
 from ._separation import separation_verdict
 from ._solvers import (
     decay_rate,
@@ -291,52 +293,61 @@ def _restart(flow, objective, y, u_start, log_time, solver, state):
     return controller_state, _wrap(solver).init(_terms(solver), u_start, u_next, y, args)
 
 
-@eqx.filter_jit
-def _segment(
+def _segment_traced(
     flow, objective, y0, u_start, u_end, log_time, save_us, solver, controller, max_steps, state
 ):
-    """Integrate one segment [u_start, u_end] in u (t or log t), saving at save_us."""
+    """Integrate one segment [u_start, u_end] in u (t or log t), saving at save_us.
+
+    Nothing in this program calls back to the host (the saves are `SavedAt`'s, the first
+    step size is the controller's field), so JAX's persistent cache keeps it; the result
+    code and the number of saves made are checked on the host afterwards."""
     controller_state, solver_state = state
     args = _args(flow, objective, u_start, log_time)
+    saving = SavedAt(_wrap(solver), save_us, _save_fn)
     sol = dfx.diffeqsolve(
         _terms(solver),
-        _wrap(solver),
+        saving,
         u_start,
         u_end,
-        controller_state[1],  # the step size the controller proposed last (CarriedPID)
+        None,  # the first step: the one the controller proposed last (CarriedPID.dt)
         y0,
         args=args,
         saveat=dfx.SaveAt(
             subs=[
-                dfx.SubSaveAt(ts=save_us, fn=_save_fn),
                 dfx.SubSaveAt(t1=True, fn=_save_fn),
                 dfx.SubSaveAt(t1=True),  # the state (v, m, I) itself, carried on exactly
             ],
             controller_state=True,
             solver_state=True,
         ),
-        stepsize_controller=controller,
+        stepsize_controller=controller.carrying(controller_state[1]),
         max_steps=max_steps,
         throw=False,
         controller_state=controller_state,
-        solver_state=solver_state,
+        solver_state=(solver_state, *saving.empty(u_start, y0, args)),
         made_jump=False,
     )
-    saved, final, raw = sol.ys
-    saved_us = sol.ts[0]
+    final, raw = sol.ys
+    inner_state, saved, n_saved = sol.solver_state
     final = jax.tree.map(lambda x: x[-1], final)
     y_end = jax.tree.map(lambda x: x[-1], raw)
     return (
-        saved_us,
+        n_saved,
         saved,
         y_end,
-        (sol.ts[1][-1], final),
-        (sol.controller_state, sol.solver_state),
+        (sol.ts[0][-1], final),
+        (sol.controller_state, inner_state),
         sol.result._value,
         sol.stats["num_steps"],
         sol.stats["num_accepted_steps"],
         sol.stats["num_rejected_steps"],
     )
+
+
+# The trace counter (eqx.debug.get_num_traces(_segment_counted)) lets the tests check that a
+# new t1, n_save, eps, b or data set of the same shape does not retrace the segment.
+_segment_counted = eqx.debug.assert_max_traces(_segment_traced, max_traces=None)
+_segment = eqx.filter_jit(_segment_counted)
 
 
 # Segments are decades up to t = 1e10 and ten decades wide after. A segment's end clips the
@@ -348,6 +359,10 @@ _DECADE_SEGMENTS_UNTIL = 10
 _LATE_SEGMENT_DECADES = 10
 # From here on the default solver is `late_solver(flow, p)` (Dopri8 for GD and AdaGrad).
 _LATE_T = 10.0**_DECADE_SEGMENTS_UNTIL
+# Save slots of one compiled segment call. One fixed number, so that a run with another t1,
+# n_save or ts reuses the compiled program; a segment holding more save times is integrated
+# in several calls. The default n_save = 200 puts 25-50 saves in a decade for t1 <= 1e8.
+_SAVE_SLOTS = 64
 
 
 def _segment_bounds(t0: float, t1: float) -> list[float]:
@@ -483,7 +498,8 @@ def simulate(
         rtol, atol: the step-size controller's tolerances, on the integrated state (v, m)
             with v = w ||w||^(L-1) (relative errors of v and w agree within a factor L).
         max_steps: the most solver steps per segment (a decade of t up to 1e10, ten decades
-            after; `stats["segment_ends"]` lists them).
+            after; `stats["segment_ends"]` lists them); a segment holding more than 64 save
+            times is integrated in calls of 64 saves, each with this limit.
         progress: a tqdm meter over the segments (decades of t, ten decades after 1e10).
         throw: raise SimulationError (holding the partial Trajectory) if the solver stops
             early, or if a Linear / DeepLinear model cannot separate the data (result
@@ -542,6 +558,7 @@ def simulate(
     if batch and w0.ndim != 2:
         raise ValueError("simulate: batch=True needs parameters with a leading batch axis.")
     _check_params(w0, "simulate")
+    use_cache()  # compiled segments persist across processes (marginflow._cache)
     check_homogeneous(objective, w0, "simulate")
 
     w0 = jnp.asarray(w0, dtype=dtype)
@@ -597,10 +614,7 @@ def simulate(
         save_ts[(save_ts > lo) & (save_ts <= hi)] if k else save_ts[save_ts <= hi]
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
-    # Save slots per segment, rounded up to a power of two so that runs with other t1 or
-    # n_save reuse the compiled segment (the width is part of its shape).
-    width = max(1, max(len(s) for s in per_segment))
-    width = 1 << (width - 1).bit_length()
+    axis = 1 if batch else 0  # the saves' time axis
 
     seg, start_fn, restart_fn = _segment, _start, _restart
     if batch:
@@ -638,19 +652,32 @@ def simulate(
     per_segment_steps: list[np.ndarray] = []
     result, message = "successful", ""
     wall_time = 0.0
+    clock = CompileClock()  # the part of wall_time spent making programs
     bar = _progress_bar(len(bounds) - 1) if progress else None
+    compiled: set[int] = set()  # the solvers called once in this run (see `phase` below)
+
+    def phase(k):
+        # The meter says "compiling" before the first call with a solver: in a fresh
+        # process that call traces and compiles (or loads) the program; later ones do not.
+        if bar is not None:
+            bar.set_description("simulate" if id(solver_of(k)) in compiled
+                                else "simulate (compiling)")
+            bar.refresh()
+        compiled.add(id(solver_of(k)))
+
     begin = time.perf_counter()
     first_log = bounds[0] >= 1.0
-    state = start_fn(
-        flow,
-        objective,
-        y,
-        jnp.asarray(to_u(bounds[0], first_log), dtype),
-        jnp.asarray(to_u(bounds[1], first_log), dtype),
-        jnp.asarray(first_log),
-        solver_of(0),
-        controller,
-    )
+    with clock:
+        state = start_fn(
+            flow,
+            objective,
+            y,
+            jnp.asarray(to_u(bounds[0], first_log), dtype),
+            jnp.asarray(to_u(bounds[1], first_log), dtype),
+            jnp.asarray(first_log),
+            solver_of(0),
+            controller,
+        )
     wall_time += time.perf_counter() - begin
     done = 0
     if _resume:
@@ -700,49 +727,57 @@ def simulate(
         log_time = lo >= 1.0
         if k and solver_of(k) is not solver_of(k - 1):
             state = switch(k, y, state)
+        # At most _SAVE_SLOTS saves per call (the slots are part of the compiled program's
+        # shape): a segment with more is integrated in pieces, each ending at its last save.
         wanted = per_segment[k]
-        pad = np.full(width, hi)
-        pad[: len(wanted)] = wanted
-        begin = time.perf_counter()
-        out = seg(
-            flow,
-            objective,
-            y,
-            jnp.asarray(to_u(lo, log_time), dtype),
-            jnp.asarray(to_u(hi, log_time), dtype),
-            jnp.asarray(log_time),
-            jnp.asarray(to_u(pad, log_time), dtype),
-            solver_of(k),
-            controller,
-            max_steps,
-            state,
-        )
-        out = jax.block_until_ready(out)
-        wall_time += time.perf_counter() - begin
-        saved_ts, saved, y, (end_u, end_saved), state, code, n, na, nr = out
-        steps = steps + np.asarray(n)
+        pieces = [wanted[i : i + _SAVE_SLOTS] for i in range(0, len(wanted), _SAVE_SLOTS)]
+        pieces = pieces or [wanted]  # a segment without saves is one call
+        n = na = nr = 0
+        piece_lo, kept = lo, []
+        for j, piece in enumerate(pieces):
+            piece_hi = hi if j == len(pieces) - 1 else float(piece[-1])
+            pad = np.full(_SAVE_SLOTS, piece_hi)
+            pad[: len(piece)] = piece
+            phase(k)
+            begin = time.perf_counter()
+            with clock:
+                out = seg(
+                    flow,
+                    objective,
+                    y,
+                    jnp.asarray(to_u(piece_lo, log_time), dtype),
+                    jnp.asarray(to_u(piece_hi, log_time), dtype),
+                    jnp.asarray(log_time),
+                    jnp.asarray(to_u(pad, log_time), dtype),
+                    solver_of(k),
+                    controller,
+                    max_steps,
+                    state,
+                )
+                out = jax.block_until_ready(out)
+            wall_time += time.perf_counter() - begin
+            n_saved, saved, y, (end_u, end_saved), state, code, dn, dna, dnr = out
+            n, na, nr = n + np.asarray(dn), na + np.asarray(dna), nr + np.asarray(dnr)
+            codes = np.atleast_1d(np.asarray(code))
+            ok = codes == int(dfx.RESULTS.successful._value)
+            n_keep = len(piece)
+            if not ok.all():
+                # Keep every save the solver reached (of the first failed member in a batch).
+                n_keep = min(int(np.atleast_1d(np.asarray(n_saved))[np.argmin(ok)]), n_keep)
+            kept.append((pad[:n_keep], {key: np.asarray(saved[key])[:, :n_keep] if batch
+                                        else np.asarray(saved[key])[:n_keep]
+                                        for key in ("w", "m", "I", "log_loss", "h")}))
+            piece_lo = piece_hi
+            if not ok.all():
+                break
+        steps = steps + n
         per_segment_steps.append(np.asarray(n))
-        accepted = accepted + np.asarray(na)
-        rejected = rejected + np.asarray(nr)
-        codes = np.atleast_1d(np.asarray(code))
-        ok = codes == int(dfx.RESULTS.successful._value)
-        n_keep = len(wanted)
-        saved_ts = np.asarray(saved_ts)
-        if not ok.all():
-            # Keep every save the solver reached; diffrax writes the state where it stopped
-            # into the first unfilled slot, so keep that one too.
-            row_ts = saved_ts if saved_ts.ndim == 1 else saved_ts[np.argmin(ok)]
-            reached = np.isfinite(row_ts)
-            row_ts = np.exp(row_ts) if log_time else row_ts
-            n_keep = int(min(np.sum(reached), width))
-            kept_ts = row_ts[:n_keep]
-        else:
-            kept_ts = pad[:n_keep]
+        accepted = accepted + na
+        rejected = rejected + nr
+        kept_ts = np.concatenate([ts_ for ts_, _ in kept])
         chunks["ts"].append(np.asarray(kept_ts, np.float64))
         for key in ("w", "m", "I", "log_loss", "h"):
-            arr = np.asarray(saved[key])
-            arr = arr[:, :n_keep] if batch else arr[:n_keep]
-            chunks[key].append(arr)
+            chunks[key].append(np.concatenate([arrs[key] for _, arrs in kept], axis=axis))
         if not ok.all() and not batch:
             # Also keep the state where the solver stopped (one run: a batch's members stop
             # at different times and share one time axis).
@@ -784,14 +819,15 @@ def simulate(
                 **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
             )
         if bar is not None:
-            bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}")
+            bar.set_description("simulate")
+            bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}, "
+                                f"compile {clock.seconds:.1f} s")
             bar.update(1)
         if result != "successful":
             break
     if bar is not None:
         bar.close()
 
-    axis = 1 if batch else 0
     cat = {k: np.concatenate(v, axis=0 if k == "ts" else axis) for k, v in chunks.items()}
     if batch:  # drop the members that only padded the batch to the device count
         cat = {k: v if k == "ts" else v[:n_batch] for k, v in cat.items()}
@@ -805,6 +841,9 @@ def simulate(
     if late is not solver and t1 > _LATE_T:
         meta["solver"] = f"{solver_name(solver)}, {solver_name(late)} from t = {_LATE_T:.0e}"
     meta["wall_time_s"] = wall_time  # includes compilation on a first call
+    # Of it: tracing, lowering and compiling (or loading from the persistent cache) the
+    # programs; wall_time - compile_time_s is the integration itself.
+    meta["compile_time_s"] = min(clock.seconds, wall_time)
     meta["devices"] = len(devices)
     traj = Trajectory(
         ts=cat["ts"],

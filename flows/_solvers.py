@@ -63,10 +63,18 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
     `simulate` integrates one segment per diffeqsolve call. diffrax carries the PID error
     history across calls but, given a controller state and dt0=None, re-guesses the first
     step of every call (two more field evaluations and a cold start per segment). This
-    wrapper stores the last proposal so the next segment starts with dt0 = that proposal.
+    wrapper stores the last proposal in its state; `carrying(dt)` is this controller with
+    that proposal as its first step. It is passed as a field, not as diffeqsolve's dt0:
+    diffrax checks a traced dt0's sign with a host callback, and a program holding a host
+    callback is never written to JAX's persistent compilation cache (`marginflow.cache`).
     """
 
     pid: dfx.PIDController
+    dt: jax.Array | None = None
+
+    def carrying(self, dt) -> CarriedPID:
+        """This controller, starting its next solve with the step size `dt`."""
+        return CarriedPID(self.pid, dt)
 
     @property
     def rtol(self):
@@ -81,9 +89,11 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         return self.pid.norm
 
     def wrap(self, direction):
-        return CarriedPID(self.pid.wrap(direction))
+        return CarriedPID(self.pid.wrap(direction), self.dt)
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        if dt0 is None and self.dt is not None:
+            dt0 = self.dt
         tnext, state = self.pid.init(terms, t0, t1, y0, dt0, args, func, error_order)
         # Arrays throughout (PID's `at_dtmin` is a Python bool here): vmappable state.
         return tnext, (jtu.tree_map(jnp.asarray, state), jnp.asarray(tnext - t0))

@@ -1,0 +1,118 @@
+"""Compiled programs: no retrace for new numbers, a persistent cache across processes, lazy
+imports (issue "time to first result")."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import marginflow  # noqa: F401
+import numpy as np
+from marginflow.flows import RMSPropFlow, simulate
+from marginflow.flows._simulate import _SAVE_SLOTS, _segment_counted
+from marginflow.models import ToyLeaky, toy_dataset
+
+
+def test_no_retrace_for_new_t1_n_save_eps_b_or_data():
+    """eps and b are array leaves, the save times are traced and padded to a fixed number
+    of slots, the data are arrays: a new value of any of them reuses the compiled segment."""
+    model = ToyLeaky(key=jax.random.PRNGKey(3))
+    simulate(RMSPropFlow(eps=1e-5, b=0.9), model, toy_dataset(seed=0), t1=1e3, n_save=20)
+    n0 = eqx.debug.get_num_traces(_segment_counted)
+    simulate(RMSPropFlow(eps=1e-3, b=0.5), model, toy_dataset(seed=0), t1=1e6, n_save=50)
+    simulate(RMSPropFlow(eps=1e-5, b=0.9), model, toy_dataset(seed=1), t1=1e2, n_save=7)
+    # More saves in a segment than one call has slots: the segment runs in pieces.
+    simulate(RMSPropFlow(eps=1e-4, b=0.99), model, toy_dataset(seed=2), t1=10.0, n_save=300)
+    assert eqx.debug.get_num_traces(_segment_counted) == n0
+
+
+def test_a_segment_in_pieces_equals_one_call():
+    """Saves beyond one call's slots split a segment at a save time; the solution does not
+    depend on that beyond the solver's error. Both runs at rtol 1e-10 take ~1e3 accepted
+    steps to t = 10; each step's local error is below rtol |y|, so they agree to ~1e3 rtol =
+    1e-7 relative on this contracting flow; 1e-6 allows a 10x amplification."""
+    model = ToyLeaky(key=jax.random.PRNGKey(4))
+    data = toy_dataset(seed=0)
+    flow = RMSPropFlow(eps=1e-5, b=0.9)
+    many = np.linspace(0.0, 10.0, 3 * _SAVE_SLOTS + 5)
+    few = many[:: _SAVE_SLOTS // 4]
+    few = np.append(few, 10.0) if few[-1] < 10.0 else few
+    pieces = simulate(flow, model, data, t1=10.0, ts=many, rtol=1e-10, atol=1e-14)
+    one = simulate(flow, model, data, t1=10.0, ts=few, rtol=1e-10, atol=1e-14)
+    np.testing.assert_array_equal(pieces.ts, many)
+    common = np.isin(many, few)
+    for name in ("w", "m", "I", "log_loss"):
+        a, b = getattr(pieces, name)[common], getattr(one, name)
+        scale = np.max(np.abs(b)) + 1e-300
+        assert np.max(np.abs(a - b)) <= 1e-6 * scale, name
+
+
+_RUN = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax
+    counts = {"hits": 0}
+    def listen(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            counts["hits"] += 1
+    jax.monitoring.register_event_listener(listen)
+    import marginflow
+    from marginflow.flows import RMSPropFlow, simulate
+    from marginflow.models import ToyLeaky, toy_dataset
+    simulate(RMSPropFlow(eps=1e-5, b=0.9), ToyLeaky(key=jax.random.PRNGKey(0)),
+             toy_dataset(seed=0), t1=1e4, n_save=30)
+    print(json.dumps({"dir": marginflow.cache_dir(), **counts}))
+    """
+)
+
+
+def _run(script, **env):
+    out = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _segments(folder):
+    return sorted(f for f in os.listdir(folder) if f.startswith("jit__segment"))
+
+
+def test_compiled_segment_persists_across_processes(tmp_path):
+    """The segment holds no host callback, so JAX writes it to the cache folder, and a
+    second process loads it from there instead of compiling it again."""
+    folder = tmp_path / "cache"
+    first = _run(_RUN, MARGINFLOW_CACHE_DIR=str(folder))
+    assert first["dir"] == str(folder)
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)  # JAX runs what it loads
+    written = _segments(folder)
+    assert written, f"no compiled segment in the cache: {os.listdir(folder)}"
+    second = _run(_RUN, MARGINFLOW_CACHE_DIR=str(folder))
+    assert second["hits"] >= 1
+    assert _segments(folder) == written  # loaded, not compiled anew
+
+
+def test_cache_opt_out_and_a_users_jax_configuration_are_kept(tmp_path):
+    report = "print(json.dumps({'dir': marginflow.cache_dir()}))"
+    off = f"import json, marginflow; marginflow.use_cache(); {report}"
+    assert _run(off, MARGINFLOW_CACHE_DIR="off")["dir"] is None
+    own = tmp_path / "mine"
+    users = (
+        f"import json, jax; jax.config.update('jax_compilation_cache_dir', {str(own)!r})\n"
+        f"import marginflow; marginflow.use_cache()\n{report}"
+    )
+    assert _run(users, MARGINFLOW_CACHE_DIR=str(tmp_path / "ours"))["dir"] == str(own)
+    assert not (tmp_path / "ours").exists()
+
+
+def test_importing_the_flows_does_not_import_plotting_scipy_or_experiments():
+    script = (
+        "import json, sys; import marginflow.flows, marginflow.models\n"
+        "heavy = ('matplotlib', 'scipy', 'marginflow.experiments', 'pandas')\n"
+        "print(json.dumps({'loaded': [m for m in heavy if m in sys.modules]}))"
+    )
+    assert _run(script)["loaded"] == []
