@@ -12,7 +12,7 @@ import jax
 import marginflow  # noqa: F401
 import numpy as np
 from marginflow.flows import RMSPropFlow, simulate
-from marginflow.flows._simulate import _SAVE_SLOTS, _segment_counted
+from marginflow.flows._simulate import _segment_counted, save_slots
 from marginflow.models import ToyLeaky, toy_dataset
 
 
@@ -37,8 +37,9 @@ def test_a_segment_in_pieces_equals_one_call():
     model = ToyLeaky(key=jax.random.PRNGKey(4))
     data = toy_dataset(seed=0)
     flow = RMSPropFlow(eps=1e-5, b=0.9)
-    many = np.linspace(0.0, 10.0, 3 * _SAVE_SLOTS + 5)
-    few = many[:: _SAVE_SLOTS // 4]
+    slots = save_slots(3)
+    many = np.linspace(0.0, 10.0, 3 * slots + 5)
+    few = many[:: slots // 4]
     few = np.append(few, 10.0) if few[-1] < 10.0 else few
     pieces = simulate(flow, model, data, t1=10.0, ts=many, rtol=1e-10, atol=1e-14)
     one = simulate(flow, model, data, t1=10.0, ts=few, rtol=1e-10, atol=1e-14)
