@@ -78,6 +78,8 @@ def _write_data(path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record", action="store_true",
+                        help="write the table to docs/data/benchmarks/first_result.json")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="first_result_")
     data = os.path.join(work, "data.npz")
@@ -106,6 +108,27 @@ def main() -> None:
     print(f"notebook, first call of a new pair, warm disk cache: {med['first call']:.2f} s "
           "(target <= 2 s)")
     print(f"notebook, the pair again with new t1, n_save and data: {med['new numbers']:.3f} s")
+    if args.record:
+        from _record import record
+
+        def runs(k):
+            return ", ".join(f"{x:.2f}" for x in times[k])
+
+        ratio = {k: f"{med[k] / med['peer']:.1f}x" for k in ("cold", "warm")}
+        record("first_result", ["process", "median wall time (runs)", "against the scipy peer",
+                                "target"], [
+            ["main job, cold caches", f"{med['cold']:.2f} s ({runs('cold')})", ratio["cold"],
+             "4x"],
+            ["main job, warm caches (second run)", f"{med['warm']:.2f} s ({runs('warm')})",
+             ratio["warm"], "1.5x"],
+            ["the scipy peer (peer_scipy_job.py)", f"{med['peer']:.2f} s ({runs('peer')})",
+             "1x", ""],
+            ["notebook: first call of a new (flow, model) pair, warm disk cache",
+             f"{med['first call']:.2f} s ({runs('first call')})", "", "2 s"],
+            ["notebook: that pair again with new t1, n_save and data",
+             f"{med['new numbers']:.3f} s", "", "no recompilation"],
+        ], command=f"python benchmarks/first_result.py --repeats {args.repeats} --record",
+           notes=[f"Medians of {args.repeats} whole processes each."])
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def _commit() -> str:
     return commit + (" with uncommitted changes" if git("status", "--porcelain") else "")
 
 
-def provenance(mode: str) -> dict:
+def provenance(mode: str, command: str | None = None) -> dict:
+    """When, where and with what a run was made; `command` overrides the mode's command."""
     import jax
 
     try:
@@ -74,7 +75,7 @@ def provenance(mode: str) -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "commit": _commit(),
-        "command": COMMANDS[mode],
+        "command": command or COMMANDS[mode],
         # other work on the machine slows the wall times down: the 1-minute load average
         # when the run ended, against the number of cores
         "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

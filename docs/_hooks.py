@@ -6,12 +6,15 @@
   whether or not the package is installed).
 - The notebooks live in notebooks/ (outside docs/), where the tests execute them; each
   one is added to the site's files and to the "Notebooks" section of the navigation, so a
-  new notebook appears without editing mkdocs.yml. mkdocs-jupyter renders them without
-  executing them.
+  new notebook appears without editing mkdocs.yml. mkdocs-jupyter renders them, and
+  executes them first when MARGINFLOW_DOCS_EXECUTE=true (mkdocs.yml).
 - A line `<!-- experiments-table: MODE -->` in a page becomes the table of the claims
   stored in docs/data/experiments/MODE/*.json (written by `python docs/_generate.py
   MODE`), with when, where and how they were run. A missing file is a warning, which
   fails a strict build.
+- A line `<!-- benchmark-table: NAME -->` becomes the table a benchmark script stored in
+  docs/data/benchmarks/NAME.json (`benchmarks/_record.py`), with when, where and by which
+  command it was measured.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ NOTEBOOKS = os.path.join(ROOT, "notebooks")
 EXPERIMENTS = os.path.join(ROOT, "docs", "data", "experiments")
 ORDER = ("fig2", "fig1", "fig4", "fig5", "soudry", "crossover", "qian")
 _TABLE = re.compile(r"^<!-- experiments-table: ([\w-]+) -->$", flags=re.M)
+BENCHMARKS = os.path.join(ROOT, "docs", "data", "benchmarks")
+_BENCH = re.compile(r"^<!-- benchmark-table: ([\w-]+) -->$", flags=re.M)
 log = logging.getLogger("mkdocs.hooks.marginflow")
 
 
@@ -88,7 +93,30 @@ def on_page_markdown(markdown, page, **kwargs):
     if page.file.src_uri == "notebooks.md":
         links = [f"- [{_title(n)}](notebooks/{n})" for n in _notebooks()]
         markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(links) + "\n"
+    markdown = _BENCH.sub(lambda m: benchmark_table(m.group(1), page.file.src_uri), markdown)
     return _TABLE.sub(lambda m: experiments_table(m.group(1), page.file.src_uri), markdown)
+
+
+def benchmark_table(name: str, where: str = "") -> str:
+    """docs/data/benchmarks/NAME.json as a Markdown table and a line saying when, where
+    and by which command it was measured."""
+    path = os.path.join(BENCHMARKS, f"{name}.json")
+    if not os.path.isfile(path):
+        log.warning(f"{where}: no benchmark results in docs/data/benchmarks/{name}.json; "
+                    f"run `python benchmarks/{name}.py`")
+        return f"*(no results in docs/data/benchmarks/{name}.json)*"
+    with open(path) as fh:
+        run = json.load(fh)
+    rows = ["| " + " | ".join(_cell(c) for c in run["columns"]) + " |",
+            "|" + "---|" * len(run["columns"])]
+    rows += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in run["rows"]]
+    p = run["provenance"]
+    load = f", load average {p['load']}" if p.get("load") is not None else ""
+    line = (f"Generated from `docs/data/benchmarks/{name}.json`, written by "
+            f"`{p['command']}` on {p['date']} on {p['machine']} ({p['devices']}{load}), "
+            f"jax {p['jax']}, commit {p['commit']}.")
+    notes = [_cell(n) for n in run.get("notes", [])]
+    return "\n".join(rows) + "\n\n" + " ".join([line, *notes]) + "\n"
 
 
 def _cell(text) -> str:

@@ -1,0 +1,125 @@
+"""The default solver by wall time: every candidate on each (flow, model) row of the step
+table, to t1 = 1e100, compiled and on a first call.
+
+Rows: GD, AdaGrad, RMSProp and Adam (eps 1e-5, b 0.9) on the toy, MLP(4, 8, 2, k=2) and
+DeepLinear(4, 4, 4, 1) of tests/test_long_horizon.py, rtol 1e-8, saves at 0, 1e5, 1e100.
+Candidates:
+- the default (`solver=None`): `DecayIMEX`, then `late_solver` from t = 1e10 (Dopri8 for
+  GD and AdaGrad, `DecayIMEX` for RMSProp and Adam, so "default" is "DecayIMEX
+  throughout" there and is run once);
+- `DecayIMEX` throughout; Dopri8 throughout (GD and AdaGrad only: RMSProp's and Adam's
+  m decays at the rate (1 - b) t in u = log t, 1e99 at t = 1e100, and an explicit step is
+  stable only below about 3 / ((1 - b) t));
+- Kvaerno5 + Newton-Krylov throughout (`newton_solver(1e-8)`).
+Each (row, candidate) runs in a fresh process with an empty compilation cache, so its first
+call (tracing and compiling included) is timed as a new user meets it; then the median of
+3 compiled calls. The verdict: the default's compiled time within 1.1x of the fastest
+candidate's, and steps(1e100) / steps(1e5) <= 2.5, kept as a check.
+Run: python benchmarks/solver_choice.py [--record]   (about 10 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+FLOWS = ("gd", "adagrad", "rmsprop", "adam")
+MODELS = {"toy": "toy", "mlp": "MLP(4, 8, 2, k=2)", "deep_linear": "DeepLinear(4, 4, 4, 1)"}
+
+
+def candidates(flow: str) -> list[str]:
+    if flow in ("gd", "adagrad"):
+        return ["default", "imex", "dopri8", "newton"]
+    return ["default", "newton"]  # the default is DecayIMEX throughout here
+
+
+LABELS = {"default": "default", "imex": "DecayIMEX", "dopri8": "Dopri8",
+          "newton": "Kvaerno5 + Newton"}
+
+
+def one(flow: str, model: str, setup: str) -> None:
+    """One (flow, model, set-up) in this process: prints 'steps steps_1e5 first median'."""
+    import statistics
+    import time
+
+    import diffrax as dfx
+    from marginflow.flows import newton_solver, simulate
+    from marginflow.flows._imex import DecayIMEX
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from test_long_horizon import FLOWS as FLOW_OBJECTS
+    from test_long_horizon import MODELS as BUILD
+
+    m, d = BUILD[model]()
+    solver = {"imex": DecayIMEX(), "dopri8": dfx.Dopri8(),
+              "newton": newton_solver(1e-8)}.get(setup)
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        traj = simulate(FLOW_OBJECTS[flow], m, d, 1e100, ts=[0.0, 1e5, 1e100], solver=solver,
+                        throw=False)
+        times.append(time.perf_counter() - start)
+    ends = traj.stats["segment_ends"]
+    per = traj.stats["num_steps_per_segment"]
+    to_1e5 = sum(n for n, end in zip(per, ends, strict=False) if end <= 1e5)
+    ok = traj.result == "successful"
+    print(traj.stats["num_steps"] if ok else -1, to_1e5, times[0], statistics.median(times[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", action="store_true",
+                        help="write the table to docs/data/benchmarks/solver_choice.json")
+    args = parser.parse_args()
+    rows, verdicts = [], []
+    print("(flow, model): steps to 1e100, compiled wall time (median of 3), first call")
+    for flow in FLOWS:
+        for model, label in MODELS.items():
+            results = {}
+            for setup in candidates(flow):
+                env = {**os.environ, "MARGINFLOW_CACHE_DIR": tempfile.mkdtemp()}
+                out = subprocess.run([sys.executable, __file__, flow, model, setup], env=env,
+                                     check=True, capture_output=True, text=True).stdout.split()
+                steps, to_1e5 = int(out[-4]), int(out[-3])
+                results[setup] = (steps, to_1e5, float(out[-2]), float(out[-1]))
+            done = {k: v for k, v in results.items() if v[0] > 0}
+            fastest = min(done, key=lambda k: done[k][3])
+            steps, to_1e5, first, compiled = results["default"]
+            ratio = compiled / done[fastest][3]
+            growth = steps / to_1e5
+            verdict = "yes" if ratio <= 1.1 and growth <= 2.5 else "NO"
+            verdicts.append(verdict)
+            cells = [f"{v[0]} steps, {v[3]:.3f} s ({v[2]:.1f} s)" if v[0] > 0 else
+                     f"failed ({v[2]:.1f} s)" for v in results.values()]
+            print(f"{flow} / {label}: " + "; ".join(
+                f"{LABELS[k]} {c}" for k, c in zip(results, cells, strict=True))
+                + f"; fastest {LABELS[fastest]}, default / fastest {ratio:.2f}, "
+                f"steps(1e100) / steps(1e5) {growth:.2f}: {verdict}", flush=True)
+            by = dict(zip(results, cells, strict=True))
+            rows.append([flow, label, by["default"], by.get("imex", "= default"),
+                         by.get("dopri8", "unstable (stiff decay)"), by["newton"],
+                         f"{ratio:.2f}", f"{growth:.2f}", verdict])
+    print(f"default within 1.1x of the fastest and steps ratio <= 2.5 on "
+          f"{verdicts.count('yes')} of {len(verdicts)} rows")
+    if args.record:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _record import record
+
+        record("solver_choice", ["flow", "model", "default", "DecayIMEX throughout",
+                                 "Dopri8 throughout", "Kvaerno5 + Newton throughout",
+                                 "default / fastest", "steps(1e100) / steps(1e5)",
+                                 "default within 1.1x"], rows,
+               command="python benchmarks/solver_choice.py --record",
+               notes=["Cells: steps to t = 1e100, compiled wall time (median of 3 calls), "
+                      "the first call of a fresh process with an empty compilation cache "
+                      "in brackets."])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4:
+        one(*sys.argv[1:])
+    else:
+        main()
