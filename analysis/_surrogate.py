@@ -295,6 +295,13 @@ def lemma3_terms(
         >>> lemma3_terms(traj.flow(), model, data, traj).dlog_gamma_tilde   # at the end
     """
     where = "lemma3_terms"
+    if getattr(flow, "n_moments", 1) > 1:
+        raise ValueError(
+            f"{where}: Lemma 3's split assumes dw/dt = -h g, and {type(flow).__name__} moves "
+            "along its first moment m1 instead: the lemma is not proven for momentum flows. "
+            "What can be measured is Q(t) = log gamma~(t) + L I(t) along the run "
+            "(surrogate_margin(...) and traj.I), docs/math.md section 9."
+        )
     if is_trajectory(t):
         traj = t
         if w is not None or m is not None:

@@ -10,7 +10,10 @@ on a fixed interval [0, T]) when its decay rates scale with the step:
 | AdaGrad(lr, eps=eps) "pytorch"  | lr^2 | AdaGradFlow(eps = lr eps, conditioner="eps_outside") |
 | RMSProp(lr, b=b, eps=eps)       | lr   | RMSPropFlow(eps, b_flow), 1 - b = eta (1 - b_flow)   |
 | Adam(lr, b2=b2, eps=eps), b1 = 0| lr   | AdamFlow(eps, b_flow, bias_correction="ema"), same b |
-| SGDMomentum, Adam b1 > 0        | -    | none implemented (NotImplementedError)               |
+| Adam(lr, b2, eps, b1=b1), b1 > 0| lr   | AdamFlow(eps, b_flow, b1=b1_flow, "ema"),            |
+|                                 |      |   1 - b1 = eta (1 - b1_flow)                         |
+| SGDMomentum(lr, momentum=mu)    | lr / (1 - mu) | MomentumFlow(b1_flow),                      |
+|                                 |      |   1 - mu = eta (1 - b1_flow)                         |
 
 "paper" pairs with conditioner "eps_inside", "pytorch" with "eps_outside".
 Why these: one step changes n by (1 - b)(g^2 - n) = eta (1 - b_flow)(g^2 - n), an Euler
@@ -18,13 +21,19 @@ step of dm/dt = (1 - b_flow)(g^2 - m); AdaGrad's lr S_k^{-1/2} = lr^2 (lr^2 S_k)
 with m = lr^2 S_k an Euler sum of dm/dt = g^2; Adam's 1 - b2^{k+1} =
 1 - e^{-(1 - b_flow) t} + O(eta). With b held fixed while eta -> 0 the accumulator is
 slaved to g^2 instead, and the limit is another flow (not the paper's).
+Heavy ball v_k = mu v_{k-1} + g_k, w_{k+1} = w_k - lr v_k is, with m1_k = (1 - mu) v_k,
+m1_k = m1_{k-1} + (1 - mu)(g_k - m1_{k-1}) and w_{k+1} = w_k - eta m1_k, eta = lr / (1 - mu):
+an Euler step of dm1/dt = (1 - b1_flow)(g - m1), dw/dt = -m1 once 1 - mu = eta (1 - b1_flow),
+i.e. lr = eta^2 (1 - b1_flow). With mu held fixed while lr -> 0, 1 - b1_flow = (1 - mu)^2 /
+lr grows without bound: m1 is slaved to g and heavy ball follows gradient flow on the same
+time axis t = k lr / (1 - mu).
 """
 
 from __future__ import annotations
 
 import math
 
-from ..flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow
+from ..flows import AdaGradFlow, AdamFlow, GradientFlow, MomentumFlow, RMSPropFlow
 from ..flows._flow import AbstractFlow
 from ._optimizers import GD, AbstractOptimizer, AdaGrad, Adam, RMSProp, SGDMomentum
 
@@ -42,17 +51,18 @@ def _concrete(x, name: str, where: str) -> float:
         ) from None
 
 
-def _b_flow(b_d: float, eta: float, name: str) -> float:
+def _b_flow(b_d: float, eta: float, name: str, eta_is: str = "lr",
+            instead: str = "follows no flow of the paper", fix: str | None = None) -> float:
     b_flow = 1.0 - (1.0 - b_d) / eta
     if abs(b_flow) < 1e-12:  # 1 - b = lr up to rounding (the paper's b = 0.9, lr = 0.1)
         b_flow = 0.0
     if b_flow < 0:
         raise ValueError(
-            f"matching_flow: 1 - {name} = eta (1 - b_flow) needs 1 - {name} <= eta = lr, got "
-            f"{name} = {b_d!r} with lr = {eta!r} (b_flow = {b_flow:.6g} < 0): the accumulator "
-            "forgets within one unit of flow time, the regime where the discrete rule "
-            "follows no flow of the paper; choose "
-            f"{name} >= 1 - lr = {1.0 - eta:.6g}."
+            f"matching_flow: 1 - {name} = eta (1 - b_flow) needs 1 - {name} <= eta = "
+            f"{eta_is}, got {name} = {b_d!r} with eta = {eta!r} (b_flow = {b_flow:.6g} < 0): "
+            f"the accumulator forgets within one unit of flow time, the regime where the "
+            f"discrete rule {instead}; choose "
+            + (fix or f"{name} >= 1 - {eta_is} = {1.0 - eta:.6g}") + "."
         )
     return b_flow
 
@@ -60,8 +70,7 @@ def _b_flow(b_d: float, eta: float, name: str) -> float:
 def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
     """The flow `optimizer` follows as its step goes to 0 (module docstring for the table).
 
-    Time: t = k * optimizer.eta. Raises NotImplementedError for rules with momentum
-    (SGDMomentum, Adam with b1 > 0): marginflow has no flow with a first moment.
+    Time: t = k * optimizer.eta (lr; AdaGrad lr^2; SGDMomentum lr / (1 - mu)).
 
     Example: `matching_flow(RMSProp(0.01, b=0.995, eps=1.0))` is `RMSPropFlow(eps=1.0, b=0.5)`.
     """
@@ -85,22 +94,22 @@ def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
         return RMSPropFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b,
                            conditioner=conditioner)
     if isinstance(optimizer, Adam):
-        if _concrete(optimizer.b1, "b1", "matching_flow") != 0.0:
-            raise NotImplementedError(
-                f"matching_flow: Adam with b1 = {float(optimizer.b1)!r} has a first moment, and "
-                "marginflow implements no flow with momentum (the paper's flows are "
-                "Adam without momentum); use Adam(..., b1=0.0) for the Adam (w/m) flow."
-            )
         b = _b_flow(_concrete(optimizer.b2, "b2", "matching_flow"), lr, "b2")
-        return AdamFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b,
+        b1_d = _concrete(optimizer.b1, "b1", "matching_flow")
+        b1 = None if b1_d == 0.0 else _b_flow(
+            b1_d, lr, "b1", instead="follows the Adam flow without momentum (m1 is slaved "
+            "to g), AdamFlow(eps, b_flow, bias_correction='ema')")
+        return AdamFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b, b1=b1,
                         bias_correction="ema", conditioner=conditioner)
     if isinstance(optimizer, SGDMomentum):
-        raise NotImplementedError(
-            "matching_flow: SGDMomentum has no flow in marginflow (none of the paper's flows "
-            "has a first moment). To first order in lr at fixed momentum mu, heavy ball moves "
-            "like gradient flow at time t = k lr / (1 - mu); compare it with "
-            "simulate(GradientFlow(), ...) on that time axis yourself."
-        )
+        mu = _concrete(optimizer.momentum, "momentum", "matching_flow")
+        if mu == 0.0:  # plain GD: t = k lr
+            return GradientFlow(conditioner=conditioner)
+        b1 = _b_flow(mu, lr / (1.0 - mu), "momentum", eta_is="lr / (1 - momentum)",
+                     instead="follows gradient flow at t = k lr / (1 - momentum) (m1 is "
+                     "slaved to g), GradientFlow()",
+                     fix=f"momentum >= 1 - sqrt(lr) = {1.0 - math.sqrt(lr):.6g}")
+        return MomentumFlow(b1, conditioner=conditioner)
     raise NotImplementedError(f"matching_flow: no entry for {type(optimizer).__name__}.")
 
 
@@ -112,6 +121,9 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
     (eps_outside); RMSPropFlow(eps, b) -> RMSProp(eta, b=1 - eta (1 - b), eps=eps);
     AdamFlow(eps, b, "ema") -> Adam(eta, b2=1 - eta (1 - b), eps=eps). The paper's Adam
     correction 1 - b^t is the limit of no discrete Adam: ValueError. Needs eta (1 - b) <= 1.
+    AdamFlow(eps, b, b1=b1, "ema") -> Adam(eta, b2=1 - eta (1 - b), eps=eps,
+    b1=1 - eta (1 - b1)); MomentumFlow(b1) -> SGDMomentum(eta^2 (1 - b1),
+    momentum=1 - eta (1 - b1)) (eta = lr / (1 - momentum)). Needs eta (1 - b1) < 1.
 
     Example: `matching_optimizer(RMSPropFlow(1.0, 0.5), 0.01)` is
     `RMSProp(lr=0.01, b=0.995, eps=1.0)`.
@@ -119,7 +131,7 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
     if not isinstance(flow, AbstractFlow):
         raise TypeError(
             "matching_optimizer: `flow` must be a marginflow flow (GradientFlow, AdaGradFlow, "
-            f"RMSPropFlow, AdamFlow), got {type(flow).__name__}."
+            f"RMSPropFlow, AdamFlow, MomentumFlow), got {type(flow).__name__}."
         )
     eta = _concrete(eta, "eta", "matching_optimizer")
     if not (math.isfinite(eta) and eta > 0):
@@ -128,6 +140,19 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
             f"{eta!r}; first-order agreement needs it small, e.g. 0.01."
         )
     convention = _TO_CONVENTION[flow.conditioner]
+    b1_d = None
+    if getattr(flow, "b1", None) is not None:
+        b1_flow = _concrete(flow.b1, "b1", "matching_optimizer")
+        decay1 = eta * (1.0 - b1_flow)
+        if decay1 >= 1.0:
+            raise ValueError(
+                f"matching_optimizer: 1 - b1_d = eta (1 - b1) must be < 1 (a momentum in "
+                f"[0, 1)), got eta = {eta!r}, b1 = {b1_flow!r} (1 - b1_d = {decay1:.6g}); "
+                f"take eta < {1.0 / (1.0 - b1_flow):.6g}."
+            )
+        b1_d = 1.0 - decay1
+    if isinstance(flow, MomentumFlow):
+        return SGDMomentum(eta * (1.0 - b1_d), momentum=b1_d, convention=convention)
     if isinstance(flow, GradientFlow):
         return GD(eta, convention=convention)
     if isinstance(flow, AdaGradFlow):
@@ -154,7 +179,8 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
                 "the limit of no discrete Adam: 1 - b2^{k+1} tends to 1 - e^{-(1 - b_flow) t}. "
                 "Use AdamFlow(eps, b, bias_correction='ema') for the flow discrete Adam follows."
             )
-        return Adam(eta, b2=b_d, eps=eps, convention=convention)
+        return Adam(eta, b2=b_d, eps=eps, b1=0.0 if b1_d is None else b1_d,
+                    convention=convention)
     raise NotImplementedError(
         f"matching_optimizer: no discrete optimiser for {type(flow).__name__}."
     )

@@ -298,8 +298,9 @@ class Adam(AbstractOptimizer):
     u_k / (1 - b1^{k+1}), u_k = b1 u_{k-1} + (1 - b1) g_k.
     Built on `optax.adam(lr, b1, b2, eps=0, eps_root=eps)` ("paper") or
     `optax.adam(lr, b1, b2, eps=eps, eps_root=0)` ("pytorch", = torch.optim.Adam).
-    Matching flow (b1 = 0): Adam flow with eta = lr, 1 - b2 = eta (1 - b_flow), same eps,
-    and the bias correction 1 - e^{-(1 - b_flow) t} ("ema"), the limit of 1 - b2^{k+1}.
+    Matching flow: Adam flow with eta = lr, 1 - b2 = eta (1 - b_flow), same eps, and the
+    bias correction 1 - e^{-(1 - b_flow) t} ("ema"), the limit of 1 - b2^{k+1}; with b1 > 0
+    also 1 - b1 = eta (1 - b1_flow) (AdamFlow(..., b1=b1_flow)).
 
     Args (all but lr keyword-only, unlike optax.adam(lr, b1, b2, eps)): lr > 0; b2 in
     [0, 1) (default 0.9 "paper", 0.999 "pytorch"); eps > 0 (default 1e-5 "paper", 1e-8
@@ -347,8 +348,9 @@ class SGDMomentum(AbstractOptimizer):
     """Heavy-ball SGD (paper Fig. 4): v_k = mu v_{k-1} + g_k, v_{-1} = 0, w_{k+1} = w_k - lr v_k.
 
     Built on `optax.sgd(lr, momentum=mu)` (= torch.optim.SGD with dampening 0; both
-    conventions are the same rule). No flow of marginflow matches it: `matching_flow`
-    raises. Its Trajectory uses t = k * lr, h = 1 and m = 0.
+    conventions are the same rule). Matching flow: MomentumFlow(b1) with eta = lr / (1 - mu)
+    and 1 - mu = eta (1 - b1) (m1_k = (1 - mu) v_k is the flow's first moment). Its
+    Trajectory uses t = k * eta, h = 1 and m = 0.
 
     Args (all but lr keyword-only): lr > 0; momentum mu in [0, 1) (default 0.9, the
     paper's Fig. 4). Example: `SGDMomentum(0.1, momentum=0.9)`.
@@ -365,6 +367,11 @@ class SGDMomentum(AbstractOptimizer):
         self.lr = _check_lr(lr, "SGDMomentum")
         self.momentum = _check_unit(momentum, "momentum", "SGDMomentum",
                                     "the paper's Fig. 4 uses momentum = 0.9")
+
+    @property
+    def eta(self):
+        """Flow time of one step, lr / (1 - mu): heavy ball's v_k sums 1 / (1 - mu) gradients."""
+        return self.lr / (1.0 - self.momentum)
 
     def transformation(self):
         return optax.sgd(self.lr, momentum=self.momentum)

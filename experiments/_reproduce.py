@@ -21,6 +21,7 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "soudry": ("._soudry", "soudry", "GD / RMSProp / Adam flows on Soudry's data: rates"),
     "crossover": ("._crossover", "crossover", "small eps: L-infinity first, then L2 (new)"),
     "qian": ("._qian", "qian", "AdaGrad's limit is its own h_inf-weighted max margin"),
+    "momentum": ("._momentum", "momentum", "momentum flows and runs keep the L2 bias (new)"),
 }
 
 

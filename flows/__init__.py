@@ -1,10 +1,12 @@
-"""Continuous flows of GD, AdaGrad, RMSProp and Adam (w/m), `simulate` and `Trajectory`."""
+"""Continuous flows of GD, AdaGrad, RMSProp, Adam and momentum; `simulate` and `Trajectory`."""
 
 from ._flow import AbstractFlow as AbstractFlow
 from ._flow import AdaGradFlow as AdaGradFlow
 from ._flow import AdamFlow as AdamFlow
 from ._flow import GradientFlow as GradientFlow
+from ._flow import MomentumFlow as MomentumFlow
 from ._flow import RMSPropFlow as RMSPropFlow
+from ._imex import DecayIMEX as DecayIMEX
 from ._simulate import SimulationError as SimulationError
 from ._simulate import default_save_times as default_save_times
 from ._simulate import resume as resume

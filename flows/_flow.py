@@ -1,4 +1,5 @@
-"""The continuous flows of GD, AdaGrad, RMSProp and Adam without momentum (docs/math.md section 2).
+"""The continuous flows of GD, AdaGrad, RMSProp and Adam, and the momentum flows (docs/math.md
+sections 2 and 9).
 
 State (w, m) in R^p x R^p, m(0) = 0, g = grad L(w), all operations elementwise:
 
@@ -12,6 +13,16 @@ State (w, m) in R^p x R^p, m(0) = 0, g = grad L(w), all operations elementwise:
 | AdaGrad  | g^2                | m                                                |
 | RMSProp  | (1 - b)(g^2 - m)   | m                                                |
 | Adam w/m | (1 - b)(g^2 - m)   | m / (1 - b^t) ("paper"), m / (1 - e^{-(1-b)t}) ("ema") |
+
+The momentum flows carry a first moment m1 as well, dm1/dt = (1 - b1)(g - m1), m1(0) = 0,
+and move along it instead of g; their state m is (m2, m1) concatenated, length 2p:
+
+| flow                 | dw/dt                    | second moment m2                |
+|----------------------|--------------------------|---------------------------------|
+| MomentumFlow(b1)     | -m1                      | none (stays 0, h = 1)           |
+| AdamFlow(eps, b, b1) | -h * m1 / c1(t)          | as Adam w/m, h = h(m2 / c(t))   |
+
+with c1(t) = 1 - b1^t ("paper") or 1 - e^{-(1-b1)t} ("ema"), the same correction as m2's.
 """
 
 from __future__ import annotations
@@ -64,13 +75,15 @@ def check_eps(eps, where: str):
     return jnp.asarray(eps, dtype=float)
 
 
-def check_b(b, where: str):
+def check_b(b, where: str, name: str = "b"):
     if _is_concrete(b):
-        v = _as_float_array(b, "b", where, "0.9")
+        v = _as_float_array(b, name, where, "0.9")
         if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
+            what = ("the m-equation decays at rate 1 - b" if name == "b" else
+                    "the first moment m1 decays at rate 1 - b1")
             raise ValueError(
-                f"{where}: `b` must be in [0, 1), got {b!r}; the paper uses b = 0.9 "
-                "(the m-equation decays at rate 1 - b)."
+                f"{where}: `{name}` must be in [0, 1), got {b!r}; the paper uses {name} = 0.9 "
+                f"({what})."
             )
     return jnp.asarray(b, dtype=float)
 
@@ -96,6 +109,30 @@ class AbstractFlow(eqx.Module):
     name: ClassVar[str]
     conditioner: eqx.AbstractVar[str]
 
+    @property
+    def n_moments(self) -> int:
+        """Blocks of p in the state m: 1 (m), or 2 for momentum flows (m2, then m1)."""
+        return 1
+
+    def split(self, m):
+        """(m2, m1) of a momentum flow's state m = (m2, m1); (m, None) otherwise."""
+        if self.n_moments == 1:
+            return m, None
+        p = m.shape[-1] // 2
+        return m[..., :p], m[..., p:]
+
+    def nonnegative(self, m):
+        """m with its second moment clipped at 0 (a Runge-Kutta stage can undershoot it;
+        the first moment m1 has either sign)."""
+        m2, m1 = self.split(m)
+        if m1 is None:
+            return jnp.maximum(m, 0.0)
+        return jnp.concatenate([jnp.maximum(m2, 0.0), m1], axis=-1)
+
+    def direction(self, t, m, g):
+        """What w moves along, dw/dt = -h * direction: g, or the momentum flows' m1."""
+        return g
+
     @abc.abstractmethod
     def phi(self, t, m, g) -> Float[Array, " p"]:
         """dm/dt."""
@@ -105,8 +142,8 @@ class AbstractFlow(eqx.Module):
         """(psi(m, t), d psi/dt along the flow), given dm/dt."""
 
     def init_state(self, w0: Float[Array, " p"]):
-        """(w0, m0) with m0 = 0."""
-        return w0, jnp.zeros_like(w0)
+        """(w0, m0) with m0 = 0 (length n_moments * p)."""
+        return w0, jnp.zeros(w0.shape[:-1] + (self.n_moments * w0.shape[-1],), w0.dtype)
 
     def h_of_psi(self, psi):
         eps = self.eps
@@ -148,7 +185,7 @@ class AbstractFlow(eqx.Module):
             root = jnp.sqrt(psi)
             safe = jnp.where(root > 0, root, 1.0)
             dlogh = jnp.where(root > 0, -0.5 * dpsi / (safe * (safe + self.eps)), 0.0)
-        return -h * g, dm, h, dlogh
+        return -h * self.direction(t, m, g), dm, h, dlogh
 
     def hyperparameters(self) -> dict:
         return {}
@@ -249,6 +286,7 @@ class AdamFlow(AbstractFlow):
     name: ClassVar[str] = "adam"
     eps: Float[Array, ""]
     b: Float[Array, ""]
+    b1: Float[Array, ""] | None = None
     bias_correction: str = eqx.field(static=True, default="paper")
     conditioner: str = eqx.field(static=True, default="eps_inside")
 
@@ -257,11 +295,13 @@ class AdamFlow(AbstractFlow):
         eps=1e-5,
         b=0.9,
         *,
+        b1=None,
         bias_correction: str = "paper",
         conditioner: str = "eps_inside",
     ):
         self.eps = check_eps(eps, "AdamFlow")
         self.b = check_b(b, "AdamFlow")
+        self.b1 = None if b1 is None else check_b(b1, "AdamFlow", "b1")
         if bias_correction not in ("paper", "ema"):
             raise ValueError(
                 "AdamFlow: `bias_correction` must be 'paper' (1 - b^t, eq. 9) or 'ema' "
@@ -270,28 +310,48 @@ class AdamFlow(AbstractFlow):
         self.bias_correction = bias_correction
         self.conditioner = check_convention(conditioner, "AdamFlow")
 
-    def phi(self, t, m, g):
-        return (1.0 - self.b) * (g * g - m)
+    @property
+    def n_moments(self) -> int:
+        return 1 if self.b1 is None else 2
 
-    def _correction(self, t):
-        """(c(t), c'(t), lim_{t->0} psi / g^2)."""
-        t = jnp.asarray(t, dtype=self.b.dtype)
+    def phi(self, t, m, g):
+        m2, m1 = self.split(m)
+        dm2 = (1.0 - self.b) * (g * g - m2)
+        if m1 is None:
+            return dm2
+        return jnp.concatenate([dm2, (1.0 - self.b1) * (g - m1)], axis=-1)
+
+    def _correction(self, t, b=None):
+        """(c(t), c'(t), lim_{t->0} psi / g^2) for the decay b (default: the flow's b;
+        the first moment's correction is the same function of b1, its limit m1_hat / g)."""
+        b = self.b if b is None else b
+        t = jnp.asarray(t, dtype=b.dtype)
         if self.bias_correction == "paper":
             # b = 0 gives log b = -inf: c(t) = 1 for t > 0 and the limit ratio is 0.
-            log_b = jnp.log(self.b)
+            log_b = jnp.log(b)
             tlog = jnp.where(t > 0, t * log_b, 0.0)
             c = -jnp.expm1(tlog)
-            dc = jnp.where(self.b > 0, -jnp.exp(tlog) * log_b, 0.0)
-            limit = jnp.where(self.b > 0, (1.0 - self.b) / -jnp.where(self.b > 0, log_b, -1.0),
-                              0.0)
+            dc = jnp.where(b > 0, -jnp.exp(tlog) * log_b, 0.0)
+            limit = jnp.where(b > 0, (1.0 - b) / -jnp.where(b > 0, log_b, -1.0), 0.0)
         else:
-            rate = 1.0 - self.b
+            rate = 1.0 - b
             c = -jnp.expm1(-rate * t)
             dc = rate * jnp.exp(-rate * t)
             limit = jnp.ones_like(c)
         return c, dc, limit
 
+    def direction(self, t, m, g):
+        """m1_hat = m1 / c1(t), its limit at t = 0 (where m1 = c1 = 0) proportional to g(0)."""
+        _, m1 = self.split(m)
+        if m1 is None:
+            return g
+        c, _, limit = self._correction(t, self.b1)
+        positive = c > 0
+        return jnp.where(positive, m1 / jnp.where(positive, c, 1.0), limit * g)
+
     def psi_and_rate(self, t, m, dm, g):
+        m, _ = self.split(m)
+        dm, _ = self.split(dm)
         c, dc, limit = self._correction(t)
         positive = c > 0
         c_safe = jnp.where(positive, c, 1.0)
@@ -302,14 +362,62 @@ class AdamFlow(AbstractFlow):
         return psi, dpsi
 
     def hyperparameters(self):
-        return {
-            "eps": float(self.eps),
-            "b": float(self.b),
-            "bias_correction": self.bias_correction,
-        }
+        hyper = {"eps": float(self.eps), "b": float(self.b)}
+        if self.b1 is not None:
+            hyper["b1"] = float(self.b1)
+        return hyper | {"bias_correction": self.bias_correction}
 
 
-FLOWS = {cls.name: cls for cls in (GradientFlow, AdaGradFlow, RMSPropFlow, AdamFlow)}
+class MomentumFlow(AbstractFlow):
+    """Momentum (heavy-ball) flow: dm1/dt = (1 - b1)(g - m1), dw/dt = -m1, m1(0) = 0.
+
+    m1 is an exponential moving average of the gradient; eliminating it gives the heavy-ball
+    ODE w'' + (1 - b1) w' + (1 - b1) g = 0. No conditioner (h = 1) and no second moment: the
+    state m = (m2, m1) keeps m2 = 0, as GD keeps its m. Heavy-ball SGD with momentum mu and
+    step lr follows it at time t = k lr / (1 - mu) when 1 - mu = eta (1 - b1), eta =
+    lr / (1 - mu) (`matching_flow`, docs/math.md section 9). Lemma 3 is not proven for it.
+    Args: b1 in [0, 1): m1 decays at the rate 1 - b1. Example: `MomentumFlow(0.9)`.
+    """
+
+    name: ClassVar[str] = "momentum"
+    b1: Float[Array, ""]
+    conditioner: str = eqx.field(static=True, default="eps_inside")
+
+    def __init__(self, b1=0.9, *, conditioner: str = "eps_inside"):
+        self.b1 = check_b(b1, "MomentumFlow", "b1")
+        self.conditioner = check_convention(conditioner, "MomentumFlow")
+
+    @property
+    def n_moments(self) -> int:
+        return 2
+
+    def phi(self, t, m, g):
+        m2, m1 = self.split(m)
+        return jnp.concatenate([jnp.zeros_like(m2), (1.0 - self.b1) * (g - m1)], axis=-1)
+
+    def direction(self, t, m, g):
+        return self.split(m)[1]
+
+    def psi_and_rate(self, t, m, dm, g):
+        m2, _ = self.split(m)
+        return jnp.zeros_like(m2), jnp.zeros_like(m2)
+
+    def h_of_psi(self, psi):
+        return jnp.ones_like(psi)
+
+    def log_h_drop(self, psi0, psi1):
+        return jnp.zeros_like(psi1)
+
+    def vector_field(self, t, w, m, g):
+        zero = jnp.zeros_like(w)
+        return -self.direction(t, m, g), self.phi(t, m, g), jnp.ones_like(w), zero
+
+    def hyperparameters(self):
+        return {"b1": float(self.b1)}
+
+
+FLOWS = {cls.name: cls for cls in (GradientFlow, AdaGradFlow, RMSPropFlow, AdamFlow,
+                                   MomentumFlow)}
 
 
 def flow_from_meta(name: str, hyper: dict, conditioner: str) -> AbstractFlow:

@@ -37,7 +37,6 @@ from ._solvers import (
     default_controller,
     default_solver,
     is_imex,
-    late_solver,
     solver_name,
 )
 from ._threads import map_chunks
@@ -163,9 +162,40 @@ def _dv(w, dw, degree: int):
     return n ** (degree - 1) * (dw + (degree - 1) * radial * w)
 
 
+# A momentum flow's first moment m1 relaxes to g at the rate (1 - b1) t in u = log t, and
+# w moves along it with the coefficient J = t: the pair (w, m1) couples with the factor
+# J * J (1 - b1) H ~ (1 - b1) t late in training (H ~ 1/t, the Hessian of L), a stiffness
+# that no O(p) implicit treatment of the decay alone removes (measured: `DecayIMEX` and
+# Kvaerno5 + Newton-Krylov both hit max_steps in [1e10, 1e20] on the toy, b1 = 0). The
+# state therefore carries r = m1 - g(w), the lag of the first moment behind the gradient:
+#     dr/dt = dm1/dt - H dw/dt = -(1 - b1) r - H dw/dt,
+# whose only stiff part is its linear decay (-(1 - b1) J r in u, implicit in `DecayIMEX`),
+# and whose coupling term H (J dw/dt) is O(1/t): one Hessian-vector product per field
+# evaluation. The lag is exact where g is continuous; where it jumps (a ReLU kink crossed)
+# r misses the jump -dg, an error in m1 that decays at the rate 1 - b1 and moves w by about
+# |dg| / (1 - b1). So r is used in log time only (t >= 1, segments with `log_time`), where
+# g ~ 1/t; before, on [t0, 1] (J = 1, nothing stiff), m1 itself is integrated. At t = 1
+# `simulate` converts m1 to r and restarts the solver's own state. The saves hold m1.
+def _lag_to_m1(flow, m, g, lagged):
+    """The flow's moments (m2, m1) from the integrated (m2, r) where `lagged` (m itself
+    otherwise, and for one-moment flows)."""
+    if flow.n_moments == 1:
+        return m
+    m2, r = flow.split(m)
+    return jnp.concatenate([m2, jnp.where(lagged, r + g, r)], axis=-1)
+
+
+def _hessian_times(objective, w, log_l, glog, x):
+    """H x with H the Hessian of L at w, as L (H_log x + glog <glog, x>) (H_log: Hessian of
+    log L), so that nothing underflows where L itself is tiny but representable."""
+    _, dglog = jax.jvp(jax.grad(lambda v: objective.log_loss(v).astype(w.dtype)), (w,), (x,))
+    return jnp.exp(log_l) * (dglog + glog * jnp.sum(glog * x, axis=-1, keepdims=True))
+
+
 def _fields(u, y, args):
-    """(dv/du, J dm/dt, dI/du, J, g): the pieces both term layouts are made of."""
-    flow, objective, _, log_time = args
+    """(dv/du, J dm/du, dI/du, J dm/du without m's linear decay): the pieces both term
+    layouts are made of (dm for a momentum flow: that of (m2, r), r = m1 - g)."""
+    flow, objective, a, log_time = args
     v, m, _ = y
     w = _w_of_v(v, objective.degree)
     t, log_j = _time(u, log_time)
@@ -174,33 +204,42 @@ def _fields(u, y, args):
     log_l = log_l.astype(w.dtype)  # float64 labels would promote a float32 run
     jg = jnp.exp(log_l + log_j) * glog  # J * grad L, computed in log space
     g = jg / j  # >= 1e-300-ish for t <= 1e300: representable; only g^2 may underflow (to 0)
+    moments = _lag_to_m1(flow, m, g, log_time)
     # m >= 0 on the exact solution, but a Runge-Kutta stage (whose tableau has negative
     # weights) can put it below -eps, where sqrt(eps + m) is NaN; measured on an MLP: every
-    # step near t = 0 rejected. The conditioner sees max(m, 0); the m-equation itself, linear
-    # in m, keeps the raw value.
-    dw, _, _, _ = flow.vector_field(t, w, jnp.maximum(m, 0.0), g)
-    dm = flow.phi(t, m, g)
-    # Lemma 3's I(t) is not integrated: `PenaltyIntegral` sets it from each step's ends.
-    dI = jnp.zeros_like(y[2])
+    # step near t = 0 rejected. The conditioner sees max(m, 0) (a momentum flow's m1 is not
+    # clipped); the m-equation itself, linear in m, keeps the raw value.
+    dw, _, _, _ = flow.vector_field(t, w, flow.nonnegative(moments), g)
     # J * (the flow's dw/dt): a subclass's field is honoured; g = J g / J is a normal
     # float64 number for t <= 1e300, so this product does not underflow either.
-    return _dv(w, j * dw, objective.degree), j * dm, dI, j, g
+    jdw = j * dw
+    # Lemma 3's I(t) is not integrated: `PenaltyIntegral` sets it from each step's ends.
+    dI = jnp.zeros_like(y[2])
+    # Everything but the linear decay -a m: phi is affine in m, so that is J phi(t, 0, g)
+    # (= J a g^2), taken as such: forming it as J dm + J a m cancels catastrophically once
+    # m >> g^2 (rounding ~ 1e-16 J a m, measured to stall the controller from t ~ 1e18 on).
+    explicit = j * flow.phi(t, jnp.zeros_like(moments), g)
+    full = j * flow.phi(t, moments, g)
+    if flow.n_moments == 2:  # the lag r: decay -(1 - b1) J r, explicit part -H (J dw/dt)
+        _, r = flow.split(m)
+        coupling = -_hessian_times(objective, w, log_l, glog, jdw)
+        m2_exp, m1_exp = flow.split(explicit)
+        m2_full, m1_full = flow.split(full)
+        explicit = jnp.concatenate([m2_exp, jnp.where(log_time, coupling, m1_exp)], axis=-1)
+        full = jnp.concatenate(
+            [m2_full, jnp.where(log_time, coupling - j * a[1] * r, m1_full)], axis=-1)
+    return _dv(w, jdw, objective.degree), full, dI, explicit
 
 
 def _full_field(u, y, args):
-    dw, dm, dI, _, _ = _fields(u, y, args)
+    dw, dm, dI, _ = _fields(u, y, args)
     return dw, dm, dI
 
 
 def _explicit_field(u, y, args):
-    # Everything but the linear decay -a m of the m-equation (a = 1 - b; 0 for GD/AdaGrad).
-    # phi is affine in m, so that is J phi(t, 0, g) (= J a g^2), taken as such: forming it
-    # as J dm + J a m cancels catastrophically once m >> g^2 (rounding ~ 1e-16 J a m,
-    # measured to stall the controller from t ~ 1e18 on).
-    flow, objective, _, log_time = args
-    dw, _, dI, j, g = _fields(u, y, args)
-    t, _ = _time(u, log_time)
-    return dw, j * flow.phi(t, jnp.zeros_like(y[1]), g), dI
+    # Everything but the linear decay of the m-equation (a = 1 - b; 0 for GD/AdaGrad).
+    dw, _, dI, explicit = _fields(u, y, args)
+    return dw, explicit, dI
 
 
 def _implicit_field(u, y, args):
@@ -210,12 +249,23 @@ def _implicit_field(u, y, args):
     return jnp.zeros_like(w), -rates[1] * m, jnp.zeros_like(I)
 
 
+def _rates_of(a, m):
+    """The decay rate of every entry of m: a, or for a momentum flow's m = (m2, m1) the
+    pair a = (a2, a1) spread over the two blocks."""
+    if jnp.ndim(a) == 0:
+        return jnp.full_like(m, a)
+    p = m.shape[-1] // 2
+    block = m.shape[:-1] + (p,)
+    return jnp.concatenate([jnp.full(block, a[0], m.dtype), jnp.full(block, a[1], m.dtype)],
+                           axis=-1)
+
+
 def _decay_rates(u, y, args):
     # The diagonal decay rates lambda of the implicit part -lambda * y (for `DecayIMEX`).
     _, _, a, log_time = args
     w, m, I = y
     _, log_j = _time(u, log_time)
-    return jnp.zeros_like(w), jnp.full_like(m, jnp.exp(log_j) * a), jnp.zeros_like(I)
+    return jnp.zeros_like(w), jnp.exp(log_j) * _rates_of(a, m), jnp.zeros_like(I)
 
 
 def _terms(solver):
@@ -233,15 +283,16 @@ def _save_fn(u, y, args):
     t, _ = _time(u, log_time)
     log_l, g = objective.log_loss_and_grad(w)
     log_l, g = log_l.astype(w.dtype), g.astype(w.dtype)
-    return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, jnp.maximum(m, 0.0), g)}
+    m = _lag_to_m1(flow, m, g, log_time)
+    return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, flow.nonnegative(m), g)}
 
 
 def _psi(u, y, args, start: bool):
     """psi_i, the argument of the conditioner h_i, at (u, y) (for `PenaltyIntegral`)."""
     flow, objective, _, log_time = args
-    m = jnp.maximum(y[1], 0.0)
+    m = flow.nonnegative(y[1])
     t, _ = _time(u, log_time)
-    g = jnp.zeros_like(m)
+    g = jnp.zeros_like(y[0])
     if start:  # Adam's psi at t = 0 is a limit proportional to g(0)^2
         log_l, glog = jax.value_and_grad(objective.log_loss)(_w_of_v(y[0], objective.degree))
         g = (jnp.exp(log_l) * glog).astype(m.dtype)
@@ -257,7 +308,26 @@ def _decay_over(u0, u1, args):
     """lambda du over [u0, u1]: m's decay rate a J (at u1, its largest) times the step."""
     _, _, a, log_time = args
     _, log_j = _time(u1, log_time)
-    return a * jnp.exp(log_j) * (u1 - u0)
+    return jnp.max(a) * jnp.exp(log_j) * (u1 - u0)
+
+
+def _initial_moments(flow, objective, w0, lagged: bool):
+    """m(t0) = 0, integrated as (m2, r) = (0, -g(w0)) for a momentum flow in log time."""
+    m0 = flow.init_state(w0)[1]
+    if flow.n_moments == 1 or not lagged:
+        return m0
+    return _to_lag(objective, w0, m0)
+
+
+@eqx.filter_jit
+def _to_lag(objective, w, m):
+    """A momentum flow's (m2, m1) at w as (m2, r), r = m1 - g(w) (see `_fields`)."""
+
+    def minus_g(w):
+        return -objective.log_loss_and_grad(w)[1].astype(w.dtype)
+
+    g = minus_g(w) if w.ndim == 1 else jax.vmap(minus_g)(w)
+    return m.at[..., w.shape[-1]:].add(g)
 
 
 def _wrap(solver):
@@ -284,7 +354,8 @@ def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
 
 @eqx.filter_jit
 def _restart(flow, objective, y, u_start, log_time, solver, state):
-    """`state` with the solver's own state made anew for `solver` at y (a solver switch).
+    """`state` with the solver's own state made anew for `solver` at y (a new state: a
+    momentum flow's m1 turned into its lag at t = 1, see `_fields`).
 
     The controller's state (error history, proposed step) carries over unchanged."""
     args = _args(flow, objective, u_start, log_time)
@@ -357,8 +428,6 @@ _segment = eqx.filter_jit(_segment_counted)
 # Python round trip each) on clipping; the first ten decades hold the transients measured.
 _DECADE_SEGMENTS_UNTIL = 10
 _LATE_SEGMENT_DECADES = 10
-# From here on the default solver is `late_solver(flow, p)` (Dopri8 for GD and AdaGrad).
-_LATE_T = 10.0**_DECADE_SEGMENTS_UNTIL
 # Save slots of one compiled segment call: a number fixed per model size, so that a run with
 # another t1, n_save or ts reuses the compiled program; a segment holding more save times is
 # integrated in several calls, each ending at a save time (about one clipped step each).
@@ -418,7 +487,8 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
     if not isinstance(flow, AbstractFlow):
         raise TypeError(
             "simulate: `flow` must be a marginflow flow (GradientFlow(), AdaGradFlow(eps), "
-            f"RMSPropFlow(eps, b), AdamFlow(eps, b)), got {type(flow).__name__}."
+            "RMSPropFlow(eps, b), AdamFlow(eps, b, b1=None), MomentumFlow(b1)), got "
+            f"{type(flow).__name__}."
         )
     t0 = _check_number(t0, "t0", "must be finite and >= 0",
                        lambda v: math.isfinite(v) and v >= 0, "0.0")
@@ -508,8 +578,8 @@ def simulate(
             "cross_entropy" (default, multi-class).
         t1, t0: end and start time, 0 <= t0 < t1 <= 1e300.
         n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
-        solver: a diffrax solver, used throughout; None picks `default_solver(flow, p)`,
-            and from t = 1e10 on `late_solver(flow, p)` (Dopri8 for GD and AdaGrad).
+        solver: a diffrax solver, used throughout; None picks `default_solver(flow, p)`
+            (DecayIMEX for the flows whose moments decay, Dopri8 for GD and AdaGrad).
         rtol, atol: the step-size controller's tolerances, on the integrated state (v, m)
             with v = w ||w||^(L-1) (relative errors of v and w agree within a factor L).
         max_steps: the most solver steps per segment (a decade of t up to 1e10, ten decades
@@ -539,8 +609,9 @@ def simulate(
     How (docs/math.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
     m-equation's decay (rate (1 - b) t in u) is the only stiff part and `default_solver`
-    treats it implicitly, exactly and in O(p); from t = 1e10 GD and AdaGrad go on with the
-    explicit Dopri8 (`late_solver`). Lemma 3's I(t) is accumulated from each step's end
+    treats it implicitly, exactly and in O(p) (GD and AdaGrad have none: the explicit
+    Dopri8); a momentum flow's first moment is integrated as its lag behind g from t = 1 on
+    (docs/math.md section 9). Lemma 3's I(t) is accumulated from each step's end
     states (`PenaltyIntegral`), not integrated. t * grad L is formed as
     exp(log L + log t) * grad log L, so nothing underflows up to t = 1e300.
 
@@ -582,9 +653,6 @@ def simulate(
     solver_is_default = solver is None
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
-        late = late_solver(flow, p, rtol=rtol, dtype=dtype)
-    else:
-        late = solver
     controller = default_controller(rtol, atol)
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
@@ -620,7 +688,8 @@ def simulate(
         if extra:
             w0 = jnp.concatenate([w0, jnp.repeat(w0[-1:], extra, axis=0)], axis=0)
     # The state: v (the margin-scale variable of `_w_of_v`), m = 0 and Lemma 3's I = 0.
-    y = (_v_of_w(w0, objective.degree), jnp.zeros_like(w0), jnp.zeros(w0.shape[:-1], dtype))
+    y = (_v_of_w(w0, objective.degree), _initial_moments(flow, objective, w0, t0 >= 1.0),
+         jnp.zeros(w0.shape[:-1], dtype))
     if len(devices) > 1:
         mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
         y = jax.device_put(y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
@@ -653,16 +722,6 @@ def simulate(
     def to_u(t, log_time):
         return np.log(t) if log_time else t
 
-    def solver_of(k):
-        # Segment k's solver: `late` from t = 1e10 on (the same object if not the default).
-        return late if bounds[k] >= _LATE_T else solver
-
-    def switch(k, y, state):
-        # Entering the late phase at segment k (t >= 1e10, so u = log t): the new solver's
-        # state at y.
-        return restart_fn(flow, objective, y, jnp.asarray(np.log(bounds[k]), dtype),
-                          jnp.asarray(True), late, state)
-
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "w", "m", "I", "log_loss", "h")}
     steps = accepted = rejected = 0
     per_segment_steps: list[np.ndarray] = []
@@ -670,16 +729,15 @@ def simulate(
     wall_time = 0.0
     clock = CompileClock()  # the part of wall_time spent making programs
     bar = _progress_bar(len(bounds) - 1) if progress else None
-    compiled: set[int] = set()  # the solvers called once in this run (see `phase` below)
+    calls = []  # segment calls made in this run (see `phase` below)
 
-    def phase(k):
-        # The meter says "compiling" before the first call with a solver: in a fresh
-        # process that call traces and compiles (or loads) the program; later ones do not.
+    def phase():
+        # The meter says "compiling" before the first segment call: in a fresh process it
+        # traces and compiles (or loads) the program; later calls do not.
         if bar is not None:
-            bar.set_description("simulate" if id(solver_of(k)) in compiled
-                                else "simulate (compiling)")
+            bar.set_description("simulate" if calls else "simulate (compiling)")
             bar.refresh()
-        compiled.add(id(solver_of(k)))
+        calls.append(1)
 
     begin = time.perf_counter()
     first_log = bounds[0] >= 1.0
@@ -691,7 +749,7 @@ def simulate(
             jnp.asarray(to_u(bounds[0], first_log), dtype),
             jnp.asarray(to_u(bounds[1], first_log), dtype),
             jnp.asarray(first_log),
-            solver_of(0),
+            solver,
             controller,
         )
     wall_time += time.perf_counter() - begin
@@ -717,11 +775,6 @@ def simulate(
             result, message = header["result"], header["message"]
         arrays = _resume[-1][1]
         y = tuple(jnp.asarray(arrays[k], dtype) for k in ("y_v", "y_m", "y_I"))
-        last = len(_resume) - 1
-        if solver_of(last) is not solver_of(0):
-            # The checkpoint was written after the switch: its solver state is the late
-            # solver's (the tree structure the saved leaves are restored into).
-            state = switch(last, y, state)
         leaves, treedef = jax.tree.flatten(state)
         saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
         if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
@@ -741,8 +794,12 @@ def simulate(
             continue
         # t on [t0, 1], log t from t = 1 on (see `_time`).
         log_time = lo >= 1.0
-        if k and solver_of(k) is not solver_of(k - 1):
-            state = switch(k, y, state)
+        if k and log_time and bounds[k - 1] < 1.0 and flow.n_moments == 2:
+            # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on (see
+            # `_fields`): a new state, so the solver's own state is made anew at it.
+            y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
+            state = restart_fn(flow, objective, y, jnp.asarray(0.0, dtype), jnp.asarray(True),
+                               solver, state)
         # At most `slots` saves per call (the slots are part of the compiled program's
         # shape): a segment with more is integrated in pieces, each ending at its last save.
         wanted = per_segment[k]
@@ -754,7 +811,7 @@ def simulate(
             piece_hi = hi if j == len(pieces) - 1 else float(piece[-1])
             pad = np.full(slots, piece_hi)
             pad[: len(piece)] = piece
-            phase(k)
+            phase()
             begin = time.perf_counter()
             with clock:
                 out = seg(
@@ -765,7 +822,7 @@ def simulate(
                     jnp.asarray(to_u(piece_hi, log_time), dtype),
                     jnp.asarray(log_time),
                     jnp.asarray(to_u(pad, log_time), dtype),
-                    solver_of(k),
+                    solver,
                     controller,
                     max_steps,
                     state,
@@ -854,8 +911,6 @@ def simulate(
         objective, cat["ts"], cat["log_loss"], result, message, rtol, t1
     )
     meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
-    if late is not solver and t1 > _LATE_T:
-        meta["solver"] = f"{solver_name(solver)}, {solver_name(late)} from t = {_LATE_T:.0e}"
     meta["wall_time_s"] = wall_time  # includes compilation on a first call
     # Of it: tracing, lowering and compiling (or loading from the persistent cache) the
     # programs; wall_time - compile_time_s is the integration itself.

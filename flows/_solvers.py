@@ -36,18 +36,23 @@ def decay_rate(flow) -> jax.Array:
     """The rate a of the linear decay dm/dt = ... - a m of the flow's m-equation.
 
     RMSProp and Adam (w/m): a = 1 - b (docs/math.md section 2). GD and AdaGrad have no decay
-    (a = 0): their m-equation is not stiff.
+    (a = 0): their m-equation is not stiff. Momentum flows, whose state m is (m2, m1): the
+    pair (a2, a1) of the two blocks' rates, a1 = 1 - b1 (a2 = 0 for MomentumFlow).
     """
-    if has_decay(flow):
-        return 1.0 - flow.b
-    return jnp.zeros((), dtype=jnp.result_type(float))
+    from ._flow import MomentumFlow
+
+    zero = jnp.zeros((), dtype=jnp.result_type(float))
+    a2 = 1.0 - flow.b if has_decay(flow) and not isinstance(flow, MomentumFlow) else zero
+    if flow.n_moments == 1:
+        return a2
+    return jnp.stack([a2, 1.0 - flow.b1])
 
 
 def has_decay(flow) -> bool:
-    """Whether the flow's m-equation has the linear decay -(1 - b) m (RMSProp, Adam)."""
-    from ._flow import AdamFlow, RMSPropFlow
+    """Whether the flow's m-equation has a linear decay (RMSProp, Adam, the momentum flows)."""
+    from ._flow import AdamFlow, MomentumFlow, RMSPropFlow
 
-    return isinstance(flow, (RMSPropFlow, AdamFlow))
+    return isinstance(flow, (RMSPropFlow, AdamFlow, MomentumFlow))
 
 
 def is_imex(solver) -> bool:
@@ -116,25 +121,29 @@ def default_controller(rtol: float, atol: float) -> CarriedPID:
 
 # ---------------------------------------------------------------------- the solver
 def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
-    """The solver `simulate(..., solver=None)` starts with: `DecayIMEX`, for every flow and
-    size (from t = 1e10 on, `late_solver`'s Dopri8 takes over for GD and AdaGrad).
+    """The solver `simulate(..., solver=None)` uses: `DecayIMEX` for the flows whose moments
+    decay (RMSProp, Adam, the momentum flows), diffrax's Dopri8 for GD and AdaGrad, each
+    for the whole run (`late_solver` is the same choice).
 
-    Why. After separation g ~ 1/t, and in u = log t (which `simulate` uses from t = 1 on)
-    the w-equation dw/du = -t h g is O(1): a constant number of steps per decade. The one
-    stiff part is the decay of m, dm/du = -(1 - b) t m + ..., rate 1e99 at t = 1e100.
-    `DecayIMEX` (module `_imex`) treats that decay implicitly and everything else explicitly
-    with Kennedy & Carpenter's 5(4) IMEX pair; the implicit stages are diagonal and solved
-    by a division, so a step costs 8 gradient evaluations plus O(p): the same solver runs
-    the toy and the CNN's 3.3e6 parameters (Kvaerno5 + dense Newton formed a p x p
-    Jacobian). GD and AdaGrad have no decay; the implicit part is then zero and the
-    scheme is the explicit ARK5 method.
+    Chosen by wall time (`benchmarks/solver_choice.py`, docs/performance.md): for GD and
+    AdaGrad, Dopri8 throughout against `DecayIMEX` then Dopri8 from 1e10 (the previous
+    default), compiled to t1 = 1e100: 0.035 / 0.037 s and 0.036 / 0.042 s (GD on the MLP
+    and the deep linear net), 0.074 / 0.080 s and 0.124 / 0.177 s (AdaGrad), but 0.080 /
+    0.058 s and 0.106 / 0.085 s on the toy; on a first call 2.5-3.2 s against 5.9-7.5 s,
+    because one program is compiled instead of two. The first call is what a user meets
+    in a new process or notebook: it decides. With a decay, an explicit step is stable
+    only below about 3 / ((1 - b) t) in u = log t, and `DecayIMEX` is the choice.
 
-    Measured (2-core CPU, eps 1e-5, b 0.9, rtol 1e-8, atol 1e-12; state v = w ||w||^(L-1),
-    segments ten decades wide after 1e10, `late_solver` from 1e10; steps to 1e5 / to
-    1e100; tables in README.md): toy: GD 1287 / 1401, AdaGrad 1781 / 1883, RMSProp
-    1837 / 2037, Adam 1640 / 1824 (ratios 1.06-1.11; all four also reach 1e300); MLP(4, 8,
-    2, k=2) and DeepLinear(4,4,4,1): ratios 1.37-2.07 (benchmarks/README.md,
-    benchmarks/late_phase.py).
+    Why `DecayIMEX` for a decay. After separation g ~ 1/t, and in u = log t (which
+    `simulate` uses from t = 1 on) the w-equation dw/du = -t h g is O(1): a constant number
+    of steps per decade. The one stiff part is the decay of m, dm/du = -(1 - b) t m + ...,
+    rate 1e99 at t = 1e100. `DecayIMEX` (module `_imex`) treats that decay implicitly and
+    everything else explicitly with Kennedy & Carpenter's 5(4) IMEX pair; the implicit
+    stages are diagonal and solved by a division, so a step costs 8 gradient evaluations
+    plus O(p): the same solver runs the toy and the CNN's 3.3e6 parameters (Kvaerno5 +
+    dense Newton formed a p x p Jacobian). Steps to 1e5 / to 1e100 on the toy (2-core CPU,
+    eps 1e-5, b 0.9, rtol 1e-8): RMSProp 1837 / 2037, Adam 1640 / 1824; every (flow, model)
+    row is in the generated table of docs/performance.md.
     Rejected alternatives, measured:
     - Kvaerno5 + dense Newton in log time: 2155 / 2397 steps, 0.30 s to 1e5, O(p^2) memory;
     - the old default, Kvaerno5 in t: stalled in [1e15, 1e16] (steps ~ t, and its Newton
@@ -143,13 +152,11 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12):
       `DecayIMEX` avoids, see its module).
 
     Args:
-        flow, p: unused today (one O(p) solver fits all); kept for per-flow/size choices.
+        flow: the flow; p: unused today (one O(p) solver fits every size).
         rtol, atol: unused (the implicit stages are solved exactly).
     """
-    del flow, p, rtol, atol
-    from ._imex import DecayIMEX
-
-    return DecayIMEX()
+    del p, rtol, atol
+    return late_solver(flow, 0)
 
 
 # AdaGrad's late Newton solve (`late_solver`) never forms the Newton matrix: it applies it
@@ -194,10 +201,11 @@ def newton_solver(rtol: float, dtype=jnp.float64) -> dfx.Kvaerno5:
 
 
 def late_solver(flow, p: int, *, rtol: float = 1e-8, dtype=jnp.float64):
-    """The default solver from t = 1e10 on (`simulate`'s ten-decade segments).
+    """The solver for the late phase, t >= 1e10; today the same as `default_solver`, which
+    uses it for the whole run (why each, below).
 
-    - RMSProp and Adam keep `DecayIMEX`: their m-equation decays at the rate (1 - b) t,
-      1e99 at t = 1e100, which it treats implicitly.
+    - RMSProp, Adam and the momentum flows: `DecayIMEX`: their moments decay at the rate
+      (1 - b) t, 1e99 at t = 1e100, which it treats implicitly.
     - GD and AdaGrad: diffrax's Dopri8. Late in training GD's field is smooth and not stiff
       (Jacobian eigenvalues -2, -1 and O(1/u) in u, measured on DeepLinear(4, 4, 4, 1)) and
       the 8th-order pair takes long steps: from 1e5 to 1e100 in the state v
@@ -206,13 +214,13 @@ def late_solver(flow, p: int, *, rtol: float = 1e-8, dtype=jnp.float64):
       (eigenvalues -15 and -5 in u on the deep linear net), which an implicit method steps
       over in fewer steps (Kvaerno5 + Newton-Krylov, `newton_solver`: 87 against 854), but
       each of its steps costs about 8 field evaluations per Newton iteration: in wall time
-      it was slower on the toy, the MLP and the deep linear net (benchmarks/adagrad_late.py,
-      README), it compiles a second, larger program, and in float32 its Newton iteration
-      cannot converge below float32 rounding and stalled (the verification bank's rows
-      linear-exp-adagrad-f32-s101 / adagrad_out-f32-s102, max_steps_reached at 3.7e19).
+      it was slower on the toy, the MLP and the deep linear net
+      (benchmarks/solver_choice.py), it compiles a larger program, and in float32 its
+      Newton iteration cannot converge below float32 rounding and stalled (the
+      verification bank's rows linear-exp-adagrad-f32-s101 / adagrad_out-f32-s102,
+      max_steps_reached at 3.7e19).
       `solver=newton_solver(rtol)` still runs it throughout, for very stiff problems.
-    The price of a switch is a second compiled solver, once per process and model shape,
-    for a run that goes past 1e10.
+    Since `default_solver` makes the same choice, a default run does not switch.
     """
     del p, rtol, dtype  # one O(p) solver per flow fits every size and dtype
     from ._imex import DecayIMEX

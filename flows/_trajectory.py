@@ -27,7 +27,8 @@ class Trajectory(eqx.Module):
     Arrays (numpy, float64 unless the run was float32); a leading batch axis B on every
     per-run array when many initialisations were run in one call:
     - ts (n,): save times;
-    - w (n, p): flat parameters; m (n, p): second moments; `h()` (n, p): the conditioner;
+    - w (n, p): flat parameters; m (n, p): second moments (momentum flows: (n, 2p), the
+      second moments then the first moments, `m1`); `h()` (n, p): the conditioner;
     - log_loss (n,): log L(w(t));
     - I (n,): the integral I(t) = int_{t0}^t sum_i (-1/2 d log h_i/ds)_+ ds of the paper's
       Lemma 3, integrated with the flow (NaN for discrete runs);
@@ -55,6 +56,13 @@ class Trajectory(eqx.Module):
     result: str = eqx.field(static=True)
     message: str = eqx.field(static=True)
     meta: dict = eqx.field(static=True)
+
+    @property
+    def m1(self) -> np.ndarray | None:
+        """The first moments m1 (n, p) of a momentum flow's run (the second half of m), or
+        None for a run without them."""
+        p = self.w.shape[-1]
+        return self.m[..., p:] if self.m.shape[-1] == 2 * p else None
 
     @property
     def success(self) -> bool:

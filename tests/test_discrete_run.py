@@ -224,7 +224,12 @@ def test_meta_model_at_flow_and_save_load(tmp_path):
     back = Trajectory.load(tmp_path / "d.npz")
     np.testing.assert_array_equal(back.w, traj.w)
     assert back.meta == traj.meta and back.stats["num_steps"] == 100
-    assert run(SGDMomentum(0.1), model, data, 5).meta["flow"] is None
+    # Heavy ball with lr = 0.1, mu = 0.9: eta = 1, 1 - mu = eta (1 - b1) gives b1 = 0.9;
+    # with lr = 0.001 momentum forgets within one unit of flow time: no matching flow.
+    heavy = run(SGDMomentum(0.1), model, data, 5)
+    assert heavy.meta["flow"] == "momentum" and abs(heavy.meta["hyper"]["b1"] - 0.9) < 1e-12
+    np.testing.assert_allclose(heavy.ts, np.arange(6) * 1.0, rtol=1e-12)  # t = k lr / (1 - mu)
+    assert run(SGDMomentum(0.001), model, data, 5).meta["flow"] is None
 
 
 # ------------------------------------------------------------------ bad input

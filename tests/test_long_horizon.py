@@ -12,7 +12,14 @@ import jax
 import marginflow  # noqa: F401  (float64)
 import numpy as np
 import pytest
-from marginflow.flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow, simulate
+from marginflow.flows import (
+    AdaGradFlow,
+    AdamFlow,
+    GradientFlow,
+    MomentumFlow,
+    RMSPropFlow,
+    simulate,
+)
 from marginflow.models import MLP, DeepLinear, ToyLeaky, separable_gaussians, toy_dataset
 
 FLOWS = {
@@ -20,6 +27,11 @@ FLOWS = {
     "adagrad": AdaGradFlow(1e-5),
     "rmsprop": RMSPropFlow(1e-5, 0.9),
     "adam": AdamFlow(1e-5, 0.9),
+    # b1 = 0: the first moment averages g over one time unit. With b1 = 0.9 (ten units) the
+    # toy's weights coast far once the data separate: log L reaches -523 by t = 1e3 and the
+    # 1/t regime begins only near t = 1/L ~ 1e227, after the horizon checked here.
+    "momentum": MomentumFlow(0.0),
+    "adam_momentum": AdamFlow(1e-5, 0.9, b1=0.0),
 }
 
 
@@ -75,8 +87,10 @@ def _check_late(traj, t1):
     for arr in (traj.w, traj.m, traj.h(), traj.log_loss, traj.I):
         assert np.all(np.isfinite(arr))
     # log L decreases along the flow (dL/dt = -<g, h g> <= 0); 1e-9 absolute is rounding
-    # of log L ~ -230 in float64 plus the solver's tolerance.
-    assert np.all(np.diff(traj.log_loss) <= 1e-9)
+    # of log L ~ -230 in float64 plus the solver's tolerance. A momentum flow moves along
+    # m1, not g: dL/dt = -<g, h m1_hat> has no sign, and the loss may rise for a while.
+    if traj.meta["flow"] != "momentum" and "b1" not in traj.meta["hyper"]:
+        assert np.all(np.diff(traj.log_loss) <= 1e-9)
     # Theorem 10: L = Theta(1 / (t (log t)^(2 - 2/L))), so the slope of log L against log t
     # over the last decades is -1 - (2 - 2/L) / log t + o(1/log t), within 0.02 of -1 at
     # t ~ 1e90..1e100 (log t ~ 210). An underflowed gradient (t g computed as 0) would
@@ -93,12 +107,16 @@ def _check_late(traj, t1):
 def _check_constant_cost(traj):
     # After 1e10 each segment is ten decades of t (a length-23 interval of u = log t). The
     # late field in u is autonomous up to corrections that fade like 1/log t (g ~ 1/t,
-    # Theorem 10), so the steps per segment must not grow: none takes more than the first
-    # late segment, up to 25% + 2 steps of controller jitter (segments take 5-120 steps).
-    # A cost that grew with t (e.g. a stiff decay treated explicitly, rate t) fails.
+    # Theorem 10), so the steps per segment must not grow: none of the last half of the
+    # late segments takes more than the most of the first half, up to 25% + 2 steps of
+    # controller jitter (segments take 5-120 steps). A cost that grew with t (e.g. a stiff
+    # decay treated explicitly, rate t) fails. (The first half, not the first segment: a
+    # run whose loss is still far below 1/t at 1e10, like the momentum flows', idles
+    # through its first late segments until the 1/t regime begins.)
     ends = np.asarray(traj.stats["segment_ends"])
     late = np.asarray(traj.stats["num_steps_per_segment"])[ends > 1e10]
-    assert late.max(initial=0) <= 1.25 * late[0] + 2, late
+    half = (len(late) + 1) // 2
+    assert late[half:].max(initial=0) <= 1.25 * late[:half].max(initial=0) + 2, late
 
 
 def _check_penalty_integral(traj):
@@ -107,7 +125,7 @@ def _check_penalty_integral(traj):
     # by a turning point of some m_i there, far below the run's rtol (1e-8) times (1 + I).
     I = traj.I
     assert np.all(np.diff(I) >= -1e-8 * (1.0 + I[1:])), np.diff(I).min()
-    if traj.meta["flow"] == "gd":
+    if traj.meta["flow"] in ("gd", "momentum"):  # h = 1
         assert np.all(I == 0.0)
     elif traj.meta["flow"] == "adagrad":
         # m_i = int g_i^2 only grows, so I(t) = sum_i 1/4 log((eps + m_i(t)) / eps) in
@@ -184,20 +202,23 @@ def test_segments_are_decades_then_ten_decades():
 
 
 def test_late_solver_per_flow():
-    # The flows whose m-equation decays (rate (1 - b) t in u) keep the IMEX solver that
-    # treats the decay implicitly; GD and AdaGrad, with no decay, get Dopri8 (AdaGrad's
-    # implicit alternative, `newton_solver`, stays available: a matrix-free Newton solve).
+    # The flows whose moments decay (rate (1 - b) t in u) use the IMEX solver that treats
+    # the decay implicitly; GD and AdaGrad, with no decay, Dopri8; both throughout the run
+    # (chosen by wall time, benchmarks/solver_choice.py). AdaGrad's implicit alternative,
+    # `newton_solver`, stays available: a matrix-free Newton solve.
     import diffrax as dfx
     import lineax as lx
     import optimistix as optx
     from marginflow.flows import default_solver, late_solver, newton_solver
     from marginflow.flows._imex import DecayIMEX
 
-    expected = {"gd": dfx.Dopri8, "adagrad": dfx.Dopri8, "rmsprop": DecayIMEX, "adam": DecayIMEX}
+    expected = {"gd": dfx.Dopri8, "adagrad": dfx.Dopri8, "rmsprop": DecayIMEX, "adam": DecayIMEX,
+                "momentum": DecayIMEX, "adam_momentum": DecayIMEX}
     for name, flow in FLOWS.items():
-        assert isinstance(default_solver(flow, 3), DecayIMEX)
+        assert isinstance(default_solver(flow, 3), expected[name]), name
         late = late_solver(flow, 3)
         assert isinstance(late, expected[name]), (name, late)
+        assert late == default_solver(flow, 3)  # no switch at 1e10
     newton = newton_solver(1e-8).root_finder
     assert isinstance(newton, optx.Newton) and isinstance(newton.linear_solver, lx.GMRES)
 
@@ -222,9 +243,10 @@ def test_newton_solver_option(runs):
 
 
 def test_float32_adagrad_past_the_late_switch():
-    # AdaGrad's late solver (Dopri8) in float32 past the switch at 1e10: the run must go on
-    # and keep float32's accuracy (the Newton-Krylov Kvaerno5 that was the default before
-    # stalled in float32 on some problems, see late_solver). Both runs at rtol 1e-6:
+    # AdaGrad's late solver (Dopri8, now its solver throughout) in float32 past 1e10: the
+    # run must go on and keep float32's accuracy (the Newton-Krylov Kvaerno5 that was the
+    # late default before stalled in float32 on some problems, see late_solver). Both runs
+    # at rtol 1e-6:
     # measured direction difference at 1e30 9.8e-7; 1e-4 allows 100 x rtol of accumulated
     # error over 30 decades, while a failed Newton stalls the run (result != successful).
     m, d = _toy()
@@ -232,7 +254,7 @@ def test_float32_adagrad_past_the_late_switch():
     a = simulate(FLOWS["adagrad"], m, d, 1e30, dtype=np.float32, **kw)
     b = simulate(FLOWS["adagrad"], m, d, 1e30, **kw)
     assert a.success and b.success and a.w.dtype == np.float32
-    assert "Dopri8 from t = 1e+10" in a.meta["solver"]
+    assert a.meta["solver"] == "Dopri8"
     wa, wb = a.w[-1] / np.linalg.norm(a.w[-1]), b.w[-1] / np.linalg.norm(b.w[-1])
     assert np.linalg.norm(wa - wb) < 1e-4
 

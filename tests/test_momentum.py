@@ -1,0 +1,131 @@
+"""Momentum flows (docs/math.md section 9): MomentumFlow and AdamFlow(b1=...) against an
+independent integration of their equations (numpy fields, scipy's DOP853), their state
+layout, and b1=None being the Adam (w/m) flow unchanged."""
+
+import jax
+import jax.numpy as jnp
+import marginflow  # noqa: F401  (float64)
+import numpy as np
+import pytest
+from marginflow.flows import AdamFlow, MomentumFlow, simulate
+from marginflow.models import Linear, separable_gaussians
+from marginflow.models._objective import flatten
+from scipy.integrate import solve_ivp
+
+TS = np.array([0.0, 0.25, 1.0, 3.0, 10.0, 40.0])
+
+
+@pytest.fixture(scope="module")
+def problem():
+    data = separable_gaussians(12, 3, gap=0.5, seed=5)
+    model = Linear(3, key=jax.random.PRNGKey(7))
+    return model, data, np.asarray(flatten(model), dtype=float)
+
+
+def _grad(X, y):
+    def g(w):  # L(w) = sum_i exp(-y_i <w, x_i>), the exponential loss of a linear model
+        return -(y * np.exp(-y * (X @ w))) @ X
+    return g
+
+
+def _correction(b, t, kind):
+    """(c(t), lim_{t->0} (moment / c) / (its target)) of the bias correction of decay b."""
+    if kind == "ema":
+        return -np.expm1(-(1 - b) * t), 1.0
+    return -np.expm1(t * np.log(b)), (1 - b) / -np.log(b)
+
+
+def _oracle(field, n, y0, rtol=1e-12):
+    sol = solve_ivp(field, (0.0, TS[-1]), y0, method="DOP853", t_eval=TS, rtol=rtol,
+                    atol=1e-14)
+    assert sol.success
+    return sol.y.T[:, :n], sol.y.T[:, n:]
+
+
+def _agree(traj, w, m):
+    """Both integrations carry ~1e2-1e3 steps at rtol 1e-10 / 1e-12: their global errors
+    are below ~1e3 rtol = 1e-7 relative; 1e-6 of the largest entry allows 10x."""
+    np.testing.assert_array_equal(traj.ts, TS)
+    for ours, theirs in ((traj.w, w), (traj.m, m)):
+        scale = np.max(np.abs(theirs))
+        assert np.max(np.abs(ours - theirs)) <= 1e-6 * scale, np.max(np.abs(ours - theirs))
+
+
+def test_momentum_flow_against_scipy(problem):
+    model, data, w0 = problem
+    X, y = np.asarray(data.X), np.asarray(data.y)
+    g, p, b1 = _grad(X, y), w0.size, 0.6
+
+    def field(t, s):  # s = (w, m2 = 0, m1)
+        w, m1 = s[:p], s[2 * p:]
+        return np.concatenate([-m1, np.zeros(p), (1 - b1) * (g(w) - m1)])
+
+    w, m = _oracle(field, p, np.concatenate([w0, np.zeros(2 * p)]))
+    traj = simulate(MomentumFlow(b1), model, data, TS[-1], ts=TS, rtol=1e-10, atol=1e-14)
+    assert traj.m.shape == (TS.size, 2 * p)
+    assert np.all(traj.m[:, :p] == 0.0) and np.all(traj.h() == 1.0) and np.all(traj.I == 0.0)
+    np.testing.assert_array_equal(traj.m1, traj.m[:, p:])
+    _agree(traj, w, m)
+
+
+@pytest.mark.parametrize("kind", ["ema", "paper"])
+@pytest.mark.parametrize("conditioner", ["eps_inside", "eps_outside"])
+def test_adam_flow_with_momentum_against_scipy(problem, kind, conditioner):
+    """Both moments, both bias corrections with their t -> 0 limits (m / c -> limit * g^2,
+    m1 / c1 -> limit1 * g), both conditioner conventions."""
+    model, data, w0 = problem
+    X, y = np.asarray(data.X), np.asarray(data.y)
+    g, p, eps, b, b1 = _grad(X, y), w0.size, 0.05, 0.7, 0.8
+
+    def field(t, s):
+        w, m2, m1 = s[:p], s[p:2 * p], s[2 * p:]
+        gw = g(w)
+        c, lim = _correction(b, t, kind)
+        c1, lim1 = _correction(b1, t, kind)
+        psi = m2 / c if t > 0 else lim * gw * gw
+        m1_hat = m1 / c1 if t > 0 else lim1 * gw
+        h = 1 / np.sqrt(eps + psi) if conditioner == "eps_inside" else 1 / (np.sqrt(psi) + eps)
+        return np.concatenate([-h * m1_hat, (1 - b) * (gw * gw - m2), (1 - b1) * (gw - m1)])
+
+    w, m = _oracle(field, p, np.concatenate([w0, np.zeros(2 * p)]))
+    flow = AdamFlow(eps, b, b1=b1, bias_correction=kind, conditioner=conditioner)
+    traj = simulate(flow, model, data, TS[-1], ts=TS, rtol=1e-10, atol=1e-14)
+    _agree(traj, w, m)
+
+
+def test_adam_without_b1_is_the_adam_w_m_flow():
+    """b1=None: state (w, m) of length p, and the field is -h g with h from m / c(t),
+    elementwise the same expressions as the Adam (w/m) flow's (compared exactly)."""
+    flow = AdamFlow(0.05, 0.7)
+    assert flow.b1 is None and flow.n_moments == 1 and "b1" not in flow.hyperparameters()
+    rng = np.random.default_rng(0)
+    w, g = jnp.asarray(rng.normal(size=5)), jnp.asarray(rng.normal(size=5))
+    m = jnp.asarray(rng.uniform(size=5))
+    t = 0.3
+    dw, dm, h, _ = flow.vector_field(t, w, m, g)
+    c = -jnp.expm1(t * jnp.log(flow.b))
+    np.testing.assert_array_equal(h, 1.0 / jnp.sqrt(flow.eps + m / c))
+    np.testing.assert_array_equal(dw, -h * g)
+    np.testing.assert_array_equal(dm, (1.0 - flow.b) * (g * g - m))
+
+
+def test_momentum_flow_checks_and_names():
+    with pytest.raises(ValueError, match=r"`b1` must be in \[0, 1\), got 1.0"):
+        MomentumFlow(1.0)
+    with pytest.raises(ValueError, match=r"`b1` must be in \[0, 1\)"):
+        AdamFlow(1e-5, 0.9, b1=-0.1)
+    flow = MomentumFlow(0.9)
+    assert flow.n_moments == 2 and flow.hyperparameters() == {"b1": 0.9}
+    from marginflow.flows._flow import flow_from_meta
+
+    back = flow_from_meta("adam", AdamFlow(1e-5, 0.9, b1=0.5).hyperparameters(), "eps_inside")
+    assert float(back.b1) == 0.5
+    assert float(flow_from_meta("momentum", {"b1": 0.9}, "eps_inside").b1) == 0.9
+
+
+def test_lemma3_terms_refuses_momentum_flows(problem):
+    from marginflow.analysis import lemma3_terms
+
+    model, data, w0 = problem
+    with pytest.raises(ValueError, match="not proven for momentum flows"):
+        lemma3_terms(MomentumFlow(0.9), model, data, 1.0, w0, np.zeros(2 * w0.size))
