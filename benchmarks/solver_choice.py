@@ -1,16 +1,18 @@
 """The default solver by wall time: every candidate on each (flow, model) row of the step
 table, to t1 = 1e100, compiled and on a first call.
 
-Rows: GD, AdaGrad, RMSProp and Adam (eps 1e-5, b 0.9) on the toy, MLP(4, 8, 2, k=2) and
-DeepLinear(4, 4, 4, 1) of tests/test_long_horizon.py, rtol 1e-8, saves at 0, 1e5, 1e100.
+Rows: GD, AdaGrad, RMSProp, Adam (eps 1e-5, b 0.9) and the momentum flows (b1 = 0) on the
+toy, MLP(4, 8, 2, k=2) and DeepLinear(4, 4, 4, 1) of tests/test_long_horizon.py, rtol 1e-8,
+saves at 0, 1e5, 1e100.
 Candidates:
-- the default (`solver=None`): `DecayIMEX`, then `late_solver` from t = 1e10 (Dopri8 for
-  GD and AdaGrad, `DecayIMEX` for RMSProp and Adam, so "default" is "DecayIMEX
-  throughout" there and is run once);
-- `DecayIMEX` throughout; Dopri8 throughout (GD and AdaGrad only: RMSProp's and Adam's
-  m decays at the rate (1 - b) t in u = log t, 1e99 at t = 1e100, and an explicit step is
-  stable only below about 3 / ((1 - b) t));
-- Kvaerno5 + Newton-Krylov throughout (`newton_solver(1e-8)`).
+- the default (`solver=None`): Dopri8 for GD and AdaGrad, `DecayIMEX` for the flows with
+  a decay, each for the whole run;
+- `DecayIMEX` throughout for GD and AdaGrad (for the others it is the default; an
+  explicit solver is no candidate there: their moments decay at the rate (1 - b) t in
+  u = log t, 1e99 at t = 1e100, and an explicit step is stable only below about
+  3 / ((1 - b) t));
+- Kvaerno5 + Newton-Krylov throughout (`newton_solver(1e-8)`; for the flows with a decay
+  only on the toy's RMSProp row, see `candidates`).
 Each (row, candidate) runs in a fresh process with an empty compilation cache, so its first
 call (tracing and compiling included) is timed as a new user meets it; then the median of
 3 compiled calls. The verdict: the default's compiled time within 1.1x of the fastest
@@ -26,14 +28,18 @@ import subprocess
 import sys
 import tempfile
 
-FLOWS = ("gd", "adagrad", "rmsprop", "adam")
+FLOWS = ("gd", "adagrad", "rmsprop", "adam", "momentum", "adam_momentum")
 MODELS = {"toy": "toy", "mlp": "MLP(4, 8, 2, k=2)", "deep_linear": "DeepLinear(4, 4, 4, 1)"}
 
 
-def candidates(flow: str) -> list[str]:
-    if flow in ("gd", "adagrad"):
-        return ["default", "imex", "dopri8", "newton"]
-    return ["default", "newton"]  # the default is DecayIMEX throughout here
+def candidates(flow: str, model: str) -> list[str]:
+    if flow in ("gd", "adagrad"):  # the default is Dopri8 throughout
+        return ["default", "imex", "newton"]
+    # The default is DecayIMEX throughout here, and an explicit solver is unstable.
+    # Kvaerno5 + Newton-Krylov is run on the toy with RMSProp only: it ran out of steps
+    # there after 71 s (max_steps_reached in [1e10, 1e20]), and each such run costs a
+    # minute; the other rows of the flows with a decay have no working alternative.
+    return ["default", "newton"] if (flow, model) == ("rmsprop", "toy") else ["default"]
 
 
 LABELS = {"default": "default", "imex": "DecayIMEX", "dopri8": "Dopri8",
@@ -79,7 +85,7 @@ def main() -> None:
     for flow in FLOWS:
         for model, label in MODELS.items():
             results = {}
-            for setup in candidates(flow):
+            for setup in candidates(flow, model):
                 env = {**os.environ, "MARGINFLOW_CACHE_DIR": tempfile.mkdtemp()}
                 out = subprocess.run([sys.executable, __file__, flow, model, setup], env=env,
                                      check=True, capture_output=True, text=True).stdout.split()
@@ -100,7 +106,7 @@ def main() -> None:
                 f"steps(1e100) / steps(1e5) {growth:.2f}: {verdict}", flush=True)
             by = dict(zip(results, cells, strict=True))
             rows.append([flow, label, by["default"], by.get("imex", "= default"),
-                         by.get("dopri8", "unstable (stiff decay)"), by["newton"],
+                         by.get("newton", "not run (failed on the toy's RMSProp row)"),
                          f"{ratio:.2f}", f"{growth:.2f}", verdict])
     print(f"default within 1.1x of the fastest and steps ratio <= 2.5 on "
           f"{verdicts.count('yes')} of {len(verdicts)} rows")
@@ -109,7 +115,7 @@ def main() -> None:
         from _record import record
 
         record("solver_choice", ["flow", "model", "default", "DecayIMEX throughout",
-                                 "Dopri8 throughout", "Kvaerno5 + Newton throughout",
+                                 "Kvaerno5 + Newton throughout",
                                  "default / fastest", "steps(1e100) / steps(1e5)",
                                  "default within 1.1x"], rows,
                command="python benchmarks/solver_choice.py --record",

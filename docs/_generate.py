@@ -29,8 +29,9 @@ DATA = os.path.join(ROOT, "docs", "data", "experiments")
 
 # mode -> (the experiments it runs by default, quick flag, overrides passed to each)
 MODES = {
-    "quick": (("fig2", "fig1", "fig4", "fig5", "soudry", "crossover", "qian"), True, {}),
-    "full": (("fig2", "soudry", "crossover", "qian"), False, {}),
+    "quick": (("fig2", "fig1", "fig4", "fig5", "soudry", "crossover", "qian", "momentum"), True,
+              {}),
+    "full": (("fig2", "soudry", "crossover", "qian", "momentum"), False, {}),
     "mnist-long": (("fig1", "fig4", "fig5"), True, {"epochs": 1000, "save_every_epochs": 10}),
 }
 COMMANDS = {

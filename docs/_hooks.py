@@ -33,7 +33,7 @@ from mkdocs.structure.files import File
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 EXPERIMENTS = os.path.join(ROOT, "docs", "data", "experiments")
-ORDER = ("fig2", "fig1", "fig4", "fig5", "soudry", "crossover", "qian")
+ORDER = ("fig2", "fig1", "fig4", "fig5", "soudry", "crossover", "qian", "momentum")
 _TABLE = re.compile(r"^<!-- experiments-table: ([\w-]+) -->$", flags=re.M)
 BENCHMARKS = os.path.join(ROOT, "docs", "data", "benchmarks")
 _BENCH = re.compile(r"^<!-- benchmark-table: ([\w-]+) -->$", flags=re.M)

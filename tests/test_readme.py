@@ -53,7 +53,7 @@ def _check_solvers(ns):
     # the output printed in the page's comment
     names = [(type(default_solver(f, 3)).__name__, type(late_solver(f, 3)).__name__)
              for f in (AdaGradFlow(1e-5), RMSPropFlow(1e-5, 0.9))]
-    assert names == [("DecayIMEX", "Dopri8"), ("DecayIMEX", "DecayIMEX")]
+    assert names == [("Dopri8", "Dopri8"), ("DecayIMEX", "DecayIMEX")]
     assert ns["traj"].result == "successful"
 
 
