@@ -15,8 +15,9 @@ Candidates:
   only on the toy's RMSProp row, see `candidates`).
 Each (row, candidate) runs in a fresh process with an empty compilation cache, so its first
 call (tracing and compiling included) is timed as a new user meets it; then the median of
-3 compiled calls. The verdict: the default's compiled time within 1.1x of the fastest
-candidate's, and steps(1e100) / steps(1e5) <= 2.5, kept as a check.
+3 compiled calls. It prints whether the default's compiled time is within 1.1x of the
+fastest candidate's, and the default's steps(1e100) / steps(1e5), a check on the cost of
+the late decades relative to the early ones.
 Run: python benchmarks/solver_choice.py [--record]   (about 10 minutes on 2 cores)
 """
 
@@ -96,32 +97,33 @@ def main() -> None:
             steps, to_1e5, first, compiled = results["default"]
             ratio = compiled / done[fastest][3]
             growth = steps / to_1e5
-            verdict = "yes" if ratio <= 1.1 and growth <= 2.5 else "NO"
+            verdict = "yes" if ratio <= 1.1 else "NO"
             verdicts.append(verdict)
             cells = [f"{v[0]} steps, {v[3]:.3f} s ({v[2]:.1f} s)" if v[0] > 0 else
                      f"failed ({v[2]:.1f} s)" for v in results.values()]
             print(f"{flow} / {label}: " + "; ".join(
                 f"{LABELS[k]} {c}" for k, c in zip(results, cells, strict=True))
-                + f"; fastest {LABELS[fastest]}, default / fastest {ratio:.2f}, "
-                f"steps(1e100) / steps(1e5) {growth:.2f}: {verdict}", flush=True)
+                + f"; fastest {LABELS[fastest]}, default / fastest {ratio:.2f} ({verdict}), "
+                f"steps(1e100) / steps(1e5) {growth:.2f}", flush=True)
             by = dict(zip(results, cells, strict=True))
             rows.append([flow, label, by["default"], by.get("imex", "= default"),
                          by.get("newton", "not run (failed on the toy's RMSProp row)"),
-                         f"{ratio:.2f}", f"{growth:.2f}", verdict])
-    print(f"default within 1.1x of the fastest and steps ratio <= 2.5 on "
-          f"{verdicts.count('yes')} of {len(verdicts)} rows")
+                         f"{ratio:.2f} ({verdict})", f"{growth:.2f}"])
+    print(f"default within 1.1x of the fastest compiled on {verdicts.count('yes')} of "
+          f"{len(verdicts)} rows")
     if args.record:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from _record import record
 
         record("solver_choice", ["flow", "model", "default", "DecayIMEX throughout",
                                  "Kvaerno5 + Newton throughout",
-                                 "default / fastest", "steps(1e100) / steps(1e5)",
-                                 "default within 1.1x"], rows,
+                                 "default / fastest compiled (within 1.1x?)",
+                                 "default's steps(1e100) / steps(1e5)"], rows,
                command="python benchmarks/solver_choice.py --record",
                notes=["Cells: steps to t = 1e100, compiled wall time (median of 3 calls), "
                       "the first call of a fresh process with an empty compilation cache "
-                      "in brackets."])
+                      "in brackets. The last column is a check on the late decades' cost, "
+                      "relative to the early ones."])
 
 
 if __name__ == "__main__":
