@@ -51,6 +51,10 @@ def _optimizers():
             "Adam with momentum": matching_optimizer(flows["Adam + momentum"], ETA_ADAM)}
 
 
+def _rounded(hyper: dict) -> dict:
+    return {k: round(v, 12) if isinstance(v, float) else v for k, v in hyper.items()}
+
+
 def _datasets(seed: int):
     from ..models import separable_gaussians, soudry_dataset
 
@@ -167,7 +171,8 @@ def momentum(*, quick: bool | None = None, progress: bool = False, seed: int = 0
             claims.append(Claim(
                 claim=f"{dname}: discrete {name} -> the L2 max-margin direction",
                 paper="Wang et al. 2022: GD with momentum and Adam with momentum and eps",
-                measured=(f"{steps} steps of {type(opt).__name__}({opt.hyperparameters()}) "
+                measured=(f"{steps} steps of {type(opt).__name__}"
+                          f"({_rounded(opt.hyperparameters())}) "
                           f"(t = {ts[-1]:.3g}): angle to L2 {first:.3g} -> {a2[-1]:.3g} deg "
                           f"over the last two decades of t; to L-inf {ainf[-1]:.3g} deg"),
                 # Falling: by 5% at least over two decades (a 1/log t rate from t = 40 to
