@@ -20,36 +20,22 @@ import numpy as np
 from marginflow.flows import RMSPropFlow, simulate
 from marginflow.models import ToyLeaky, toy_dataset
 from marginflow.models._objective import flatten
+from peer_scipy_job import EPS, B, rmsprop_field
 from scipy.integrate import solve_ivp
-from scipy.special import logsumexp
 
-EPS, B, RTOL, ATOL = 1e-5, 0.9, 1e-8, 1e-12
+RTOL, ATOL = 1e-8, 1e-12
 
 
 def numpy_field(X, y):
-    """The RMSProp flow on the toy model Phi = v sigma(<w, x>), params (v, w1, w2), in numpy."""
-    a = 1.0 - B
-
-    def grad(p):
-        v, w = p[0], p[1:]
-        z = X @ w
-        s = np.where(z >= 0, z, 0.5 * z)
-        ds = np.where(z >= 0, 1.0, 0.5)
-        q = y * v * s
-        log_l = logsumexp(-q)
-        weights = np.exp(-q - log_l) * np.exp(log_l)  # e^{-q_i}, via log L
-        dq = np.concatenate([(y * s)[:, None], (y * v * ds)[:, None] * X], axis=1)
-        return -(weights[:, None] * dq).sum(0)
-
+    """The RMSProp flow on the toy model in numpy (peer_scipy_job.py's), counting calls."""
+    f, _ = rmsprop_field(X, y)
     calls = [0]
 
-    def f(t, state):
+    def counted(t, state):
         calls[0] += 1
-        p, m = state[:3], state[3:]
-        g = grad(p)
-        return np.concatenate([-g / np.sqrt(EPS + m), a * (g * g - m)])
+        return f(t, state)
 
-    return f, calls
+    return counted, calls
 
 
 def margin(p, X, y):
@@ -86,7 +72,10 @@ def marginflow_run(model, data, t1, repeats):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="3 repeats, batch of 20")
+    parser.add_argument("--record", action="store_true",
+                        help="write the tables to docs/data/benchmarks/flow_peers.json")
     args = parser.parse_args()
+    rows, notes = [], []
     repeats = 3 if args.quick else 5
     n_batch = 20 if args.quick else 100
     data = toy_dataset(0)
@@ -111,12 +100,11 @@ def main():
         diff = abs(lsoda[0][3] - mf_margin)
         # DecayIMEX: 8 field evaluations per step (7 stages + the new state's), 3 at start.
         n = traj.stats["num_steps"]
-        print(
-            f"| {t1:.0e} | {med:.3f} ({compile_s:.1f}) | {n} ({8 * n + 3}) | "
-            f"{l_wall:.3f} ({lsoda[0][1]}{'' if lsoda[0][2] else ', failed'}) | "
-            f"{bdf[0]:.3f} ({bdf[1]}{'' if bdf[2] else ', failed'}) | "
-            f"{l_wall / med:.1f}x | {diff:.1e} |"
-        )
+        rows.append([f"{t1:.0e}", f"{med:.3f} ({compile_s:.1f})", f"{n} ({8 * n + 3})",
+                     f"{l_wall:.3f} ({lsoda[0][1]}{'' if lsoda[0][2] else ', failed'})",
+                     f"{bdf[0]:.3f} ({bdf[1]}{'' if bdf[2] else ', failed'})",
+                     f"{l_wall / med:.1f}x", f"{diff:.1e}"])
+        print("| " + " | ".join(rows[-1]) + " |")
     # A batch of initialisations: one call (one chunk per core) against sequential LSODA runs.
     keys = jax.random.split(jax.random.key(7), n_batch)
     models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)
@@ -138,12 +126,23 @@ def main():
     margins = [scipy_run("LSODA", w0s[i], X, y, t1)[3] for i in range(n_batch)]
     ls = time.perf_counter() - start
     mf_m = np.array([margin(bt.w[i, -1], X, y) for i in range(n_batch)])
-    print(
-        f"\nbatch of {n_batch} to t1 = 1e5: marginflow {mf:.2f} s (compile "
-        f"{first - mf:.1f} s, result {bt.result}), {n_batch} LSODA runs {ls:.2f} s: "
-        f"{ls / mf:.1f}x; max margin diff {np.max(np.abs(mf_m - margins)):.1e}"
+    notes.append(
+        f"A batch of {n_batch} initialisations to t1 = 1e5 in one call: marginflow {mf:.2f} s "
+        f"(compile {first - mf:.1f} s, result {bt.result}), {n_batch} LSODA runs {ls:.2f} s: "
+        f"{ls / mf:.1f}x; max margin difference {np.max(np.abs(mf_m - margins)):.1e}; on one "
+        f"core (workers=1) marginflow {mf1:.2f} s, {ls / mf1:.1f}x."
     )
-    print(f"  on one core (workers=1): marginflow {mf1:.2f} s, {ls / mf1:.1f}x")
+    print("\n" + notes[-1])
+    if args.record:
+        from _record import record
+
+        record("flow_peers", ["t1", "marginflow s (compile s)", "steps (evals)",
+                              "LSODA s (evals)", "BDF s (evals)", "LSODA / marginflow",
+                              "margin diff"], rows,
+               command="python benchmarks/flow_peers.py" + (" --quick" if args.quick else "")
+               + " --record",
+               notes=["Median wall time after compilation, compilation in brackets; "
+                      f"{repeats} repeats.", *notes])
     try:
         import torchdiffeq  # noqa: F401
     except ImportError:
