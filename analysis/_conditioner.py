@@ -6,8 +6,8 @@ from __future__ import annotations
 import equinox as eqx
 import numpy as np
 
+from .._records import record_repr
 from ._common import check_trajectory
-from ._records import record_repr
 
 
 class ConditionerLimit(eqx.Module):

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.optimize
 from jaxtyping import ArrayLike, Float
 
+from .._records import record_repr
 from ._common import (
     NotSeparatedError,
     check_weights,
@@ -19,7 +20,6 @@ from ._common import (
     constraint_weights_over_loss,
     states,
 )
-from ._records import record_repr
 
 if TYPE_CHECKING:
     from ..flows import Trajectory

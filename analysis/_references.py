@@ -9,9 +9,9 @@ import scipy.linalg
 import scipy.optimize
 from jaxtyping import ArrayLike, Float
 
+from .._records import record_repr
 from ..models import Dataset
 from ._common import is_trajectory
-from ._records import record_repr
 
 
 def angle(a: Float[ArrayLike, "... p"], b: Float[ArrayLike, "... p"]) -> np.ndarray:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
+from .._records import record_repr
 from ._common import (
     NotSeparatedError,
     check_flat,
@@ -28,7 +29,6 @@ from ._common import (
     states,
     trajectory_objective,
 )
-from ._records import record_repr
 
 if TYPE_CHECKING:
     from ..flows import Trajectory

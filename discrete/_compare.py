@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..analysis._records import record_repr
+from .._records import record_repr
 from ..flows import Trajectory
 
 

@@ -37,6 +37,7 @@ import optax
 import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
+from .._records import record_repr
 from ..flows._flow import _is_concrete
 from ..models._base import check_real_type
 
@@ -143,8 +144,10 @@ class AbstractOptimizer(eqx.Module):
     Subclasses give `transformation()`, the optax GradientTransformation of the rule, and
     read the second moment n_k and the conditioner h_k back from its state (after the
     update of step k, i.e. including g_k). `eta` is the flow time of one step
-    (docs/math.md section 5): lr, except AdaGrad's lr^2.
+    (docs/math.md section 5): lr, except AdaGrad's lr^2 and SGDMomentum's lr / (1 - mu).
     """
+
+    __repr__ = record_repr  # values, not shapes: RMSProp(lr=0.1, b=0.9, eps=1e-05, ...)
 
     name: ClassVar[str]
     lr: eqx.AbstractVar[Float[Array, ""]]

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._records import record_repr
 from ..models._base import check_real_type
 
 _CONVENTIONS = ("eps_inside", "eps_outside")
@@ -105,6 +106,8 @@ class AbstractFlow(eqx.Module):
     the conditioner). Everything else (h, the vector field, d log h / dt for the paper's
     Lemma 3) is derived here, once, from those two.
     """
+
+    __repr__ = record_repr  # values, not shapes: RMSPropFlow(eps=1e-05, b=0.9, ...)
 
     name: ClassVar[str]
     conditioner: eqx.AbstractVar[str]

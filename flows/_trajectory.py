@@ -9,6 +9,7 @@ from typing import Any
 import equinox as eqx
 import numpy as np
 
+from .._records import record_repr
 from ._checkpoint import atomic_savez
 
 
@@ -56,6 +57,8 @@ class Trajectory(eqx.Module):
     result: str = eqx.field(static=True)
     message: str = eqx.field(static=True)
     meta: dict = eqx.field(static=True)
+
+    __repr__ = record_repr  # values, not shapes: each array's range and last value
 
     @property
     def m1(self) -> np.ndarray | None:

@@ -241,3 +241,21 @@ def test_cli_runs_once_writes_numbers_and_one_file_mode(tmp_path, capsys, monkey
     # trajectory.npz used to be 0600 (tempfile + rename); now every file gets 0o666 & ~umask.
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes == {"trajectory.npz": 0o640, "trajectory.png": 0o640, "summary.json": 0o640}
+
+
+def test_flows_optimisers_and_trajectories_show_values():
+    """equinox prints array fields as shapes (f64[]); the flows, optimisers and
+    Trajectory print their values (the record repr of marginflow._records)."""
+    from marginflow.flows import AdamFlow, MomentumFlow, RMSPropFlow
+
+    assert repr(RMSPropFlow(1e-5, 0.9)) == "RMSPropFlow(conditioner='eps_inside', eps=1e-05, b=0.9)"
+    assert "b1=0.5" in repr(AdamFlow(1e-5, 0.9, b1=0.5)) and "b1=0.9" in repr(MomentumFlow(0.9))
+    assert repr(SGDMomentum(0.1, momentum=0.9)) == (
+        "SGDMomentum(lr=0.1, convention='paper', momentum=0.9)")
+    assert "b2=0.999, eps=1e-08" in repr(Adam(1e-3, b2=0.999, eps=1e-8))
+    data, model = toy_dataset(0), ToyLeaky(key=jax.random.PRNGKey(0))
+    traj = run(GD(0.001), model, data, 20, save_every=10)
+    text = repr(traj)
+    # Short series in full (3 saves), longer arrays by their range; the numbers are there.
+    assert f"{traj.log_loss[-1]:.4g}]" in text and "result='successful'" in text
+    assert f"w=f64[3,3](min {traj.w.min():.4g}, max {traj.w.max():.4g})" in text

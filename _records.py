@@ -1,4 +1,5 @@
-"""A readable `repr` for the result records (KKTResidual, ConditionerLimit, Comparison, ...).
+"""A readable `repr` for the result records (KKTResidual, ConditionerLimit, Comparison, ...),
+the flows, the optimisers and Trajectory.
 
 equinox prints an array field as its shape (`f64[](numpy)`), which hides the numbers a
 result record exists to report. `record_repr` prints the values instead:
@@ -61,7 +62,10 @@ def format_value(x) -> str:
     if isinstance(x, (list, tuple)) and all(isinstance(v, (int, float)) for v in x):
         return _array(np.asarray(x))
     if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy or jax arrays
-        return _array(np.asarray(x))
+        try:
+            return _array(np.asarray(x))
+        except Exception:  # a tracer (under jit or vmap) has no values to show
+            return repr(x)
     return repr(x)
 
 
