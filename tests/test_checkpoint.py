@@ -171,8 +171,14 @@ def test_batched_resume_keeps_the_thread_chunking(tmp_path, workers):
     np.testing.assert_array_equal(again.log_loss, full.log_loss)
 
 
-@pytest.mark.parametrize("batch", [False, True])
-@pytest.mark.parametrize("flow_name", ["momentum", "adam_momentum"])
+# One case in the default run; each of the others compiles its own programs (~10 s each):
+# they run with `-m slow`.
+@pytest.mark.parametrize("batch,flow_name", [
+    (False, "momentum"),
+    pytest.param(False, "adam_momentum", marks=pytest.mark.slow),
+    pytest.param(True, "momentum", marks=pytest.mark.slow),
+    pytest.param(True, "adam_momentum", marks=pytest.mark.slow),
+])
 def test_resume_across_the_momentum_lag_switch(tmp_path, batch, flow_name):
     """A momentum flow's first moment m1 becomes its lag r = m1 - g at t = 1, the start of
     segment 1, where the solver's own state is made anew (docs/math.md section 9). Resume

@@ -68,11 +68,16 @@ def test_momentum_flow_against_scipy(problem):
     _agree(traj, w, m)
 
 
-@pytest.mark.parametrize("kind", ["ema", "paper"])
-@pytest.mark.parametrize("conditioner", ["eps_inside", "eps_outside"])
+@pytest.mark.parametrize("kind,conditioner", [
+    ("ema", "eps_inside"),
+    ("paper", "eps_outside"),
+    # each compiles its own program (~6 s): the other two combinations run with -m slow
+    pytest.param("paper", "eps_inside", marks=pytest.mark.slow),
+    pytest.param("ema", "eps_outside", marks=pytest.mark.slow),
+])
 def test_adam_flow_with_momentum_against_scipy(problem, kind, conditioner):
     """Both moments, both bias corrections with their t -> 0 limits (m / c -> limit * g^2,
-    m1 / c1 -> limit1 * g), both conditioner conventions."""
+    m1 / c1 -> limit1 * g), both conditioner conventions (every pairing with -m slow)."""
     model, data, w0 = problem
     X, y = np.asarray(data.X), np.asarray(data.y)
     g, p, eps, b, b1 = _grad(X, y), w0.size, 0.05, 0.7, 0.8
