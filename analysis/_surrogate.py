@@ -299,8 +299,8 @@ def lemma3_terms(
         raise ValueError(
             f"{where}: Lemma 3's split assumes dw/dt = -h g, and {type(flow).__name__} moves "
             "along its first moment m1 instead: the lemma is not proven for momentum flows. "
-            "What can be measured is Q(t) = log gamma~(t) + L I(t) along the run "
-            "(surrogate_margin(...) and traj.I), docs/math.md section 9."
+            "What can be measured is Q(t) = log gamma~(t) + L I(t) along the run: "
+            "monotone_quantity(traj, model, data) (docs/math.md section 9)."
         )
     if is_trajectory(t):
         traj = t

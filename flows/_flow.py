@@ -194,7 +194,26 @@ class AbstractFlow(eqx.Module):
         return {}
 
 
-class GradientFlow(AbstractFlow):
+class _Unconditioned(AbstractFlow):
+    """A flow without a conditioner: h = 1, the second moment m2 stays 0, dw/dt = -direction
+    (g for GD, m1 for the momentum flow), and Lemma 3's penalty is 0."""
+
+    def psi_and_rate(self, t, m, dm, g):
+        m2, _ = self.split(m)
+        return jnp.zeros_like(m2), jnp.zeros_like(m2)
+
+    def h_of_psi(self, psi):
+        return jnp.ones_like(psi)
+
+    def log_h_drop(self, psi0, psi1):
+        return jnp.zeros_like(psi1)
+
+    def vector_field(self, t, w, m, g):
+        zero = jnp.zeros_like(w)
+        return -self.direction(t, m, g), self.phi(t, m, g), jnp.ones_like(w), zero
+
+
+class GradientFlow(_Unconditioned):
     """Gradient flow dw/dt = -grad L(w): h = 1, no second moment (m stays 0).
 
     Example: `simulate(GradientFlow(), Linear(2, key=k), soudry_dataset(), 1e6)`.
@@ -208,19 +227,6 @@ class GradientFlow(AbstractFlow):
 
     def phi(self, t, m, g):
         return jnp.zeros_like(m)
-
-    def psi_and_rate(self, t, m, dm, g):
-        return jnp.zeros_like(m), jnp.zeros_like(m)
-
-    def h_of_psi(self, psi):
-        return jnp.ones_like(psi)
-
-    def log_h_drop(self, psi0, psi1):
-        return jnp.zeros_like(psi1)
-
-    def vector_field(self, t, w, m, g):
-        zero = jnp.zeros_like(m)
-        return -g, zero, jnp.ones_like(m), zero
 
 
 class AdaGradFlow(AbstractFlow):
@@ -371,7 +377,7 @@ class AdamFlow(AbstractFlow):
         return hyper | {"bias_correction": self.bias_correction}
 
 
-class MomentumFlow(AbstractFlow):
+class MomentumFlow(_Unconditioned):
     """Momentum (heavy-ball) flow: dm1/dt = (1 - b1)(g - m1), dw/dt = -m1, m1(0) = 0.
 
     m1 is an exponential moving average of the gradient; eliminating it gives the heavy-ball
@@ -400,20 +406,6 @@ class MomentumFlow(AbstractFlow):
 
     def direction(self, t, m, g):
         return self.split(m)[1]
-
-    def psi_and_rate(self, t, m, dm, g):
-        m2, _ = self.split(m)
-        return jnp.zeros_like(m2), jnp.zeros_like(m2)
-
-    def h_of_psi(self, psi):
-        return jnp.ones_like(psi)
-
-    def log_h_drop(self, psi0, psi1):
-        return jnp.zeros_like(psi1)
-
-    def vector_field(self, t, w, m, g):
-        zero = jnp.zeros_like(w)
-        return -self.direction(t, m, g), self.phi(t, m, g), jnp.ones_like(w), zero
 
     def hyperparameters(self):
         return {"b1": float(self.b1)}

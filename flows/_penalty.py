@@ -38,6 +38,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._wrapped import Wrapped
+
 # Each step's variation is taken over _SUB equal sub-intervals, on the inner solver's dense
 # output: a turning point of some phi_i inside a sub-interval hides O((dt / _SUB)^2) of its
 # variation. Measured on the verification bank's toy-exp-adam row (rtol 1e-10), where
@@ -101,7 +103,7 @@ class _Interpolation(dfx.AbstractLocalInterpolation):
         return tuple(y - x for x, y in zip(a, b, strict=True))
 
 
-class PenaltyIntegral(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
+class PenaltyIntegral(Wrapped):
     """`solver` on the state (v, m, I), with I advanced by the step's sampled variation.
 
     Args:
@@ -115,31 +117,14 @@ class PenaltyIntegral(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
     step evaluates psi once, at its new end.
     """
 
-    solver: dfx.AbstractAdaptiveSolver
     psi: Callable = eqx.field(static=True)
     rise: Callable = eqx.field(static=True)
     decay: Callable = eqx.field(static=True)
 
     @property
-    def term_structure(self):
-        return self.solver.term_structure
-
-    @property
     def interpolation_cls(self):  # pyright: ignore
         return functools.partial(_Interpolation, self.solver.interpolation_cls,
                                  (self.psi, self.rise, self.decay))
-
-    @property
-    def root_finder(self):
-        # diffrax fills an implicit solver's root-finder tolerances from the controller
-        # (`isinstance` sees through this wrapper): the path must exist here too.
-        return self.solver.root_finder
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args):
         return self.solver.init(terms, t0, t1, y0, args), self.psi(t0, y0, args, True)
@@ -162,6 +147,3 @@ class PenaltyIntegral(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
         light = (args[0], None) + tuple(args[2:])
         dense = dict(inner=dense, I0=I0, psi0=psi0, args=light)
         return y1, y_err, dense, (inner_state, psi1), result
-
-    def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._wrapped import Wrapped
 
-class SavedAt(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
+
+class SavedAt(Wrapped):
     """`solver`, also writing fn(u, y(u), args) at the save times `us` into its state.
 
     Args:
@@ -34,27 +35,8 @@ class SavedAt(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
     NaN where not yet saved, the number of saves made).
     """
 
-    solver: dfx.AbstractAdaptiveSolver
     us: jax.Array
     fn: Callable = eqx.field(static=True)
-
-    @property
-    def term_structure(self):
-        return self.solver.term_structure
-
-    @property
-    def interpolation_cls(self):  # pyright: ignore
-        return self.solver.interpolation_cls
-
-    @property
-    def root_finder(self):  # see `PenaltyIntegral.root_finder`
-        return self.solver.root_finder
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
 
     def empty(self, t0, y0, args):
         """The buffer before any save, and n = 0: (NaN-filled buffer, 0)."""
@@ -87,6 +69,3 @@ class SavedAt(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
 
         n, buffer = jax.lax.while_loop(reached, save, (n, buffer))
         return y1, y_err, dense, (inner_state, buffer, n), result
-
-    def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)

@@ -439,6 +439,8 @@ _LATE_SEGMENT_DECADES = 10
 # n_save = 200 and t1 <= 1e8). Medians of 3 on the shared 2-core machine.
 _SAVE_SLOTS = 64
 _SAVE_SLOTS_MIN = 4
+# What `_save_fn` saves at each save time, in the Trajectory's and the checkpoints' order.
+_SAVED = ("w", "m", "I", "log_loss", "h")
 _SAVE_BUDGET = 2**20
 
 
@@ -583,8 +585,9 @@ def simulate(
         rtol, atol: the step-size controller's tolerances, on the integrated state (v, m)
             with v = w ||w||^(L-1) (relative errors of v and w agree within a factor L).
         max_steps: the most solver steps per segment (a decade of t up to 1e10, ten decades
-            after; `stats["segment_ends"]` lists them); a segment holding more than 64 save
-            times is integrated in calls of 64 saves, each with this limit.
+            after; `stats["segment_ends"]` lists them); a segment holding more save times
+            than one call's slots (64; fewer for models of more than 16384 parameters,
+            `save_slots`) is integrated in several calls, each with this limit.
         progress: a tqdm meter over the segments (decades of t, ten decades after 1e10).
         throw: raise SimulationError (holding the partial Trajectory) if the solver stops
             early, or if a Linear / DeepLinear model cannot separate the data (result
@@ -722,7 +725,7 @@ def simulate(
     def to_u(t, log_time):
         return np.log(t) if log_time else t
 
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "w", "m", "I", "log_loss", "h")}
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", *_SAVED)}
     steps = accepted = rejected = 0
     per_segment_steps: list[np.ndarray] = []
     result, message = "successful", ""
@@ -766,7 +769,7 @@ def simulate(
                     "layout. Rerun it with simulate(..., checkpoint=a new folder)."
                 )
             chunks["ts"].append(arrays["ts"])
-            for key in ("w", "m", "I", "log_loss", "h"):
+            for key in _SAVED:
                 chunks[key].append(arrays[key])
             steps = steps + np.asarray(header["steps"])
             accepted = accepted + np.asarray(header["accepted"])
@@ -839,7 +842,7 @@ def simulate(
                 n_keep = min(int(np.atleast_1d(np.asarray(n_saved))[np.argmin(ok)]), n_keep)
             kept.append((pad[:n_keep], {key: np.asarray(saved[key])[:, :n_keep] if batch
                                         else np.asarray(saved[key])[:n_keep]
-                                        for key in ("w", "m", "I", "log_loss", "h")}))
+                                        for key in _SAVED}))
             piece_lo = piece_hi
             if not ok.all():
                 break
@@ -849,7 +852,7 @@ def simulate(
         rejected = rejected + nr
         kept_ts = np.concatenate([ts_ for ts_, _ in kept])
         chunks["ts"].append(np.asarray(kept_ts, np.float64))
-        for key in ("w", "m", "I", "log_loss", "h"):
+        for key in _SAVED:
             chunks[key].append(np.concatenate([arrs[key] for _, arrs in kept], axis=axis))
         if not ok.all() and not batch:
             # Also keep the state where the solver stopped (one run: a batch's members stop
@@ -862,7 +865,7 @@ def simulate(
             ):
                 kept_ts = np.append(kept_ts, end_t)
                 chunks["ts"][-1] = np.asarray(kept_ts, np.float64)
-                for key in ("w", "m", "I", "log_loss", "h"):
+                for key in _SAVED:
                     chunks[key][-1] = np.concatenate(
                         [chunks[key][-1], np.asarray(end_saved[key])[None]], axis=0
                     )
@@ -886,8 +889,7 @@ def simulate(
                 {"lo": lo, "hi": hi, "result": result, "message": message,
                  "steps": np.asarray(n).tolist(), "accepted": np.asarray(na).tolist(),
                  "rejected": np.asarray(nr).tolist()},
-                ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in
-                                        ("w", "m", "I", "log_loss", "h")},
+                ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in _SAVED},
                 y_v=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
                 **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
             )
