@@ -37,6 +37,7 @@ from ._solvers import (
     default_controller,
     default_solver,
     is_imex,
+    kink_stats,
     solver_name,
 )
 from ._threads import map_chunks
@@ -563,6 +564,7 @@ def simulate(
     shard: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     workers: int | None = None,
+    kink_tol: float | None = None,
     _resume: list | None = None,
 ) -> Trajectory:
     """Integrate `flow` on `model` and `data` from t0 to t1 and save a Trajectory.
@@ -608,6 +610,16 @@ def simulate(
             differently and the step-size control turns that into differences at the
             tolerance level (measured on the toy to 1e5: bitwise equal with 2 chunks of 50,
             2.2e-5 absolute on w with 3 chunks of 34, as between sharded and unsharded runs).
+        kink_tol: the kink tolerance tau for models whose gradient jumps (ReLU, leaky ReLU,
+            max-pool: `model.piecewise_linear`). Where the solver is stuck among kinks
+            (sliding along a switching surface, or crossing many), it accepts steps whose
+            increment is within tau ||v|| (`CarriedPID`): each errs by at most about that,
+            the cost is about 1 / tau steps per unit of relative change, and the run
+            converges to the Filippov solution as tau falls (first order, measured;
+            docs/solvers.md "Kinks"). None (default): 1e-3 for piecewise-linear models,
+            off for smooth ones (their solvers are unchanged); 0: off (every kink resolved
+            at rtol, which can stall a ReLU network). `stats["num_kink_steps"]` and
+            `stats["kink_log_time"]` say how many steps and how much log t went to it.
 
     How (docs/math.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the
@@ -656,7 +668,8 @@ def simulate(
     solver_is_default = solver is None
     if solver is None:
         solver = default_solver(flow, p, rtol=rtol, atol=atol)
-    controller = default_controller(rtol, atol)
+    kink_tol = _kink_tol(kink_tol, objective.model, rtol)
+    controller = default_controller(rtol, atol, kink_tol)
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
     threads = n_threads(workers, n_batch if len(devices) == 1 else 1, "simulate")
@@ -678,6 +691,7 @@ def simulate(
                 # The chunking changes batched results at the tolerance level: resume
                 # with the same one, whatever this machine's core count.
                 "workers": threads,
+                "kink_tol": kink_tol if kink_tol is not None else 0.0,
             },
             w0=np.asarray(w0), X=np.asarray(objective.data.X), y=np.asarray(objective.data.y),
             save_ts=save_ts,
@@ -902,6 +916,7 @@ def simulate(
             break
     if bar is not None:
         bar.close()
+    kinks = kink_stats(state[0])  # counted across all segments (and resumed ones)
 
     cat = {k: np.concatenate(v, axis=0 if k == "ts" else axis) for k, v in chunks.items()}
     if batch:  # drop the members that only padded the batch to the device count
@@ -912,7 +927,16 @@ def simulate(
     result, message = separation_verdict(
         objective, cat["ts"], cat["log_loss"], result, message, rtol, t1
     )
+    if kinks is not None and np.any(np.asarray(kinks[0]) > 0):
+        most = int(np.max(np.asarray(kinks[0])))
+        message = (
+            f"{message} {most} kink steps{' (the most of a member)' if batch else ''}: "
+            f"where the solver was stuck among kinks it accepted steps within kink_tol = "
+            f"{kink_tol:g}, so the accuracy there is kink_tol, not rtol (stats "
+            "'num_kink_steps', 'kink_log_time'; kink_tol=0 resolves every kink at rtol)."
+        ).strip()
     meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
+    meta["kink_tol"] = kink_tol  # None: every kink resolved at rtol
     meta["wall_time_s"] = wall_time  # includes compilation on a first call
     # Of it: tracing, lowering and compiling (or loading from the persistent cache) the
     # programs; wall_time - compile_time_s is the integration itself.
@@ -934,12 +958,46 @@ def simulate(
             # decades after); per member for a batch: (segments, B)
             "num_steps_per_segment": _plain_nested(per_segment_steps, n_batch if batch else 0),
             "segment_ends": tuple(float(b) for b in bounds[1 : len(per_segment_steps) + 1]),
+            **_kink_counts(kinks, n_batch if batch else 0),
         },
         result=result,
         message=message,
         meta=meta,
     )
     return raise_if_failed(traj, "simulate", throw)
+
+
+# The kink tolerance a piecewise-linear model gets by default (`_kink_tol`). Measured on
+# MLP(5, 16, 2) with ReLU, 100 points, to t = 1e10 (benchmarks/kinks.py, docs/solvers.md):
+# 8-12 thousand steps for the four flows, within 5e-5 (GD) to 2.5e-3 (Adam) of a run at
+# 1e-4; 1e-2 took 0.6-1.3 thousand steps but differed by 3e-4 to 2.4e-2.
+DEFAULT_KINK_TOL = 1e-3
+
+
+def _kink_tol(kink_tol, model, rtol: float) -> float | None:
+    """The kink tolerance of the run: None (no kink steps) or a float in [rtol, 1)."""
+    if kink_tol is None:
+        return DEFAULT_KINK_TOL if model.piecewise_linear else None
+    v = _check_number(kink_tol, "kink_tol", "must be 0 (off) or in (0, 1)",
+                      lambda v: 0 <= v < 1, "1e-3")
+    if 0 < v < rtol:
+        raise ValueError(
+            f"simulate: `kink_tol` must be 0 (off) or >= rtol = {rtol:g} (a kink step may "
+            f"err up to kink_tol; below rtol it would accept nothing), got {kink_tol!r}; "
+            "pass kink_tol=0 to resolve every kink at rtol."
+        )
+    return v or None
+
+
+def _kink_counts(kinks, n_batch: int) -> dict:
+    """`stats` entries of a run with kink steps: how many, and their span in log t."""
+    if kinks is None:
+        return {}
+    n, span = (np.asarray(x) for x in kinks)
+    if n_batch:
+        n, span = n[:n_batch], span[:n_batch]
+    span = float(span) if span.ndim == 0 else tuple(float(x) for x in span)
+    return {"num_kink_steps": _plain(n), "kink_log_time": span}
 
 
 def _plain(x):
@@ -1027,5 +1085,5 @@ def resume(checkpoint: str | os.PathLike, *, progress: bool = False,
         ts=arrays["save_ts"], rtol=header["rtol"], atol=header["atol"],
         max_steps=header["max_steps"], progress=progress, throw=throw,
         batch=header["batch"], dtype=dtype, shard=header["shard"], checkpoint=directory,
-        workers=header.get("workers"), _resume=segments,
+        workers=header.get("workers"), kink_tol=header.get("kink_tol", 0.0), _resume=segments,
     )

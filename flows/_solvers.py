@@ -63,7 +63,8 @@ def is_imex(solver) -> bool:
 
 # ------------------------------------------------------------------ the controller
 class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
-    """diffrax's PIDController that also carries its proposed next step size in its state.
+    """diffrax's PID controller that also carries its proposed next step size in its state,
+    and, with `kink_tol`, steps across the kinks of a piecewise-linear model.
 
     `simulate` integrates one segment per diffeqsolve call. diffrax carries the PID error
     history across calls but, given a controller state and dt0=None, re-guesses the first
@@ -72,14 +73,35 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
     that proposal as its first step. It is passed as a field, not as diffeqsolve's dt0:
     diffrax checks a traced dt0's sign with a host callback, and a program holding a host
     callback is never written to JAX's persistent compilation cache (`marginflow.cache`).
+
+    Kinks (`kink_tol`, docs/solvers.md "Kinks"). Where grad L jumps (a ReLU preactivation
+    or a max-pool tie crosses zero), a step across the jump errs by O(dt |jump|), not
+    O(dt^(p+1)): the PID resolves an isolated crossing by shrinking its step to about
+    rtol |y| / |jump| for a few steps, but where the flow slides along a switching surface
+    (pushed onto it from both sides), or crosses thousands of them, every step crosses one
+    and the run creeps at that size. With `kink_tol` = tau, once more than _CHATTER_STEPS
+    steps were rejected whose increment on v is within tau norm-wise,
+    ||v1 - v0|| <= atol + tau max(||v0||, ||v1||) (RMS norms), a step that fails the error
+    test but whose increment is that small is accepted: a "kink step". A step's error never
+    exceeds about its increment, so a kink step errs by at most about tau ||v||; the next
+    step is sized for an increment of 0.9 tau (increments scale with the step), so in a
+    sliding phase the steps follow the state's own rate of relative change: about 1 / tau
+    steps per unit of relative change of v, a bounded cost. An accepted step larger than
+    that ends the kink phase. As tau falls the kink steps shrink with it and the result
+    converges (at first order, measured) to the Filippov solution, the limit of such
+    small-step polygons. Isolated crossings are still resolved at rtol: the toy's runs do
+    not change. The state then also counts the kink steps and their span in log t
+    (`kink_stats`).
     """
 
     pid: dfx.PIDController
     dt: jax.Array | None = None
+    # An array (traced: another kink_tol reuses the compiled program) or None (no kink steps).
+    kink_tol: jax.Array | None = None
 
     def carrying(self, dt) -> CarriedPID:
         """This controller, starting its next solve with the step size `dt`."""
-        return CarriedPID(self.pid, dt)
+        return CarriedPID(self.pid, dt, self.kink_tol)
 
     @property
     def rtol(self):
@@ -94,29 +116,70 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         return self.pid.norm
 
     def wrap(self, direction):
-        return CarriedPID(self.pid.wrap(direction), self.dt)
+        return CarriedPID(self.pid.wrap(direction), self.dt, self.kink_tol)
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         if dt0 is None and self.dt is not None:
             dt0 = self.dt
         tnext, state = self.pid.init(terms, t0, t1, y0, dt0, args, func, error_order)
         # Arrays throughout (PID's `at_dtmin` is a Python bool here): vmappable state.
-        return tnext, (jtu.tree_map(jnp.asarray, state), jnp.asarray(tnext - t0))
+        state = (jtu.tree_map(jnp.asarray, state), jnp.asarray(tnext - t0))
+        if self.kink_tol is not None:
+            zero = jnp.zeros((), jnp.result_type(t0))
+            state = (*state, (jnp.zeros((), jnp.int32), zero, jnp.zeros((), jnp.int32)))
+        return tnext, state
 
     def adapt_step_size(
         self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
     ):
-        state, _ = controller_state
+        state = controller_state[0]
         keep, next_t0, next_t1, jump, state, result = self.pid.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, state
         )
-        dt = jnp.asarray(next_t1 - next_t0)
-        return keep, next_t0, next_t1, jump, (jtu.tree_map(jnp.asarray, state), dt), result
+        state = jtu.tree_map(jnp.asarray, state)
+        if self.kink_tol is None:
+            return keep, next_t0, next_t1, jump, (state, jnp.asarray(next_t1 - next_t0)), result
+        # The step's increment on v, norm-wise relative: at most kink_tol when size <= 1.
+        v0, v1 = y0[0], y1_candidate[0]
+        scale = self.pid.atol + self.kink_tol * jnp.maximum(optx.rms_norm(v0), optx.rms_norm(v1))
+        size = optx.rms_norm(v1 - v0) / scale
+        # Never a step with a non-finite state, nor one whose implicit stages failed
+        # (diffrax reports those with an infinite error estimate).
+        finite = jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves((y1_candidate, y_error))]
+        ))
+        n, total, small = controller_state[2]
+        # Rejections of steps this small since the last accepted step above it: the PID
+        # resolves an isolated crossing with a few (it shrinks the step up to 5x per
+        # rejection); more mean the run is stuck among kinks (sliding, or dense crossings).
+        small = jnp.where(~keep & (size <= 1), small + 1, jnp.where(keep & (size > 1), 0, small))
+        kink = ~keep & (size <= 1) & finite & (small > _CHATTER_STEPS)
+        dt = t1 - t0
+        keep = keep | kink
+        next_t0 = jnp.where(kink, t1, next_t0)
+        # The next step: sized for an increment of 0.9 kink_tol (increments scale with dt).
+        grow = jnp.clip(0.9 / jnp.maximum(size, 1e-3), 1.0, 10.0)
+        next_t1 = jnp.where(kink, t1 + dt * grow, next_t1)
+        # The span in log t: u itself from t = 1 on (args[3] is log_time), log(t1 / t0) before.
+        positive = jnp.where(t0 > 0, t0, 1)
+        span = jnp.where(args[3], dt, jnp.where(t0 > 0, jnp.log(t1 / positive), 0))
+        counts = (n + kink.astype(jnp.int32), total + jnp.where(kink, span, 0), small)
+        return keep, next_t0, next_t1, jump, (state, jnp.asarray(next_t1 - next_t0), counts), result
 
 
-def default_controller(rtol: float, atol: float) -> CarriedPID:
+# Rejected steps within the kink tolerance before kink steps are taken (`CarriedPID`).
+_CHATTER_STEPS = 30
+
+
+def kink_stats(controller_state):
+    """(kink steps, their span in log t) counted by a CarriedPID with kink_tol, or None."""
+    return controller_state[2][:2] if len(controller_state) > 2 else None
+
+
+def default_controller(rtol: float, atol: float, kink_tol: float | None = None) -> CarriedPID:
     """PID gains (0.3, 0.4) were measured to need fewer steps than I-control on the toy."""
-    return CarriedPID(dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4, norm=wm_norm))
+    pid = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4, norm=wm_norm)
+    return CarriedPID(pid, None, None if kink_tol is None else jnp.asarray(kink_tol))
 
 
 # ---------------------------------------------------------------------- the solver

@@ -35,7 +35,8 @@ class Trajectory(eqx.Module):
       Lemma 3, integrated with the flow (NaN for discrete runs);
     - stats: solver statistics (num_steps, num_accepted_steps, num_rejected_steps: per
       member in a batch; num_segments; num_steps_per_segment: (segments,) or
-      (segments, B); segment_ends: the t at which each segment ends);
+      (segments, B); segment_ends: the t at which each segment ends; for a run with kink
+      steps, `simulate`'s kink_tol, also num_kink_steps and kink_log_time, their span in log t);
     - result: "successful" or why the run stopped (e.g. "max_steps_reached"; "nonfinite_loss"
       for discrete runs); "not_separable" when `simulate` ran a Linear / DeepLinear model on
       data that no linear function separates (an exact LP check, made only when the run

@@ -16,10 +16,18 @@ class AbstractModel(eqx.Module):
     Subclasses have an integer attribute `degree` (L), an `in_shape` (the shape of one
     input), an `out_dim` (1: binary, scalar output; C > 1: C logits) and `spec()`, the
     constructor arguments, so a saved trajectory can rebuild the model without pickle.
+
+    `piecewise_linear`: True when grad Phi jumps on switching surfaces (ReLU and leaky-ReLU
+    units, max-pooling); `simulate` then steps across those kinks (its `kink_tol`).
     """
 
     degree: eqx.AbstractVar[int]
     out_dim: eqx.AbstractVar[int]
+
+    @property
+    def piecewise_linear(self) -> bool:
+        """Whether grad Phi has kinks (ReLU, leaky ReLU, max-pool); False: smooth."""
+        return False
 
     @property
     @abc.abstractmethod

@@ -109,6 +109,11 @@ class CNN(AbstractModel):
     def in_shape(self):
         return (1, 28, 28)
 
+    @property
+    def piecewise_linear(self) -> bool:
+        """ReLU units and max-pool ties: grad Phi jumps."""
+        return True
+
     def spec(self):
         kwargs = {"out_dim": self.out_dim}
         if self.widths != (32, 64, 1024):

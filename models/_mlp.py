@@ -78,6 +78,11 @@ class MLP(AbstractModel):
     def in_shape(self):
         return (self.in_dim,)
 
+    @property
+    def piecewise_linear(self) -> bool:
+        """ReLU, leaky ReLU and activation=1 have kinks; max(z, 0)^k, k >= 2, is C^1."""
+        return _activation(self.activation)[1] == 1 and self.depth > 1
+
     def spec(self):
         return {
             "class": "MLP",

@@ -39,6 +39,11 @@ class ToyLeaky(AbstractModel):
     def in_shape(self):
         return (2,)
 
+    @property
+    def piecewise_linear(self) -> bool:
+        """sigma has a kink at 0."""
+        return True
+
     def spec(self):
         return {"class": "ToyLeaky", "kwargs": {}}
 

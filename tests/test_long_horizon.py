@@ -234,7 +234,10 @@ def test_newton_solver_option(runs):
 
     ref = runs("toy", "adagrad")
     m, d = _toy()
-    traj = simulate(FLOWS["adagrad"], m, d, 1e100, ts=ref.ts, solver=newton_solver(1e-8))
+    # kink_tol=0: Kvaerno5's rejections at two of the toy's kink crossings would otherwise
+    # end in kink steps (accurate to kink_tol, not rtol), which put I(t) 1e-10 off.
+    traj = simulate(FLOWS["adagrad"], m, d, 1e100, ts=ref.ts, solver=newton_solver(1e-8),
+                    kink_tol=0)
     assert traj.success, traj.message
     assert traj.meta["solver"].startswith("Kvaerno5 + Newton-Krylov")
     _check_penalty_integral(traj)
