@@ -51,9 +51,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flow", default="rmsprop", choices=["gd", "adagrad", "rmsprop", "adam"],
                    help="which flow: gradient flow, or the AdaGrad / RMSProp / Adam (w/m) flow")
-    p.add_argument("--model", default="toy", choices=["toy", "linear", "deeplinear", "mlp"],
+    p.add_argument("--model", default="toy",
+                   choices=["toy", "linear", "deeplinear", "mlp", "relu-mlp"],
                    help="toy: the paper's v*sigma(<w,x>); linear; deeplinear (3 layers); "
-                   "mlp (2 layers of width 16, ReLU^2)")
+                   "mlp (2 layers of width 16, ReLU^2); relu-mlp (the same with ReLU)")
     p.add_argument("--data", default="toy", choices=["toy", "soudry", "gaussians"],
                    help="toy: the paper's 100 points in 2-D; soudry: Soudry et al.'s 2-D set; "
                    "gaussians: 40 separable points in 5-D")
@@ -72,6 +73,10 @@ def _simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help="the loss of each margin q: exp(-q) or log(1 + exp(-q))")
     p.add_argument("--rtol", type=float, default="1e-8",
                    help="relative tolerance of the adaptive ODE solver")
+    p.add_argument("--kink-tol", type=float, default=None,
+                   help="kink tolerance for ReLU / leaky-ReLU models (toy, relu-mlp): where "
+                   "the solver is stuck among kinks it accepts steps within it; default "
+                   "1e-3 for those models, 0 resolves every kink at --rtol")
     p.add_argument("--n-save", type=int, default=200,
                    help="number of saved times, t = 0 then log-spaced up to --t1")
     p.add_argument("--out", required=True,
@@ -114,6 +119,7 @@ def _build(args):
         "linear": lambda: Linear(dim, key=key),
         "deeplinear": lambda: DeepLinear([dim, 8, 8, 1], key=key),
         "mlp": lambda: MLP(dim, 16, 2, activation=2, key=key),
+        "relu-mlp": lambda: MLP(dim, 16, 2, key=key),
     }[args.model]()
     c = args.conditioner
     flow = {
@@ -142,6 +148,8 @@ def summary_values(traj, model, data) -> dict:
         "normalised margin": gamma,
         "h spread (max h / min h)": float(np.max(h) / np.min(h)),
         "solver steps": int(np.sum(traj.stats["num_steps"])),
+        **({"kink steps": int(np.sum(traj.stats["num_kink_steps"]))}
+           if "num_kink_steps" in traj.stats else {}),
         "result": traj.result,
     }
 
@@ -295,7 +303,7 @@ def _simulate_run(args) -> int:
     try:
         traj = simulate(flow, model, data, args.t1, progress=not args.no_progress,
                         checkpoint=args.checkpoint, rtol=args.rtol, n_save=args.n_save,
-                        loss=args.loss)
+                        loss=args.loss, kink_tol=args.kink_tol)
     except SimulationError as err:
         traj = err.trajectory
     wall = time.perf_counter() - start

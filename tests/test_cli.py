@@ -29,6 +29,20 @@ def test_simulate_writes_trajectory_plot_and_summary(tmp_path, capsys):
     assert float(summary["||w||"]) == pytest.approx(np.linalg.norm(traj.w[-1]), rel=1e-5)
 
 
+def test_simulate_a_relu_mlp_with_kink_steps(tmp_path, capsys):
+    # --model relu-mlp has kinks: the job takes kink steps at --kink-tol and reports them.
+    out = tmp_path / "relu"
+    rc = main(["simulate", "--flow", "gd", "--model", "relu-mlp", "--data", "gaussians",
+               "--t1", "1e4", "--kink-tol", "1e-2", "--out", str(out), "--no-progress",
+               "--n-save", "10"])
+    assert rc == 0
+    traj = Trajectory.load(out / "trajectory.npz")
+    assert traj.success and traj.meta["kink_tol"] == 1e-2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kink steps"] == traj.stats["num_kink_steps"]
+    assert "kink steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
