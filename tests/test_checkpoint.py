@@ -152,7 +152,8 @@ def test_discrete_checkpoint_rules(tmp_path):
             blocks_per_checkpoint=0)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# workers=2 with -m slow (13 s; the test suite's budget); 1 keeps the resume of a batch.
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_batched_resume_keeps_the_thread_chunking(tmp_path, workers):
     """The thread chunking of a batch changes its numbers at the tolerance level, so the
     checkpoint records it and `resume` uses it, whatever the machine's core count: the

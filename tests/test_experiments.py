@@ -127,6 +127,9 @@ def test_crossover_quick(r_crossover, tmp_path):
     _check_saved(r_crossover, tmp_path)
 
 
+# -m slow: 44 s (the test suite's budget); the momentum flows are checked against scipy in
+# test_momentum.py and run to 1e100 in test_long_horizon.py, and notebook 07 runs them.
+@pytest.mark.slow
 def test_momentum_quick(r_momentum, tmp_path):
     """Quick mode: flows to 1e12, 2e4 discrete steps. Measured angles in the comments."""
     n = r_momentum.numbers
