@@ -248,13 +248,21 @@ def test_relu_mlp_late_phase_properties(flow, loss):
     err = model.degree * delta * (outs / q_min + 1.5 + np.abs(mq.penalty) / model.degree)
     low = np.maximum.accumulate(mq.Q - err)
     assert np.all(low <= mq.Q + err), mq.max_drop
-    # Theorem 5: RMSProp's and Adam's conditioner tends to its limit (eps^(-1/2) with eps
-    # inside the root, 1/eps outside): at 1e100 psi ~ g^2 ~ 1e-200, so h is at its limit
-    # to the rounding of m's kink-free late steps and of h (1e-12 leaves a wide margin).
+    # Theorem 5: RMSProp's and Adam's conditioner tends to its limit, eps^(-1/2) (eps inside
+    # the root) or 1/eps (outside). At 1e100 psi ~ g^2 ~ 1e-200, so what is left is m's
+    # error where m ~ 0, within sqrt(2p) atol per component (the controller's RMS norm over
+    # (v, m); the kink steps' increments are bounded on v only, but m's late steps are
+    # kink-free), giving dm / (2 eps) (inside) or sqrt(dm) / eps (outside) in h: the
+    # bank's bound, plus h's rounding (4 ulp).
     f = RELU_FLOWS[flow]
     if flow not in ("gd", "adagrad"):
-        h_lim = f.eps ** -0.5 if f.conditioner == "eps_inside" else 1.0 / f.eps
-        assert np.max(np.abs(traj.h()[-1] / h_lim - 1.0)) < 1e-12
+        dm = np.sqrt(2 * traj.w.shape[-1]) * traj.meta["atol"]
+        if f.conditioner == "eps_inside":
+            h_lim, allowed = f.eps ** -0.5, dm / (2 * f.eps)
+        else:
+            h_lim, allowed = 1.0 / f.eps, np.sqrt(dm) / f.eps
+        dev = np.max(np.abs(traj.h()[-1] / h_lim - 1.0))
+        assert dev <= allowed + 4 * np.finfo(np.float64).eps, (dev, allowed)
 
 
 def _unflat(model, w):
