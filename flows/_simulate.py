@@ -616,10 +616,11 @@ def simulate(
             increment is within tau ||v|| (`CarriedPID`): each errs by at most about that,
             the cost is about 1 / tau steps per unit of relative change, and the run
             converges to the Filippov solution as tau falls (first order, measured;
-            docs/solvers.md "Kinks"). None (default): 1e-3 for piecewise-linear models,
-            off for smooth ones (their solvers are unchanged); 0: off (every kink resolved
-            at rtol, which can stall a ReLU network). `stats["num_kink_steps"]` and
-            `stats["kink_log_time"]` say how many steps and how much log t went to it.
+            docs/solvers.md, "Non-smooth models: kink steps"). None (default): 1e-3 for
+            piecewise-linear models, off for smooth ones (their solvers are unchanged); 0:
+            off (every kink resolved at rtol, which can stall a ReLU network).
+            `stats["num_kink_steps"]` and `stats["kink_log_time"]` say how many steps and
+            how much log t went to it.
 
     How (docs/math.md section 2): [t0, 1] is integrated in t, the rest in u = log t, where the
     late fields are O(1) and steps are O(1) in u, i.e. a constant number per decade; the

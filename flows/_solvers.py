@@ -74,24 +74,24 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
     diffrax checks a traced dt0's sign with a host callback, and a program holding a host
     callback is never written to JAX's persistent compilation cache (`marginflow.cache`).
 
-    Kinks (`kink_tol`, docs/solvers.md "Kinks"). Where grad L jumps (a ReLU preactivation
-    or a max-pool tie crosses zero), a step across the jump errs by O(dt |jump|), not
-    O(dt^(p+1)): the PID resolves an isolated crossing by shrinking its step to about
-    rtol |y| / |jump| for a few steps, but where the flow slides along a switching surface
-    (pushed onto it from both sides), or crosses thousands of them, every step crosses one
-    and the run creeps at that size. With `kink_tol` = tau, once more than _CHATTER_STEPS
-    steps were rejected whose increment on v is within tau norm-wise,
-    ||v1 - v0|| <= atol + tau max(||v0||, ||v1||) (RMS norms), a step that fails the error
-    test but whose increment is that small is accepted: a "kink step". A step's error never
-    exceeds about its increment, so a kink step errs by at most about tau ||v||; the next
-    step is sized for an increment of 0.9 tau (increments scale with the step), so in a
-    sliding phase the steps follow the state's own rate of relative change: about 1 / tau
-    steps per unit of relative change of v, a bounded cost. An accepted step larger than
-    that ends the kink phase. As tau falls the kink steps shrink with it and the result
-    converges (at first order, measured) to the Filippov solution, the limit of such
-    small-step polygons. Isolated crossings are still resolved at rtol: the toy's runs do
-    not change. The state then also counts the kink steps and their span in log t
-    (`kink_stats`).
+    Kinks (`kink_tol`; docs/solvers.md, "Non-smooth models: kink steps"). Where grad L
+    jumps (a ReLU preactivation or a max-pool tie crosses zero), a step across it errs by
+    O(dt |jump|), not O(dt^(p+1)): the PID resolves an isolated crossing by shrinking its
+    step to about rtol |y| / |jump| for a few steps, but where the flow slides along a
+    switching surface (pushed onto it from both sides), or crosses thousands of them, every
+    step crosses one and the run creeps at that size. With `kink_tol` = tau: once more than
+    _CHATTER_STEPS steps whose increment on v is within tau norm-wise,
+    ||v1 - v0|| <= atol + tau max(||v0||, ||v1||) (RMS norms), were rejected since the last
+    accepted larger step, a step that fails the error test but is that small is accepted:
+    a "kink step". A step's error never exceeds about its increment, so a kink step errs by
+    at most about tau ||v||. The next step is sized for an increment of 0.9 tau (increments
+    scale with the step), so in a sliding phase the steps follow the state's own rate of
+    relative change: about 1 / tau steps per unit of relative change of v, a bounded cost.
+    As tau falls the kink steps shrink with it and the result converges (at first order,
+    measured) to the Filippov solution, the limit of such small-step polygons. Isolated
+    crossings are still resolved at rtol (no flow takes a kink step on the toy's default
+    data; some other initialisations of the toy take a few). The state then also counts the
+    kink steps and their span in log t (`kink_stats`).
     """
 
     pid: dfx.PIDController
