@@ -101,8 +101,9 @@ def test_gd_converges_to_an_independent_filippov_reference():
     model, data = _problem()
     ref, bar = _euler_reference(model, data)
     scale = np.linalg.norm(ref)
-    # The reference's own error: Euler's O(h) term, |w_h - w_h/2|, measured 2.2e-6 relative
-    # (the extrapolation removes most of it); the checks below stay above 3x that.
+    # The reference's own error: Euler's O(h) term, |w_h - w_h/2|, measured 2.2e-6 relative,
+    # of which the extrapolation removes most. The kink_tol = 1e-4 run (3.3e-6) is near that
+    # floor, so it is only asked to gain a factor 2 on the 1e-3 run.
     assert bar / scale < 1e-5
     errors = {}
     for tau in (1e-2, 1e-3, 1e-4):
@@ -131,9 +132,10 @@ def _issue_problem():
 @pytest.mark.slow
 @pytest.mark.parametrize("flow", list(FLOWS))
 def test_relu_mlp_reaches_the_late_phase(flow):
-    # The default kink_tol (1e-3) to t = 1e10, where each flow stopped before t = 1e-3
-    # without kink steps: successful, separated (a positive normalised margin means 100%
-    # training accuracy), within the issue's 20,000 steps, with the kink steps counted.
+    # The default kink_tol (1e-3) to t = 1e10, where each flow stopped before t = 0.1
+    # without kink steps (benchmarks/kinks.py): successful, separated (a positive normalised
+    # margin means 100% training accuracy), within the issue's 20,000 steps, with the kink
+    # steps counted.
     model, data = _issue_problem()
     traj = simulate(FLOWS[flow], model, data, 1e10, n_save=20)
     assert traj.success, traj.message
