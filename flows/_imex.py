@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import diffrax as dfx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -38,6 +39,11 @@ _B_ERR = np.asarray(_explicit_tableau.b_error, dtype=np.float64)
 _AE = [np.asarray(row, dtype=np.float64) for row in _explicit_tableau.a_lower]
 _AI = [np.asarray(row, dtype=np.float64) for row in _implicit_tableau.a_lower]
 assert np.allclose(_AI[-1], _B[:-1]) and np.isclose(_B[-1], _GAMMA)  # stiffly accurate
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every leaf of `tree` is finite everywhere (one traced bool)."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]))
 
 
 class _Interpolation(_KenCarp5Interpolation):
@@ -128,9 +134,7 @@ class DecayIMEX(dfx.AbstractAdaptiveSolver):
         # A step too long for the fields (e.g. exp overflowing in the loss) gives NaN/inf:
         # report an infinite error so the controller shrinks the step (a NaN error would
         # make its next step size NaN and stall the run) ...
-        finite = jnp.all(
-            jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves((y1, y_error, f1))])
-        )
+        finite = all_finite((y1, y_error, f1))
         y_error = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
         # ... and a finite candidate: diffrax scales the error by max(|y0|, |y1|), and
         # inf / inf = NaN would again poison the step size (measured: dt -> NaN, a stall).

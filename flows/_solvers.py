@@ -19,6 +19,8 @@ import lineax as lx
 import numpy as np
 import optimistix as optx
 
+from ._imex import all_finite
+
 
 def wm_norm(y):
     """RMS norm of the (v, m) part of the state (v, m, I), v = w ||w||^(L-1).
@@ -145,9 +147,7 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         size = optx.rms_norm(v1 - v0) / scale
         # Never a step with a non-finite state, nor one whose implicit stages failed
         # (diffrax reports those with an infinite error estimate).
-        finite = jnp.all(jnp.stack(
-            [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves((y1_candidate, y_error))]
-        ))
+        finite = all_finite((y1_candidate, y_error))
         n, total, small = controller_state[2]
         # Rejections of steps this small since the last accepted step above it: the PID
         # resolves an isolated crossing with a few (it shrinks the step up to 5x per
