@@ -21,12 +21,15 @@ machine).
 
     python benchmarks/discrete_sweep.py            # the full sweep
     python benchmarks/discrete_sweep.py --quick    # 10 initialisations x 500 steps
+    python benchmarks/discrete_sweep.py --record   # the full sweep, table written to
+                                                   # docs/data/benchmarks/discrete_sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import equinox as eqx
@@ -119,6 +122,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats of each side (default 5 marginflow, 3 numpy; "
                         "1 numpy with --quick)")
+    parser.add_argument("--record", action="store_true",
+                        help="write the table to docs/data/benchmarks/discrete_sweep.json")
     args = parser.parse_args()
     inits = args.inits or (10 if args.quick else 100)
     steps = args.steps or (500 if args.quick else 5000)
@@ -185,6 +190,25 @@ def main():
           f"({'OK' if worst <= 1e-10 else 'FAIL'}: tolerance 1e-10)")
     if worst > 1e-10:
         raise SystemExit(1)
+    if args.record:
+        from _record import record
+
+        label = {"gd": "GD", "adagrad": "AdaGrad", "rmsprop": "RMSProp", "adam": "Adam (w/m)"}
+        rows = [[label[n], f"{mf_times[n] * 1e3:.1f} ms", f"{one_core[n] * 1e3:.1f} ms",
+                 f"{np_times[n]:.2f} s", f"{np_times[n] / mf_times[n]:.0f}x",
+                 f"{np_times[n] / one_core[n]:.0f}x", f"{first[n] - mf_times[n]:.2f} s"]
+                for n in names]
+        rows.append(["sweep", f"{mf:.3f} s", f"{mf1:.3f} s", f"{ref:.2f} s", f"{ref / mf:.0f}x",
+                     f"{ref / mf1:.0f}x", f"{compile_s:.2f} s"])
+        argv = " ".join(sys.argv[1:])
+        record("discrete_sweep", ["optimiser", "marginflow (default workers)",
+                                  "one core (workers=1)", "numpy loop", "ratio",
+                                  "one-core ratio", "compile (first call - median)"],
+               rows, command=f"python benchmarks/discrete_sweep.py {argv}".strip(),
+               notes=[f"{inits} initialisations x {steps} steps, lr {LR}, b {B}, eps {EPS}, "
+                      f"saves every {args.save_every} steps; medians of {rep_mf} (marginflow) "
+                      f"and {rep_np} (numpy) repeats; the two agree to {worst:.1e} (relative, "
+                      "w and log L at every save)."])
 
 
 if __name__ == "__main__":

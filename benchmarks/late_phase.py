@@ -7,9 +7,9 @@ tests/test_long_horizon.py, with rtol 1e-8.
 
 Each run starts from `simulate`'s state at t = 1e5 and is integrated to t = 1e100 with:
 - `DecayIMEX` and Dopri8 in u = log t (`simulate`'s variable), on the state w;
-- `DecayIMEX`, Dopri8 and Kvaerno5 with a Newton-Krylov stage solve (`newton_solver`, the
-  late solver `simulate` uses for AdaGrad) in u on the state v = w ||w||^(L-1), which
-  `simulate` integrates;
+- `DecayIMEX`, Dopri8 (`simulate`'s default for GD and AdaGrad) and Kvaerno5 with a
+  Newton-Krylov stage solve (`newton_solver`, AdaGrad's opt-in implicit solver) in u on the
+  state v = w ||w||^(L-1), which `simulate` integrates;
 - Kvaerno5 with a dense Newton solve (formed Jacobian, LU) in the state v: at
   `newton_solver`'s tolerances (the cost of GMRES(5) against an exact linear solve), and
   stopped at rtol 1e-11 and an absolute stage residual of 1e-15, below the rounding of the
@@ -23,17 +23,19 @@ Each run starts from `simulate`'s state at t = 1e5 and is integrated to t = 1e10
 A second table (`sizes`) times Dopri8 against the Newton-Krylov Kvaerno5 on AdaGrad for
 wider MLPs, from `simulate`'s state at 1e10 to 1e30: the wall-time price of the implicit
 late solver as p grows. A third (`saves`) checks `simulate`'s saved points after 1e10 for
-AdaGrad, which Kvaerno5 interpolates with a cubic.
+AdaGrad (interpolated by the solver's dense output).
 
 For each one the script prints the steps, the rejected steps, the wall time after
 compilation (median of 3; a single timing for runs over 1 s), the relative error of w at
 1e100 against a Dopri8 rtol-1e-13 reference, and the ratio that `simulate` would have with
 that late phase from 1e5: (steps to 1e5 + late steps) / steps to 1e5.
-Run: python benchmarks/late_phase.py
+Run: python benchmarks/late_phase.py [--record]   (--record writes the three tables to
+docs/data/benchmarks/late_phase*.json, which docs/performance.md renders)
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import statistics
@@ -153,7 +155,7 @@ def integrate(field, solver, x0, x1, y0, rtol, atol, event=None, imex=False,
 
 
 def case(name, model, data, flow):
-    """Print one case's table."""
+    """One case's rows: [run, set-up, steps (rejected), wall, error of w, ratio]."""
     traj = simulate(flow, model, data, 1e100, ts=[0.0, 1e5, 1e100])
     per_segment = np.asarray(traj.stats["num_steps_per_segment"])
     early = np.asarray(traj.stats["segment_ends"]) <= 1e5
@@ -168,14 +170,14 @@ def case(name, model, data, flow):
     rows = [
         ("DecayIMEX, u", lambda: integrate(in_u, DecayIMEX(), U5, U100, y0, RTOL, ATOL,
                                            imex=True)),
-        ("DecayIMEX, u, state v = w ||w||^(L-1) (simulate)", lambda: integrate(
+        ("DecayIMEX, u, state v = w ||w||^(L-1)", lambda: integrate(
             in_v, DecayIMEX(), U5, U100, (_v_of_w(y0[0], obj.degree), y0[1]), RTOL, ATOL,
             imex=True, back=lambda v: _w_of_v(v, obj.degree))),
         ("Dopri8, u", lambda: integrate(in_u, dfx.Dopri8(), U5, U100, y0, RTOL, ATOL)),
-        ("Dopri8, u, state v", lambda: integrate(
+        ("Dopri8, u, state v (simulate's default)", lambda: integrate(
             in_v, dfx.Dopri8(), U5, U100, (_v_of_w(y0[0], obj.degree), y0[1]), RTOL, ATOL,
             back=lambda v: _w_of_v(v, obj.degree))),
-        ("Kvaerno5 + Newton-Krylov, u, state v (simulate's AdaGrad)", lambda: integrate(
+        ("Kvaerno5 + Newton-Krylov, u, state v (late_solver=newton_solver)", lambda: integrate(
             in_v, newton_solver(RTOL), U5, U100, (_v_of_w(y0[0], obj.degree), y0[1]), RTOL,
             ATOL, back=lambda v: _w_of_v(v, obj.degree))),
         ("Kvaerno5 + dense Newton (LU), newton_solver's tolerances, state v", lambda: integrate(
@@ -193,28 +195,28 @@ def case(name, model, data, flow):
             RTOL, ATOL, event=reached, imex=True)),
     ]
     print(f"\n{name}: simulate takes {n5} steps to 1e5 and {late_default} from 1e5 to "
-          f"1e100 (ratio {(n5 + late_default) / n5:.2f})\n")
-    print("| late phase 1e5 -> 1e100 | steps (rejected) | wall after compile | "
-          "error of w at 1e100 | ratio it would give |")
-    print("|---|---|---|---|---|")
+          f"1e100 (ratio {(n5 + late_default) / n5:.2f})")
+    out = []
     for label, fn in rows:
         w, steps, rejected, wall = fn()
         if w is None:
-            print(f"| {label} | stopped at {steps} ({rejected}) | {1e3 * wall:.1f} ms | - | - |")
-            continue
-        err = np.linalg.norm(w - ref) / np.linalg.norm(ref)
-        print(f"| {label} | {steps} ({rejected}) | {1e3 * wall:.1f} ms | {err:.1e} | "
-              f"{(n5 + steps) / n5:.2f} |")
+            row = [name, label, f"stopped at {steps} ({rejected})", f"{1e3 * wall:.1f} ms",
+                   "-", "-"]
+        else:
+            err = np.linalg.norm(w - ref) / np.linalg.norm(ref)
+            row = [name, label, f"{steps} ({rejected})", f"{1e3 * wall:.1f} ms", f"{err:.1e}",
+                   f"{(n5 + steps) / n5:.2f}"]
+        print("| " + " | ".join(row) + " |")
+        out.append(row)
+    return out
 
 
 def sizes():
     """AdaGrad on wider MLPs, 1e10 -> 1e30: Dopri8 against the Newton-Krylov Kvaerno5."""
     flow, u10, u30 = AdaGradFlow(1e-5), math.log(1e10), math.log(1e30)
-    print("\nAdaGrad, MLP(d, width, 2, k=2) on separable_gaussians(40, d), from simulate's state"
-          " at 1e10 to 1e30\n")
-    print("| p | Dopri8 steps (rejected) | wall | Kvaerno5 + Newton-Krylov steps (rejected) | "
-          "wall | wall ratio |")
-    print("|---|---|---|---|---|---|")
+    print("\nAdaGrad, MLP(d, width, 2, activation=2) on separable_gaussians(40, d), from "
+          "simulate's state at 1e10 to 1e30")
+    out = []
     for dim, width in [(8, 16), (20, 40), (40, 80), (100, 200)]:
         model = MLP(dim, width, 2, activation=2, key=jax.random.key(1))
         data = separable_gaussians(40, dim, gap=0.5, seed=1)
@@ -224,16 +226,18 @@ def sizes():
         y0 = (_v_of_w(jnp.asarray(traj.w[1]), obj.degree), jnp.asarray(traj.m[1]))
         _, s8, r8, t8 = integrate(in_v, dfx.Dopri8(), u10, u30, y0, RTOL, ATOL)
         _, sk, rk, tk = integrate(in_v, newton_solver(RTOL), u10, u30, y0, RTOL, ATOL)
-        print(f"| {y0[0].size} | {s8} ({r8}) | {1e3 * t8:.1f} ms | {sk} ({rk}) | "
-              f"{1e3 * tk:.1f} ms | {tk / t8:.1f} |")
+        row = [str(y0[0].size), f"{s8} ({r8})", f"{1e3 * t8:.1f} ms", f"{sk} ({rk})",
+               f"{1e3 * tk:.1f} ms", f"{tk / t8:.1f}"]
+        print("| " + " | ".join(row) + " |")
+        out.append(row)
+    return out
 
 
 def saves():
     """AdaGrad, `simulate`'s saved w at 37 log-spaced times in [1e10, 1e100] (Kvaerno5's
-    dense output is a cubic Hermite interpolant) against an rtol-1e-13 Dopri8 reference."""
-    print("\nAdaGrad, simulate's saves in [1e10, 1e100] against an rtol-1e-13 reference\n")
-    print("| run | largest relative error of w over 37 saves | at the last save (1e100) |")
-    print("|---|---|---|")
+    dense output interpolates) against an rtol-1e-13 Dopri8 reference."""
+    print("\nAdaGrad, simulate's saves in [1e10, 1e100] against an rtol-1e-13 reference")
+    out = []
     ts = np.geomspace(1e10, 1e100, 37)
     for name in ("deep linear, AdaGrad", "MLP, AdaGrad"):
         model_fn, data_fn, flow = CASES[name]
@@ -248,16 +252,41 @@ def saves():
             stepsize_controller=dfx.PIDController(rtol=1e-13, atol=1e-17))
         ref = np.asarray(_w_of_v(sol.ys[0], obj.degree))
         err = np.linalg.norm(traj.w[1:] - ref, axis=1) / np.linalg.norm(ref, axis=1)
-        print(f"| {name} | {err.max():.1e} | {err[-1]:.1e} |")
+        row = [name, f"{err.max():.1e}", f"{err[-1]:.1e}"]
+        print("| " + " | ".join(row) + " |")
+        out.append(row)
+    return out
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--record", action="store_true",
+                        help="write the tables to docs/data/benchmarks/late_phase*.json")
+    args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, jax {jax.__version__}, "
           f"{jax.devices()[0].platform}; rtol {RTOL}, atol {ATOL}")
-    for name, (model_fn, data_fn, flow) in CASES.items():
-        case(name, model_fn(), data_fn(), flow)
-    sizes()
-    saves()
+    rows = [row for name, (model_fn, data_fn, flow) in CASES.items()
+            for row in case(name, model_fn(), data_fn(), flow)]
+    size_rows, save_rows = sizes(), saves()
+    if args.record:
+        from _record import record
+
+        command = "python benchmarks/late_phase.py --record"
+        record("late_phase", ["run", "late phase 1e5 -> 1e100", "steps (rejected)",
+                              "wall after compile", "error of w at 1e100",
+                              "steps ratio it would give"], rows, command=command,
+               notes=[f"rtol {RTOL}, atol {ATOL}; the error is against a Dopri8 rtol-1e-13 "
+                      "reference; the ratio is (simulate's steps to 1e5 + late steps) / "
+                      "(steps to 1e5)."])
+        record("late_phase_sizes", ["p", "Dopri8 steps (rejected)", "wall",
+                                    "Kvaerno5 + Newton-Krylov steps (rejected)", "wall",
+                                    "wall ratio"], size_rows, command=command,
+               notes=["AdaGrad (eps 1e-5), MLP(d, width, 2, activation=2) on "
+                      "separable_gaussians(40, d), from simulate's state at 1e10 to 1e30."])
+        record("late_phase_saves", ["run", "largest relative error of w over 37 saves",
+                                    "at the last save (1e100)"], save_rows, command=command,
+               notes=["simulate's saves at 37 log-spaced times in [1e10, 1e100] against a "
+                      "Dopri8 rtol-1e-13 reference."])
 
 
 if __name__ == "__main__":

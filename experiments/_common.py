@@ -56,9 +56,10 @@ def at_time(t, y, when: float):
 
 
 def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """matplotlib.pyplot with the user's backend left as it is: the experiments draw on
+    Figure objects and save them, which every backend can do, and matplotlib falls back to
+    a non-interactive backend by itself where there is no display. (Forcing "Agg" here
+    switched off a notebook's or a GUI session's figures for the rest of the process.)"""
     import matplotlib.pyplot as plt
 
     return plt

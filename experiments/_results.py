@@ -2,7 +2,8 @@
 
 A result carries
 - `data`: the arrays behind the figures (saved to `<name>.npz`, no pickle);
-- `numbers`: the key numbers, JSON-serialisable (saved with the claims to `<name>.json`);
+- `numbers`: the key numbers, JSON-serialisable (saved with the claims to `<name>.json`,
+  strict JSON: a NaN or infinite number, e.g. a crossover time that never came, is null);
 - `claims`: the paper's claims this experiment checks, each marked reproduced or not with
   the numbers that decide it;
 - `settings`: what was run (sizes, horizons, hyper-parameters, quick or full);
@@ -52,7 +53,8 @@ class Claim:
 
 
 def _jsonable(x):
-    """numpy scalars/arrays and non-finite floats to plain JSON (NaN/inf as strings)."""
+    """numpy scalars/arrays to plain JSON; NaN and infinities to None (null), as strict
+    JSON has no number for them (the same rule as the CLI's summary.json)."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -65,7 +67,7 @@ def _jsonable(x):
         return int(x)
     if isinstance(x, (float, np.floating)):
         x = float(x)
-        return x if math.isfinite(x) else str(x)
+        return x if math.isfinite(x) else None
     return x
 
 
@@ -109,9 +111,6 @@ class ExperimentResult:
     def save(self, out: str | os.PathLike, *, dpi: int = DPI) -> list[str]:
         """Write `<name>.json`, `<name>.npz` and `<name>_<figure>.png` (at `dpi` dots per
         inch) into `out`."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         out = os.fspath(out)
@@ -119,7 +118,7 @@ class ExperimentResult:
         paths = []
         path = os.path.join(out, f"{self.name}.json")
         with open(path, "w") as fh:
-            json.dump(self.summary(), fh, indent=2)
+            json.dump(self.summary(), fh, indent=2, allow_nan=False)
         paths.append(path)
         path = os.path.join(out, f"{self.name}.npz")
         np.savez_compressed(path, **{k: np.asarray(v) for k, v in self.data.items()})

@@ -259,3 +259,42 @@ def test_flows_optimisers_and_trajectories_show_values():
     # Short series in full (3 saves), longer arrays by their range; the numbers are there.
     assert f"{traj.log_loss[-1]:.4g}]" in text and "result='successful'" in text
     assert f"w=f64[3,3](min {traj.w.min():.4g}, max {traj.w.max():.4g})" in text
+
+
+def test_experiment_json_is_strict_with_null_for_non_finite(tmp_path):
+    """An experiment's NAME.json (and the docs' generated tables read from it) holds numbers
+    as numbers and a NaN or infinity as null: strict JSON, the rule of summary.json. Before,
+    a crossover time that never came was written as the string "nan"."""
+    from marginflow.experiments._results import Claim, ExperimentResult
+
+    result = ExperimentResult(
+        name="strict", quick=True, settings={"t1": 1e30, "eps": np.float64(1e-5)},
+        numbers={"crossover": float("nan"), "slope": np.float32(-1.0),
+                 "never": [1.0, np.inf, -np.inf], "count": np.int64(3)},
+        claims=[Claim("c", "p", "measured nan", None)], data={"x": np.arange(3.0)})
+    result.save(tmp_path)
+    text = (tmp_path / "strict.json").read_text()
+
+    def refuse(constant):
+        raise AssertionError(f"non-JSON number {constant} in strict.json")
+
+    summary = json.loads(text, parse_constant=refuse)
+    assert summary["numbers"] == {"crossover": None, "slope": -1.0,
+                                  "never": [1.0, None, None], "count": 3}
+    assert summary["settings"] == {"t1": 1e30, "eps": 1e-5}
+    assert summary["claims"][0]["measured"] == "measured nan"  # text stays text
+
+
+def test_experiments_leave_the_matplotlib_backend_alone():
+    """The experiments' plotting helper used to force the "Agg" backend, which switched off
+    a notebook's inline figures for the rest of the process."""
+    import matplotlib
+    from marginflow.experiments._common import pyplot
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        pyplot()
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
