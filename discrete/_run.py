@@ -342,7 +342,7 @@ def run(
         log_loss=arrays["log_loss"],
         I=np.full(arrays["log_loss"].shape, np.nan),
         # A list, not an array: Trajectory.stats is a static field (JSON-like values).
-        stats={"num_steps": [int(k) for k in k_end] if batch else int(k_end)},
+        stats={"num_steps": tuple(int(k) for k in k_end) if batch else int(k_end)},
         result=result,
         message=message,
         meta=meta,
@@ -441,8 +441,16 @@ def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, r
     """
     from ..flows import _checkpoint as ckpt
 
+    with ckpt.locked(checkpoint):  # one writer per folder (flows/_checkpoint.py)
+        return _run_chunks(args, n_blocks, batch_size, batch, os.fspath(checkpoint), per_file,
+                           resume_segments, header)
+
+
+def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_segments,
+                header):
+    from ..flows import _checkpoint as ckpt
+
     optimizer, objective, w0 = args[0], args[1], args[2]
-    directory = os.fspath(checkpoint)
     if resume_segments is None:
         ckpt.write_run(directory, dict(header, kind="discrete"), w0=np.asarray(w0),
                        X=np.asarray(objective.data.X), y=np.asarray(objective.data.y))
@@ -495,14 +503,22 @@ def resume_run(checkpoint, *, throw: bool = True) -> Trajectory:
 
     The chunks already written are read back (saves and optimiser state); the rest are
     computed from the last chunk's state, still writing checkpoints. The result equals the
-    uninterrupted run's.
+    uninterrupted run's. The folder's lock, hash chain and damage rules are `resume`'s
+    (flows/_checkpoint.py).
     """
+    from ..flows import _checkpoint as ckpt
+
+    directory = os.fspath(checkpoint)
+    with ckpt.locked(directory, create=False):  # held through the run call below
+        return _resume_run(directory, throw)
+
+
+def _resume_run(directory: str, throw: bool) -> Trajectory:
     from ..flows import _checkpoint as ckpt
     from ..models import Dataset, from_spec, unflatten
     from ._optimizers import optimizer_from_meta
 
-    directory = os.fspath(checkpoint)
-    header, arrays, segments = ckpt.read_checkpoint(directory)
+    header, arrays, segments = ckpt.read_checkpoint(directory, repair=True)
     if header.get("kind") != "discrete":
         raise ValueError(
             f"resume_run: {directory!r} holds a flow run; continue it with "

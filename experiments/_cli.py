@@ -298,7 +298,10 @@ def _simulate_run(args) -> int:
     if not args.t1 > 0:
         raise UsageError(f"--t1 must be > 0, got {args.t1!r}; e.g. --t1 1e6.")
     flow, model, data = _build(args)
-    os.makedirs(args.out, exist_ok=True)
+    # Before any computing: a run must not be lost because its outputs cannot be written.
+    writable_folder(args.out, "--out")
+    if args.checkpoint is not None:
+        writable_folder(args.checkpoint, "--checkpoint")
     start = time.perf_counter()
     try:
         traj = simulate(flow, model, data, args.t1, progress=not args.no_progress,
@@ -310,6 +313,24 @@ def _simulate_run(args) -> int:
     return _write_outputs(traj, model, data, args.out,
                           f"marginflow simulate: {args.flow} flow on {args.model} / {args.data}",
                           wall_s=wall)
+
+
+def writable_folder(path: str, flag: str) -> None:
+    """Create `path` if needed and check that files can be written in it (a temporary
+    file is created and removed); UsageError naming the flag, the path and the cause."""
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file; {flag} takes a folder (created if "
+                         "missing), e.g. a new name.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".marginflow-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{flag} {path!r} cannot be written ({err.strerror or err}); "
+                         f"pass a folder you can write to.") from err
 
 
 def _write_outputs(traj, model, data, out, title, wall_s=None) -> int:
@@ -358,11 +379,11 @@ def _resume_arguments(p: argparse.ArgumentParser) -> None:
 def _resume_run(args) -> int:
     from ..flows import SimulationError, resume
 
+    writable_folder(args.out, "--out")
     try:
         traj = resume(args.checkpoint, progress=not args.no_progress)
     except SimulationError as err:
         traj = err.trajectory
-    os.makedirs(args.out, exist_ok=True)
     model = traj.model_at(0)
     from ..flows._checkpoint import read_checkpoint
     from ..models import Dataset
@@ -411,6 +432,13 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as err:
         # Bad input: one line naming the rule, the value and the fix; no traceback.
         print(f"marginflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A file that cannot be read or written (a full disk, a folder made read-only during
+        # the run): one line naming the file and the cause, no traceback.
+        where = f" {err.filename!r}" if err.filename else ""
+        print(f"marginflow {args.command}: error: cannot access{where}: "
+              f"{err.strerror or err}", file=sys.stderr)
         return 2
 
 

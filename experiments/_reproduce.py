@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from ._cli import UsageError, print_table, subcommand
+from ._cli import UsageError, print_table, subcommand, writable_folder
 
 # name -> (module, function, one-line description). Imported lazily: JAX and the
 # experiment's dependencies load only for the experiment asked for.
@@ -61,6 +61,7 @@ def _run(args) -> int:
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}.")
+    writable_folder(args.out, "--out")  # before computing anything
     status = 0
     for name in names:
         try:

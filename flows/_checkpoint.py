@@ -2,30 +2,58 @@
 
 Layout of a checkpoint folder:
     run.npz             the inputs: flow, model spec and initial parameters, data, loss,
-                        times, tolerances (written once, before the first segment)
+                        times, tolerances, and the run's identity (a random run id),
+                        written once, before the first segment
     segment_00000.npz   the saves of segment 0 and the state at its end
     segment_00001.npz   ...
+    run.lock            while a process writes to the folder (removed when it stops)
+
 Every file is written to a temporary name in the same folder, flushed, fsync'ed and then
 renamed over its final name (atomic on POSIX): a run killed at any moment leaves complete
 files only, and loses at most the segment in progress. Stale temporary files of a killed
 writer are removed when the folder is read again.
+
+What `resume` may trust, and how it knows:
+- **One writer.** `locked(dir)` creates run.lock with O_EXCL (atomic on POSIX and NFSv3+)
+  before a run writes or a resume reads; a second process that tries gets a clear error.
+  A lock left by a killed process on this host (its pid is gone) is taken over with a
+  warning; a lock from another host cannot be checked and is reported with its path.
+- **One run.** Each segment's header holds the run id of run.npz and the SHA-256 of the
+  file before it (run.npz for segment 0): a hash chain. A segment of another run, or one
+  that does not follow its predecessor (files copied between two diverged copies of a
+  run), is refused, naming the file.
+- **Damage.** A segment that cannot be read (a truncated or corrupted file; a disk error)
+  ends the intact prefix: `resume` warns, moves it and the segments after it aside as
+  `*.damaged` (nothing is deleted) and continues from the last intact segment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import socket
 import tempfile
+import threading
+import time
+import uuid
+import warnings
+import zipfile
 
 import numpy as np
 
 RUN_FILE = "run.npz"
-# Version 4: the solver state holds psi at the last step's end (Lemma 3's I is accumulated
-# from the step's end states, flows/_penalty.py) and AdaGrad's late solver is Dopri8.
-# Version 3: the state saved at a segment's end is (v, m, I) with v = w ||w||^(L-1), under
-# the key y_v (version 2: y_w held w). Version 2: segments are ten decades wide after
-# t = 1e10 (version 1: decades throughout).
-_FORMAT = "marginflow.checkpoint/4"
+LOCK_FILE = "run.lock"
+# Version 5: run.npz holds a run id, every segment the run id and the SHA-256 of the file
+# before it. Version 4: the solver state holds psi at the last step's end (Lemma 3's I is
+# accumulated from the step's end states, flows/_penalty.py) and AdaGrad's late solver is
+# Dopri8. Version 3: the state saved at a segment's end is (v, m, I) with
+# v = w ||w||^(L-1), under the key y_v (version 2: y_w held w). Version 2: segments are ten
+# decades wide after t = 1e10 (version 1: decades throughout).
+_FORMAT = "marginflow.checkpoint/5"
+# What reading a damaged .npz raises: a truncated zip, a bad member, a bad header, I/O.
+_DAMAGE = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError)
 
 
 def _umask() -> int:
@@ -66,8 +94,167 @@ def segment_path(directory: str, k: int) -> str:
     return os.path.join(directory, f"segment_{k:05d}.npz")
 
 
+# ------------------------------------------------------------------------------ the lock
+# Folders this process holds, per thread: a run holds its folder for its whole length, and
+# `resume` takes it before reading and keeps it through the `simulate` / `run` it calls.
+_HELD: dict[str, tuple[int, int]] = {}  # real path -> (thread id, depth)
+_HELD_GUARD = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _describe(owner: dict) -> str:
+    if not owner:
+        return "an empty or unreadable lock file"
+    since = owner.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+    return f"process {owner.get('pid', '?')} on host {owner.get('host', '?')} since {when}"
+
+
+def _create_lock(path: str) -> bool:
+    """Create the lock file with O_EXCL; False if it exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, fh)
+    return True
+
+
+def _read_owner(path: str) -> dict | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or damaged: treat as held
+
+
+def _take_over_stale(path: str, owner: dict) -> None:
+    """Move a dead process's lock aside (atomically) and delete it; if what moved was not
+    that lock (another process replaced it meanwhile), put it back."""
+    aside = f"{path}.{os.getpid()}.stale"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _read_owner(aside) != owner:
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    os.unlink(aside)
+
+
+# A lock file is filled right after it is created; one still unreadable after this long
+# was left by a writer killed in between.
+_FILL_SECONDS = 10.0
+
+
+def _acquire(directory: str) -> None:
+    path = os.path.join(directory, LOCK_FILE)
+    for _ in range(3):
+        if _create_lock(path):
+            return
+        owner = _read_owner(path)
+        if owner is None:
+            continue  # released meanwhile
+        dead = (owner.get("host") == socket.gethostname()
+                and isinstance(owner.get("pid"), int) and owner["pid"] != os.getpid()
+                and not _pid_alive(owner["pid"]))
+        if not owner:  # unreadable: a writer killed between creating and filling it
+            with contextlib.suppress(OSError):
+                dead = time.time() - os.stat(path).st_mtime > _FILL_SECONDS
+        if not dead:
+            break
+        warnings.warn(f"checkpoint folder {directory!r}: taking over the lock of a process "
+                      f"that no longer runs ({_describe(owner)}); its run was killed.",
+                      stacklevel=4)
+        _take_over_stale(path, owner)
+    owner = _read_owner(path) or {}
+    raise ValueError(
+        f"checkpoint folder {directory!r} is in use: {path} says {_describe(owner)} writes "
+        "to it, and two writers would splice their segments. Wait for that run to end, or "
+        "use another folder; if no run uses the folder (a run killed on another host, or "
+        "this process's own run in another thread), delete the lock file."
+    )
+
+
+@contextlib.contextmanager
+def locked(directory, *, create: bool = True):
+    """Hold `directory`'s lock for the block; the folder is made if missing (`create`, for
+    a new run) or must exist (a resume).
+
+    Re-entrant within a thread; `locked(None)` does nothing (a run without checkpoints).
+    """
+    if directory is None:
+        yield
+        return
+    directory = os.fspath(directory)
+    if not create and not os.path.isdir(directory):
+        raise ValueError(f"resume: {directory!r} is not a folder; pass the folder given as "
+                         "`checkpoint=` to the run.")
+    os.makedirs(directory, exist_ok=True)
+    key = os.path.realpath(directory)
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        holder = _HELD.get(key)
+        if holder is not None and holder[0] == me:
+            _HELD[key] = (me, holder[1] + 1)
+            nested = True
+        else:
+            nested = False
+    if not nested:
+        _acquire(directory)
+        with _HELD_GUARD:
+            _HELD[key] = (me, 1)
+    try:
+        yield
+    finally:
+        with _HELD_GUARD:
+            tid, depth = _HELD[key]
+            if depth > 1:
+                _HELD[key] = (tid, depth - 1)
+            else:
+                del _HELD[key]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, LOCK_FILE))
+
+
+# ------------------------------------------------------------------------ writing a run
+_HASHES: dict[str, tuple[tuple[int, int], str]] = {}  # path -> ((mtime_ns, size), sha256)
+
+
+def _sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (cached while its mtime and size stay the same)."""
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size)
+    cached = _HASHES.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    _HASHES[path] = (key, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _previous(directory: str, k: int) -> str:
+    return os.path.join(directory, RUN_FILE) if k == 0 else segment_path(directory, k - 1)
+
+
 def write_run(directory: str, header: dict, **arrays) -> None:
-    """The inputs of a run (once). `header` is JSON; arrays are numpy."""
+    """The inputs of a run (once), under a new run id. `header` is JSON; arrays are numpy.
+    Call it holding `locked(directory)`."""
     os.makedirs(directory, exist_ok=True)
     existing = [f for f in os.listdir(directory) if f.endswith(".npz")]
     if existing:
@@ -75,20 +262,28 @@ def write_run(directory: str, header: dict, **arrays) -> None:
             f"checkpoint folder {directory!r} already holds a run ({len(existing)} files); "
             "continue it with resume(dir), or pass an empty / new folder."
         )
-    header = dict(header, format=_FORMAT)
+    header = dict(header, format=_FORMAT, run_id=uuid.uuid4().hex)
     atomic_savez(os.path.join(directory, RUN_FILE), header=np.array(json.dumps(header)),
                  **arrays)
 
 
 def write_segment(directory: str, k: int, header: dict, **arrays) -> None:
+    """Segment k, chained to the file before it (run.npz for k = 0)."""
+    run_header, _ = _read(os.path.join(directory, RUN_FILE), header_only=True)
+    header = dict(header, run_id=run_header["run_id"],
+                  prev_sha256=_sha256(_previous(directory, k)))
     atomic_savez(segment_path(directory, k), header=np.array(json.dumps(header)), **arrays)
 
 
-def read_checkpoint(directory: str):
+# ------------------------------------------------------------------------ reading a run
+def read_checkpoint(directory: str, *, repair: bool = False):
     """(run header, run arrays, [(segment header, segment arrays), ...]) of a folder.
 
     Only complete files are ever present under their final names; leftover temporary files
-    of a killed writer are deleted here.
+    of a killed writer are deleted here. The segments returned are the intact prefix of
+    the hash chain: a damaged segment ends it (with a warning; `repair=True`, which
+    `resume` passes holding the lock, moves it and the later ones aside as *.damaged). A
+    segment of another run, or one that does not follow the file before it, raises.
     """
     if not os.path.isdir(directory):
         raise ValueError(f"resume: {directory!r} is not a folder; pass the folder given as "
@@ -100,26 +295,72 @@ def read_checkpoint(directory: str):
     if not os.path.exists(run_path):
         raise ValueError(f"resume: {directory!r} holds no {RUN_FILE}; it is not a marginflow "
                          "checkpoint folder (or the run was killed before its first write).")
-    run_header, run_arrays = _read(run_path)
+    try:
+        run_header, run_arrays = _read(run_path)
+    except _DAMAGE as err:
+        raise ValueError(
+            f"resume: {run_path} cannot be read ({type(err).__name__}: {err}); it holds the "
+            "run's inputs, so the run cannot be continued: start it again in a new folder."
+        ) from err
     found = run_header.get("format")
     if found != _FORMAT:
         if isinstance(found, str) and found.startswith("marginflow.checkpoint/"):
             raise ValueError(
                 f"resume: {run_path} has checkpoint format {found!r}, this marginflow reads "
-                f"{_FORMAT!r} (the segment layout or the state changed); rerun it with "
-                "simulate(..., checkpoint=a new folder)."
+                f"{_FORMAT!r} (the segment layout, the state or the run identity changed); "
+                "rerun it with simulate(..., checkpoint=a new folder)."
             )
         raise ValueError(f"resume: {run_path} is not a marginflow checkpoint.")
     segments = []
     k = 0
     while os.path.exists(segment_path(directory, k)):
-        segments.append(_read(segment_path(directory, k)))
+        path = segment_path(directory, k)
+        try:
+            header, arrays = _read(path)
+        except _DAMAGE as err:
+            _damaged(directory, k, f"{type(err).__name__}: {err}", repair)
+            break
+        if header.get("run_id") != run_header["run_id"]:
+            raise ValueError(
+                f"resume: {path} belongs to another run (run id {header.get('run_id')!r}, "
+                f"this folder's run.npz: {run_header['run_id']!r}); the folder mixes two "
+                f"runs. Move {os.path.basename(path)} and the segments after it out of the "
+                "folder to continue from the segment before it."
+            )
+        if header.get("prev_sha256") != _sha256(_previous(directory, k)):
+            raise ValueError(
+                f"resume: {path} does not follow {os.path.basename(_previous(directory, k))} "
+                "(the hash chain of the run's files breaks there: the files come from two "
+                f"copies of the run that diverged). Move {os.path.basename(path)} and the "
+                "segments after it out of the folder to continue from the segment before it."
+            )
+        segments.append((header, arrays))
         k += 1
     return run_header, run_arrays, segments
 
 
-def _read(path: str):
+def _damaged(directory: str, k: int, why: str, repair: bool) -> None:
+    later = []
+    j = k
+    while os.path.exists(segment_path(directory, j)):
+        later.append(segment_path(directory, j))
+        j += 1
+    if repair:
+        for path in later:
+            os.replace(path, path + ".damaged")
+    names = ", ".join(os.path.basename(p) for p in later)
+    warnings.warn(
+        f"resume: {segment_path(directory, k)} is damaged ({why}); continuing from the last "
+        f"intact segment ({k} of them). "
+        + (f"Moved aside as *.damaged: {names}." if repair else f"Not used: {names}."),
+        stacklevel=3,
+    )
+
+
+def _read(path: str, *, header_only: bool = False):
     with np.load(path, allow_pickle=False) as f:
         header = json.loads(str(f["header"]))
-        arrays = {k: f[k] for k in f.files if k != "header"}
+        if not isinstance(header, dict):
+            raise ValueError(f"the header of {path} is not a JSON object")
+        arrays = {} if header_only else {k: f[k] for k in f.files if k != "header"}
     return header, arrays

@@ -134,7 +134,8 @@ def _time(u, log_time):
 # Runge-Kutta step's error along it is much smaller in v. Measured from t = 1e5 to 1e100
 # (DecayIMEX, rtol 1e-8, one solve): GD on MLP(4, 8, 2, k=2) 359 steps in w, 233 in v; on
 # DeepLinear(4, 4, 4, 1) 423 and 227, with errors 4e-10 (w) and 1e-10 / 3e-11 (v) against
-# an rtol-1e-13 reference (benchmarks/README.md). The map is O(p) and smooth for w != 0.
+# an rtol-1e-13 reference (benchmarks/late_phase.py, docs/performance.md). The map is O(p)
+# and smooth for w != 0.
 def _safe_norm(x):
     """||x|| over the last axis (kept), 1 where x = 0: finite values and derivatives there
     (the double-where keeps NaN out of the gradient an implicit solver's Jacobian takes)."""
@@ -675,297 +676,302 @@ def simulate(
     devices = _devices(batch, shard, n_batch)
     threads = n_threads(workers, n_batch if len(devices) == 1 else 1, "simulate")
 
-    if checkpoint is not None and _resume is None:
-        if not solver_is_default:
-            raise ValueError(
-                "simulate: `checkpoint` needs solver=None (the default solver), so that "
-                "`resume` can rebuild it; got a custom solver."
+    if checkpoint is not None and not solver_is_default:
+        raise ValueError(
+            "simulate: `checkpoint` needs solver=None (the default solver), so that "
+            "`resume` can rebuild it; got a custom solver."
+        )
+    # One writer per checkpoint folder, for the whole run (flows/_checkpoint.py).
+    with ckpt.locked(checkpoint):
+        if checkpoint is not None and _resume is None:
+            ckpt.write_run(
+                os.fspath(checkpoint),
+                {
+                    "flow": flow.name, "hyper": flow.hyperparameters(),
+                    "conditioner": flow.conditioner, "loss": objective.loss.name,
+                    "model": objective.model.spec(), "t0": t0, "t1": t1, "rtol": rtol,
+                    "atol": atol, "max_steps": max_steps, "dtype": jnp.dtype(dtype).name,
+                    "batch": bool(batch), "shard": shard,
+                    # The chunking changes batched results at the tolerance level: resume
+                    # with the same one, whatever this machine's core count.
+                    "workers": threads,
+                    "kink_tol": kink_tol if kink_tol is not None else 0.0,
+                },
+                w0=np.asarray(w0), X=np.asarray(objective.data.X), y=np.asarray(objective.data.y),
+                save_ts=save_ts,
             )
-        ckpt.write_run(
-            os.fspath(checkpoint),
-            {
-                "flow": flow.name, "hyper": flow.hyperparameters(),
-                "conditioner": flow.conditioner, "loss": objective.loss.name,
-                "model": objective.model.spec(), "t0": t0, "t1": t1, "rtol": rtol,
-                "atol": atol, "max_steps": max_steps, "dtype": jnp.dtype(dtype).name,
-                "batch": bool(batch), "shard": shard,
-                # The chunking changes batched results at the tolerance level: resume
-                # with the same one, whatever this machine's core count.
-                "workers": threads,
-                "kink_tol": kink_tol if kink_tol is not None else 0.0,
-            },
-            w0=np.asarray(w0), X=np.asarray(objective.data.X), y=np.asarray(objective.data.y),
-            save_ts=save_ts,
-        )
 
-    if len(devices) > 1:
-        # Pad the batch to a multiple of the device count (copies of the last member,
-        # dropped at the end) and split it over the devices; the vmapped segment then runs
-        # as one SPMD program, each device integrating its share of the initialisations.
-        extra = (-n_batch) % len(devices)
-        if extra:
-            w0 = jnp.concatenate([w0, jnp.repeat(w0[-1:], extra, axis=0)], axis=0)
-    # The state: v (the margin-scale variable of `_w_of_v`), m = 0 and Lemma 3's I = 0.
-    y = (_v_of_w(w0, objective.degree), _initial_moments(flow, objective, w0, t0 >= 1.0),
-         jnp.zeros(w0.shape[:-1], dtype))
-    if len(devices) > 1:
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-        y = jax.device_put(y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
-    bounds = _segment_bounds(t0, t1)
-    per_segment = [
-        save_ts[(save_ts > lo) & (save_ts <= hi)] if k else save_ts[save_ts <= hi]
-        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
-    ]
-    axis = 1 if batch else 0  # the saves' time axis
-    slots = save_slots(w0.size)  # a batch: B * p numbers per slot
+        if len(devices) > 1:
+            # Pad the batch to a multiple of the device count (copies of the last member,
+            # dropped at the end) and split it over the devices; the vmapped segment then runs
+            # as one SPMD program, each device integrating its share of the initialisations.
+            extra = (-n_batch) % len(devices)
+            if extra:
+                w0 = jnp.concatenate([w0, jnp.repeat(w0[-1:], extra, axis=0)], axis=0)
+        # The state: v (the margin-scale variable of `_w_of_v`), m = 0 and Lemma 3's I = 0.
+        y = (_v_of_w(w0, objective.degree), _initial_moments(flow, objective, w0, t0 >= 1.0),
+             jnp.zeros(w0.shape[:-1], dtype))
+        if len(devices) > 1:
+            mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+            y = jax.device_put(
+                y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+        bounds = _segment_bounds(t0, t1)
+        per_segment = [
+            save_ts[(save_ts > lo) & (save_ts <= hi)] if k else save_ts[save_ts <= hi]
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        ]
+        axis = 1 if batch else 0  # the saves' time axis
+        slots = save_slots(w0.size)  # a batch: B * p numbers per slot
 
-    seg, start_fn, restart_fn = _segment, _start, _restart
-    if batch:
-        restart_fn = eqx.filter_vmap(_restart, in_axes=(None, None, 0, None, None, None, 0))
-        seg = eqx.filter_vmap(
-            _segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0)
-        )
-        start_fn = eqx.filter_vmap(_start, in_axes=(None, None, 0, None, None, None, None, None))
-        if threads > 1:
-            vmapped = seg
-
-            def seg(flow, objective, y, lo, hi, log_time, save_us, solver, controller,
-                    max_steps, state):
-                def call(y_part, state_part):
-                    return vmapped(flow, objective, y_part, lo, hi, log_time, save_us,
-                                   solver, controller, max_steps, state_part)
-
-                return map_chunks(call, (y, state), threads)
-
-    def to_u(t, log_time):
-        return np.log(t) if log_time else t
-
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", *_SAVED)}
-    steps = accepted = rejected = 0
-    per_segment_steps: list[np.ndarray] = []
-    result, message = "successful", ""
-    wall_time = 0.0
-    clock = CompileClock()  # the part of wall_time spent making programs
-    bar = _progress_bar(len(bounds) - 1) if progress else None
-    calls = []  # segment calls made in this run (see `phase` below)
-
-    def phase():
-        # The meter says "compiling" before the first segment call: in a fresh process it
-        # traces and compiles (or loads) the program; later calls do not.
-        if bar is not None:
-            bar.set_description("simulate" if calls else "simulate (compiling)")
-            bar.refresh()
-        calls.append(1)
-
-    begin = time.perf_counter()
-    first_log = bounds[0] >= 1.0
-    with clock:
-        state = start_fn(
-            flow,
-            objective,
-            y,
-            jnp.asarray(to_u(bounds[0], first_log), dtype),
-            jnp.asarray(to_u(bounds[1], first_log), dtype),
-            jnp.asarray(first_log),
-            solver,
-            controller,
-        )
-    wall_time += time.perf_counter() - begin
-    done = 0
-    if _resume:
-        # Continue after the last complete segment: its saves, its end state and the
-        # solver / controller states (same tree structure as the fresh `state` above).
-        for k, (header, arrays) in enumerate(_resume):
-            if (header["lo"], header["hi"]) != (bounds[k], bounds[k + 1]):
-                raise ValueError(
-                    f"resume: segment {k} of the checkpoint spans [{header['lo']:.3g}, "
-                    f"{header['hi']:.3g}] but this run's segment {k} is [{bounds[k]:.3g}, "
-                    f"{bounds[k + 1]:.3g}]; the checkpoint was written with another segment "
-                    "layout. Rerun it with simulate(..., checkpoint=a new folder)."
-                )
-            chunks["ts"].append(arrays["ts"])
-            for key in _SAVED:
-                chunks[key].append(arrays[key])
-            steps = steps + np.asarray(header["steps"])
-            accepted = accepted + np.asarray(header["accepted"])
-            rejected = rejected + np.asarray(header["rejected"])
-            per_segment_steps.append(np.asarray(header["steps"]))
-            result, message = header["result"], header["message"]
-        arrays = _resume[-1][1]
-        y = tuple(jnp.asarray(arrays[k], dtype) for k in ("y_v", "y_m", "y_I"))
-        leaves, treedef = jax.tree.flatten(state)
-        saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
-        if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
-            raise ValueError(
-                "resume: the checkpoint was written with another batch padding (device "
-                "count); resume it on a machine with the same number of devices."
+        seg, start_fn, restart_fn = _segment, _start, _restart
+        if batch:
+            restart_fn = eqx.filter_vmap(_restart, in_axes=(None, None, 0, None, None, None, 0))
+            seg = eqx.filter_vmap(
+                _segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0)
             )
-        state = jax.tree.unflatten(
-            treedef, [jnp.asarray(v, dtype=x.dtype) for v, x in zip(saved_leaves, leaves,
-                                                                      strict=True)]
-        )
-        done = len(_resume)
-        if bar is not None:
-            bar.update(done)
-    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        if k < done or result != "successful":
-            continue
-        # t on [t0, 1], log t from t = 1 on (see `_time`).
-        log_time = lo >= 1.0
-        if k and log_time and bounds[k - 1] < 1.0 and flow.n_moments == 2:
-            # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on (see
-            # `_fields`): a new state, so the solver's own state is made anew at it.
-            y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
-            state = restart_fn(flow, objective, y, jnp.asarray(0.0, dtype), jnp.asarray(True),
-                               solver, state)
-        # At most `slots` saves per call (the slots are part of the compiled program's
-        # shape): a segment with more is integrated in pieces, each ending at its last save.
-        wanted = per_segment[k]
-        pieces = [wanted[i : i + slots] for i in range(0, len(wanted), slots)]
-        pieces = pieces or [wanted]  # a segment without saves is one call
-        n = na = nr = 0
-        piece_lo, kept = lo, []
-        for j, piece in enumerate(pieces):
-            piece_hi = hi if j == len(pieces) - 1 else float(piece[-1])
-            pad = np.full(slots, piece_hi)
-            pad[: len(piece)] = piece
-            phase()
-            begin = time.perf_counter()
-            with clock:
-                out = seg(
-                    flow,
-                    objective,
-                    y,
-                    jnp.asarray(to_u(piece_lo, log_time), dtype),
-                    jnp.asarray(to_u(piece_hi, log_time), dtype),
-                    jnp.asarray(log_time),
-                    jnp.asarray(to_u(pad, log_time), dtype),
-                    solver,
-                    controller,
-                    max_steps,
-                    state,
-                )
-                out = jax.block_until_ready(out)
-            wall_time += time.perf_counter() - begin
-            n_saved, saved, y, (end_u, end_saved), state, code, dn, dna, dnr = out
-            n, na, nr = n + np.asarray(dn), na + np.asarray(dna), nr + np.asarray(dnr)
-            codes = np.atleast_1d(np.asarray(code))
-            ok = codes == int(dfx.RESULTS.successful._value)
-            n_keep = len(piece)
-            if not ok.all():
-                # Keep every save the solver reached (of the first failed member in a batch).
-                n_keep = min(int(np.atleast_1d(np.asarray(n_saved))[np.argmin(ok)]), n_keep)
-            kept.append((pad[:n_keep], {key: np.asarray(saved[key])[:, :n_keep] if batch
-                                        else np.asarray(saved[key])[:n_keep]
-                                        for key in _SAVED}))
-            piece_lo = piece_hi
-            if not ok.all():
-                break
-        steps = steps + n
-        per_segment_steps.append(np.asarray(n))
-        accepted = accepted + na
-        rejected = rejected + nr
-        kept_ts = np.concatenate([ts_ for ts_, _ in kept])
-        chunks["ts"].append(np.asarray(kept_ts, np.float64))
-        for key in _SAVED:
-            chunks[key].append(np.concatenate([arrs[key] for _, arrs in kept], axis=axis))
-        if not ok.all() and not batch:
-            # Also keep the state where the solver stopped (one run: a batch's members stop
-            # at different times and share one time axis).
-            end_t = float(np.exp(end_u)) if log_time else float(end_u)
-            if (
-                np.isfinite(end_t)
-                and (len(kept_ts) == 0 or end_t > kept_ts[-1])
-                and all(np.all(np.isfinite(np.asarray(v))) for v in end_saved.values())
-            ):
-                kept_ts = np.append(kept_ts, end_t)
-                chunks["ts"][-1] = np.asarray(kept_ts, np.float64)
-                for key in _SAVED:
-                    chunks[key][-1] = np.concatenate(
-                        [chunks[key][-1], np.asarray(end_saved[key])[None]], axis=0
+            start_fn = eqx.filter_vmap(
+                _start, in_axes=(None, None, 0, None, None, None, None, None))
+            if threads > 1:
+                vmapped = seg
+
+                def seg(flow, objective, y, lo, hi, log_time, save_us, solver, controller,
+                        max_steps, state):
+                    def call(y_part, state_part):
+                        return vmapped(flow, objective, y_part, lo, hi, log_time, save_us,
+                                       solver, controller, max_steps, state_part)
+
+                    return map_chunks(call, (y, state), threads)
+
+        def to_u(t, log_time):
+            return np.log(t) if log_time else t
+
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", *_SAVED)}
+        steps = accepted = rejected = 0
+        per_segment_steps: list[np.ndarray] = []
+        result, message = "successful", ""
+        wall_time = 0.0
+        clock = CompileClock()  # the part of wall_time spent making programs
+        bar = _progress_bar(len(bounds) - 1) if progress else None
+        calls = []  # segment calls made in this run (see `phase` below)
+
+        def phase():
+            # The meter says "compiling" before the first segment call: in a fresh process it
+            # traces and compiles (or loads) the program; later calls do not.
+            if bar is not None:
+                bar.set_description("simulate" if calls else "simulate (compiling)")
+                bar.refresh()
+            calls.append(1)
+
+        begin = time.perf_counter()
+        first_log = bounds[0] >= 1.0
+        with clock:
+            state = start_fn(
+                flow,
+                objective,
+                y,
+                jnp.asarray(to_u(bounds[0], first_log), dtype),
+                jnp.asarray(to_u(bounds[1], first_log), dtype),
+                jnp.asarray(first_log),
+                solver,
+                controller,
+            )
+        wall_time += time.perf_counter() - begin
+        done = 0
+        if _resume:
+            # Continue after the last complete segment: its saves, its end state and the
+            # solver / controller states (same tree structure as the fresh `state` above).
+            for k, (header, arrays) in enumerate(_resume):
+                if (header["lo"], header["hi"]) != (bounds[k], bounds[k + 1]):
+                    raise ValueError(
+                        f"resume: segment {k} of the checkpoint spans [{header['lo']:.3g}, "
+                        f"{header['hi']:.3g}] but this run's segment {k} is [{bounds[k]:.3g}, "
+                        f"{bounds[k + 1]:.3g}]; the checkpoint was written with another segment "
+                        "layout. Rerun it with simulate(..., checkpoint=a new folder)."
                     )
-        if not ok.all():
-            bad = codes[~ok][0]
-            result = _result_name(bad)
-            failed = int(np.sum(~ok))
-            where = f"{failed} of {codes.size} runs" if batch else "the run"
-            reached_t = (
-                float(np.nanmax(np.where(np.isfinite(kept_ts), kept_ts, np.nan)))
-                if len(kept_ts)
-                else lo
+                chunks["ts"].append(arrays["ts"])
+                for key in _SAVED:
+                    chunks[key].append(arrays[key])
+                steps = steps + np.asarray(header["steps"])
+                accepted = accepted + np.asarray(header["accepted"])
+                rejected = rejected + np.asarray(header["rejected"])
+                per_segment_steps.append(np.asarray(header["steps"]))
+                result, message = header["result"], header["message"]
+            arrays = _resume[-1][1]
+            y = tuple(jnp.asarray(arrays[k], dtype) for k in ("y_v", "y_m", "y_I"))
+            leaves, treedef = jax.tree.flatten(state)
+            saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
+            if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
+                raise ValueError(
+                    "resume: the checkpoint was written with another batch padding (device "
+                    "count); resume it on a machine with the same number of devices."
+                )
+            state = jax.tree.unflatten(
+                treedef, [jnp.asarray(v, dtype=x.dtype) for v, x in zip(saved_leaves, leaves,
+                                                                          strict=True)]
             )
-            message = (
-                f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
-                f"{_result_message(bad)} Fix: {_HINTS.get(result, 'see the diffrax result')}."
-            )
-        if checkpoint is not None:
-            ckpt.write_segment(
-                os.fspath(checkpoint), k,
-                {"lo": lo, "hi": hi, "result": result, "message": message,
-                 "steps": np.asarray(n).tolist(), "accepted": np.asarray(na).tolist(),
-                 "rejected": np.asarray(nr).tolist()},
-                ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in _SAVED},
-                y_v=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
-                **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
-            )
+            done = len(_resume)
+            if bar is not None:
+                bar.update(done)
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if k < done or result != "successful":
+                continue
+            # t on [t0, 1], log t from t = 1 on (see `_time`).
+            log_time = lo >= 1.0
+            if k and log_time and bounds[k - 1] < 1.0 and flow.n_moments == 2:
+                # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on (see
+                # `_fields`): a new state, so the solver's own state is made anew at it.
+                y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
+                state = restart_fn(flow, objective, y, jnp.asarray(0.0, dtype), jnp.asarray(True),
+                                   solver, state)
+            # At most `slots` saves per call (the slots are part of the compiled program's
+            # shape): a segment with more is integrated in pieces, each ending at its last save.
+            wanted = per_segment[k]
+            pieces = [wanted[i : i + slots] for i in range(0, len(wanted), slots)]
+            pieces = pieces or [wanted]  # a segment without saves is one call
+            n = na = nr = 0
+            piece_lo, kept = lo, []
+            for j, piece in enumerate(pieces):
+                piece_hi = hi if j == len(pieces) - 1 else float(piece[-1])
+                pad = np.full(slots, piece_hi)
+                pad[: len(piece)] = piece
+                phase()
+                begin = time.perf_counter()
+                with clock:
+                    out = seg(
+                        flow,
+                        objective,
+                        y,
+                        jnp.asarray(to_u(piece_lo, log_time), dtype),
+                        jnp.asarray(to_u(piece_hi, log_time), dtype),
+                        jnp.asarray(log_time),
+                        jnp.asarray(to_u(pad, log_time), dtype),
+                        solver,
+                        controller,
+                        max_steps,
+                        state,
+                    )
+                    out = jax.block_until_ready(out)
+                wall_time += time.perf_counter() - begin
+                n_saved, saved, y, (end_u, end_saved), state, code, dn, dna, dnr = out
+                n, na, nr = n + np.asarray(dn), na + np.asarray(dna), nr + np.asarray(dnr)
+                codes = np.atleast_1d(np.asarray(code))
+                ok = codes == int(dfx.RESULTS.successful._value)
+                n_keep = len(piece)
+                if not ok.all():
+                    # Keep every save the solver reached (of the first failed member in a batch).
+                    n_keep = min(int(np.atleast_1d(np.asarray(n_saved))[np.argmin(ok)]), n_keep)
+                kept.append((pad[:n_keep], {key: np.asarray(saved[key])[:, :n_keep] if batch
+                                            else np.asarray(saved[key])[:n_keep]
+                                            for key in _SAVED}))
+                piece_lo = piece_hi
+                if not ok.all():
+                    break
+            steps = steps + n
+            per_segment_steps.append(np.asarray(n))
+            accepted = accepted + na
+            rejected = rejected + nr
+            kept_ts = np.concatenate([ts_ for ts_, _ in kept])
+            chunks["ts"].append(np.asarray(kept_ts, np.float64))
+            for key in _SAVED:
+                chunks[key].append(np.concatenate([arrs[key] for _, arrs in kept], axis=axis))
+            if not ok.all() and not batch:
+                # Also keep the state where the solver stopped (one run: a batch's members stop
+                # at different times and share one time axis).
+                end_t = float(np.exp(end_u)) if log_time else float(end_u)
+                if (
+                    np.isfinite(end_t)
+                    and (len(kept_ts) == 0 or end_t > kept_ts[-1])
+                    and all(np.all(np.isfinite(np.asarray(v))) for v in end_saved.values())
+                ):
+                    kept_ts = np.append(kept_ts, end_t)
+                    chunks["ts"][-1] = np.asarray(kept_ts, np.float64)
+                    for key in _SAVED:
+                        chunks[key][-1] = np.concatenate(
+                            [chunks[key][-1], np.asarray(end_saved[key])[None]], axis=0
+                        )
+            if not ok.all():
+                bad = codes[~ok][0]
+                result = _result_name(bad)
+                failed = int(np.sum(~ok))
+                where = f"{failed} of {codes.size} runs" if batch else "the run"
+                reached_t = (
+                    float(np.nanmax(np.where(np.isfinite(kept_ts), kept_ts, np.nan)))
+                    if len(kept_ts)
+                    else lo
+                )
+                message = (
+                    f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
+                    f"{_result_message(bad)} Fix: {_HINTS.get(result, 'see the diffrax result')}."
+                )
+            if checkpoint is not None:
+                ckpt.write_segment(
+                    os.fspath(checkpoint), k,
+                    {"lo": lo, "hi": hi, "result": result, "message": message,
+                     "steps": np.asarray(n).tolist(), "accepted": np.asarray(na).tolist(),
+                     "rejected": np.asarray(nr).tolist()},
+                    ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in _SAVED},
+                    y_v=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
+                    **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
+                )
+            if bar is not None:
+                bar.set_description("simulate")
+                bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}, "
+                                    f"compile {clock.seconds:.1f} s")
+                bar.update(1)
+            if result != "successful":
+                break
         if bar is not None:
-            bar.set_description("simulate")
-            bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(steps))}, "
-                                f"compile {clock.seconds:.1f} s")
-            bar.update(1)
-        if result != "successful":
-            break
-    if bar is not None:
-        bar.close()
-    kinks = kink_stats(state[0])  # counted across all segments (and resumed ones)
+            bar.close()
+        kinks = kink_stats(state[0])  # counted across all segments (and resumed ones)
 
-    cat = {k: np.concatenate(v, axis=0 if k == "ts" else axis) for k, v in chunks.items()}
-    if batch:  # drop the members that only padded the batch to the device count
-        cat = {k: v if k == "ts" else v[:n_batch] for k, v in cat.items()}
-        steps, accepted, rejected = (np.asarray(x)[:n_batch] for x in (steps, accepted, rejected))
-    # A run that failed or ended without separating: does this model separate the data at
-    # all? (An exact LP for linear models; a note on a stalled loss otherwise.)
-    result, message = separation_verdict(
-        objective, cat["ts"], cat["log_loss"], result, message, rtol, t1
-    )
-    if kinks is not None and np.any(np.asarray(kinks[0]) > 0):
-        most = int(np.max(np.asarray(kinks[0])))
-        message = (
-            f"{message} {most} kink steps{' (the most of a member)' if batch else ''}: "
-            f"where the solver was stuck among kinks it accepted steps within kink_tol = "
-            f"{kink_tol:g}, so the accuracy there is kink_tol, not rtol (stats "
-            "'num_kink_steps', 'kink_log_time'; kink_tol=0 resolves every kink at rtol)."
-        ).strip()
-    meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
-    meta["kink_tol"] = kink_tol  # None: every kink resolved at rtol
-    meta["wall_time_s"] = wall_time  # includes compilation on a first call
-    # Of it: tracing, lowering and compiling (or loading from the persistent cache) the
-    # programs; wall_time - compile_time_s is the integration itself.
-    meta["compile_time_s"] = min(clock.seconds, wall_time)
-    meta["devices"] = len(devices)
-    traj = Trajectory(
-        ts=cat["ts"],
-        w=cat["w"],
-        m=cat["m"],
-        conditioner=cat["h"],
-        log_loss=cat["log_loss"],
-        I=cat["I"],
-        stats={
-            "num_steps": _plain(steps),
-            "num_accepted_steps": _plain(accepted),
-            "num_rejected_steps": _plain(rejected),
-            "num_segments": len(chunks["ts"]),
-            # steps of segment k, which ends at t = segment_ends[k] (decades up to 1e10, ten
-            # decades after); per member for a batch: (segments, B)
-            "num_steps_per_segment": _plain_nested(per_segment_steps, n_batch if batch else 0),
-            "segment_ends": tuple(float(b) for b in bounds[1 : len(per_segment_steps) + 1]),
-            **_kink_counts(kinks, n_batch if batch else 0),
-        },
-        result=result,
-        message=message,
-        meta=meta,
-    )
-    return raise_if_failed(traj, "simulate", throw)
+        cat = {k: np.concatenate(v, axis=0 if k == "ts" else axis) for k, v in chunks.items()}
+        if batch:  # drop the members that only padded the batch to the device count
+            cat = {k: v if k == "ts" else v[:n_batch] for k, v in cat.items()}
+            steps, accepted, rejected = (
+                np.asarray(x)[:n_batch] for x in (steps, accepted, rejected))
+        # A run that failed or ended without separating: does this model separate the data at
+        # all? (An exact LP for linear models; a note on a stalled loss otherwise.)
+        result, message = separation_verdict(
+            objective, cat["ts"], cat["log_loss"], result, message, rtol, t1
+        )
+        if kinks is not None and np.any(np.asarray(kinks[0]) > 0):
+            most = int(np.max(np.asarray(kinks[0])))
+            message = (
+                f"{message} {most} kink steps{' (the most of a member)' if batch else ''}: "
+                f"where the solver was stuck among kinks it accepted steps within kink_tol = "
+                f"{kink_tol:g}, so the accuracy there is kink_tol, not rtol (stats "
+                "'num_kink_steps', 'kink_log_time'; kink_tol=0 resolves every kink at rtol)."
+            ).strip()
+        meta = _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch)
+        meta["kink_tol"] = kink_tol  # None: every kink resolved at rtol
+        meta["wall_time_s"] = wall_time  # includes compilation on a first call
+        # Of it: tracing, lowering and compiling (or loading from the persistent cache) the
+        # programs; wall_time - compile_time_s is the integration itself.
+        meta["compile_time_s"] = min(clock.seconds, wall_time)
+        meta["devices"] = len(devices)
+        traj = Trajectory(
+            ts=cat["ts"],
+            w=cat["w"],
+            m=cat["m"],
+            conditioner=cat["h"],
+            log_loss=cat["log_loss"],
+            I=cat["I"],
+            stats={
+                "num_steps": _plain(steps),
+                "num_accepted_steps": _plain(accepted),
+                "num_rejected_steps": _plain(rejected),
+                "num_segments": len(chunks["ts"]),
+                # steps of segment k, which ends at t = segment_ends[k] (decades up to 1e10, ten
+                # decades after); per member for a batch: (segments, B)
+                "num_steps_per_segment": _plain_nested(per_segment_steps, n_batch if batch else 0),
+                "segment_ends": tuple(float(b) for b in bounds[1 : len(per_segment_steps) + 1]),
+                **_kink_counts(kinks, n_batch if batch else 0),
+            },
+            result=result,
+            message=message,
+            meta=meta,
+        )
+        return raise_if_failed(traj, "simulate", throw)
 
 
 # The kink tolerance a piecewise-linear model gets by default (`_kink_tol`). Measured on
@@ -1067,12 +1073,21 @@ def resume(checkpoint: str | os.PathLike, *, progress: bool = False,
     the solver state at the end of the last complete segment, and integrates the remaining
     segments, still writing checkpoints. A finished run is returned as it is. The result
     equals the uninterrupted run's (same compiled steps from the same state).
+
+    The folder's lock is held while it runs (another process that tries to write to it gets
+    a clear error), its segments must form the run's hash chain, and a damaged newest
+    segment is moved aside with a warning and recomputed (flows/_checkpoint.py).
     """
+    directory = os.fspath(checkpoint)
+    with ckpt.locked(directory, create=False):  # held through the simulate call
+        return _resume(directory, progress, throw)
+
+
+def _resume(directory: str, progress: bool, throw: bool) -> Trajectory:
     from ..models import Dataset, from_spec, unflatten
     from ._flow import flow_from_meta
 
-    directory = os.fspath(checkpoint)
-    header, arrays, segments = ckpt.read_checkpoint(directory)
+    header, arrays, segments = ckpt.read_checkpoint(directory, repair=True)
     flow = flow_from_meta(header["flow"], header["hyper"], header["conditioner"])
     data = Dataset(arrays["X"], arrays["y"])
     skeleton = from_spec(header["model"])

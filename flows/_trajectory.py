@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import zipfile
 
 import equinox as eqx
 import numpy as np
@@ -127,43 +127,119 @@ class Trajectory(eqx.Module):
         """Write to `path` (.npz; numpy arrays + JSON metadata, loadable without pickle).
 
         The file is written to a temporary name and renamed: never left half-written.
+        `Trajectory.load` gives back an equal trajectory (`eqx.tree_equal`): tuples in
+        stats and meta are marked in the JSON so that they come back as tuples.
         """
         path = os.fspath(path)
         header = {
-            "stats": {k: np.asarray(v).tolist() for k, v in self.stats.items()},
+            "stats": self.stats,
             "result": self.result,
             "message": self.message,
             "meta": self.meta,
-            "format": "marginflow.Trajectory/1",
+            "format": _FORMAT,
         }
         atomic_savez(
             path,
-            ts=self.ts,
-            w=self.w,
-            m=self.m,
-            conditioner=self.conditioner,
-            log_loss=self.log_loss,
-            I=self.I,
-            header=np.array(json.dumps(header)),
+            **{name: getattr(self, name) for name in _ARRAYS},
+            header=np.array(json.dumps(_tag_tuples(header), allow_nan=True)),
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trajectory:
-        """Read a file written by `save` (no pickle involved)."""
-        with np.load(os.fspath(path), allow_pickle=False) as f:
-            header = json.loads(str(f["header"]))
-            if header.get("format") != "marginflow.Trajectory/1":
-                raise ValueError(f"{path} is not a marginflow Trajectory file.")
-            arrays = {k: f[k] for k in ("ts", "w", "m", "conditioner", "log_loss", "I")}
-        return cls(
-            **arrays,
-            stats={k: _from_list(v) for k, v in header["stats"].items()},
-            result=header["result"],
-            message=header["message"],
-            meta=header["meta"],
-        )
+        """Read a file written by `save` (no pickle involved), checking what it holds.
+
+        Raises ValueError, naming the file and the rule, for a file that is not a
+        Trajectory file, is damaged, lacks an array or a header entry, or whose arrays
+        disagree in length (every saved array has one row per time in `ts`) or batch size.
+        """
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                files = set(f.files)
+                if "header" not in files:
+                    raise ValueError(f"Trajectory.load: {path} is not a marginflow Trajectory "
+                                     "file (no header); write one with Trajectory.save.")
+                header = json.loads(str(f["header"]), object_hook=_untag_tuples)
+                missing = [k for k in _ARRAYS if k not in files]
+                if missing:
+                    raise ValueError(f"Trajectory.load: {path} lacks the arrays {missing}; "
+                                     "the file is damaged or was not written by "
+                                     "Trajectory.save.")
+                arrays = {k: f[k] for k in _ARRAYS}
+        except (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+            raise ValueError(f"Trajectory.load: {path} cannot be read as a Trajectory file "
+                             f"({type(err).__name__}: {err}).") from err
+        found = header.get("format") if isinstance(header, dict) else header
+        if found not in (_FORMAT, _FORMAT_1):
+            raise ValueError(f"Trajectory.load: {path} is not a marginflow Trajectory file "
+                             f"(format {found!r}).")
+        _check_header(header, path)
+        _check_shapes(arrays, path)
+        stats = header["stats"]
+        if header["format"] == _FORMAT_1:  # tuples were written as lists
+            stats = {k: _as_tuples(v) for k, v in stats.items()}
+        return cls(**arrays, stats=stats, result=header["result"],
+                   message=header["message"], meta=header["meta"])
 
 
-def _from_list(v: Any):
-    # Static fields hold plain Python values (lists, not arrays): equinox warns on arrays.
-    return v
+_ARRAYS = ("ts", "w", "m", "conditioner", "log_loss", "I")
+_FORMAT = "marginflow.Trajectory/2"  # /2: tuples in stats and meta are tagged
+_FORMAT_1 = "marginflow.Trajectory/1"
+_HEADER_TYPES = {"stats": dict, "result": str, "message": str, "meta": dict}
+
+
+def _tag_tuples(x):
+    """JSON has no tuple: write a tuple as {"__tuple__": [...]} (numpy scalars as numbers)."""
+    if isinstance(x, tuple):
+        return {"__tuple__": [_tag_tuples(v) for v in x]}
+    if isinstance(x, list):
+        return [_tag_tuples(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _tag_tuples(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return _tag_tuples(tuple(x.tolist())) if x.ndim else x.item()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _untag_tuples(obj: dict):
+    return tuple(obj["__tuple__"]) if set(obj) == {"__tuple__"} else obj
+
+
+def _as_tuples(v):
+    return tuple(_as_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def _check_header(header: dict, path: str) -> None:
+    for key, kind in _HEADER_TYPES.items():
+        if key not in header:
+            raise ValueError(f"Trajectory.load: the header of {path} lacks {key!r}; the file "
+                             "is damaged or was not written by Trajectory.save.")
+        if not isinstance(header[key], kind):
+            raise ValueError(f"Trajectory.load: {key!r} in the header of {path} must be a "
+                             f"{kind.__name__}, got {type(header[key]).__name__}; the file is "
+                             "damaged.")
+
+
+def _check_shapes(arrays: dict, path: str) -> None:
+    """One row per save time in every array, and one batch size (B) across them."""
+    ts = arrays["ts"]
+    if ts.ndim != 1:
+        raise ValueError(f"Trajectory.load: ts in {path} must be 1-D (the save times), got "
+                         f"shape {ts.shape}.")
+    n = ts.shape[0]
+    batched = arrays["w"].ndim == 3
+    for name in _ARRAYS[1:]:
+        a = arrays[name]
+        per_time = name in ("log_loss", "I")  # (n,) or (B, n); the others (n, p) or (B, n, p)
+        ndim = (1 if per_time else 2) + batched
+        axis = -1 if per_time else -2
+        if a.ndim != ndim or a.shape[axis] != n:
+            want = ("(B, " if batched else "(") + ("n)" if per_time else "n, p)")
+            raise ValueError(f"Trajectory.load: {name} in {path} has shape {a.shape}, but ts "
+                             f"holds n = {n} save times, so it must be {want}; the file is "
+                             "damaged or its arrays come from different runs.")
+        if batched and a.shape[0] != arrays["w"].shape[0]:
+            raise ValueError(f"Trajectory.load: {name} in {path} holds {a.shape[0]} runs and "
+                             f"w {arrays['w'].shape[0]}; the file is damaged.")

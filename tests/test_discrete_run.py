@@ -128,7 +128,7 @@ def test_nonfinite_in_a_batch_masks_only_that_member():
     k_fail = _numpy_failure_step(3.0, 0.5, 50)
     traj = run(GD(0.5), models, data, 50, save_every=1, batch=True, throw=False)
     assert traj.result == "nonfinite_loss" and "1 of 2 runs" in traj.message
-    assert traj.stats["num_steps"] == [k_fail, 50]
+    assert traj.stats["num_steps"] == (k_fail, 50)
     assert np.all(np.isfinite(traj.w[0, :k_fail])) and np.all(np.isnan(traj.w[0, k_fail:]))
     good = run(GD(0.5), member(models, 1), data, 50, save_every=1)
     np.testing.assert_allclose(traj.w[1], good.w, rtol=1e-12)
@@ -149,7 +149,7 @@ def test_failed_members_dropped_and_threads_equal_separate_runs(workers):
     assert sorted(expected)[:3] == [2, 3, 3] and sorted(expected)[3] == 200
     traj = run(GD(0.5), models, data, 200, save_every=10, batch=True, throw=False,
                workers=workers)
-    assert traj.stats["num_steps"] == expected
+    assert traj.stats["num_steps"] == tuple(expected)
     assert "3 of 7 runs" in traj.message
     for i in range(len(starts)):
         single = run(GD(0.5), member(models, i), data, 200, save_every=10, throw=False)

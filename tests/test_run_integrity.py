@@ -1,0 +1,321 @@
+"""Checkpoints know their run, saved trajectories are checked, and the CLI never loses a run
+to a file it cannot write (issue 17's red-team cases).
+
+- Two runs on one checkpoint folder: the second is refused (an O_EXCL lock), whether the
+  other writer is another process or another thread; a killed writer's lock is taken over.
+- A segment of another run, or one that does not follow its predecessor (the hash chain),
+  is refused by name; a damaged newest (or middle) segment is moved aside with a warning
+  and recomputed, and the resumed run equals the uninterrupted one bitwise.
+- `Trajectory.load` refuses damaged files and arrays of different lengths, and a
+  save/load round trip is exact (`eqx.tree_equal`).
+- The CLI checks `--out` and `--checkpoint` before it computes, and every failure to write
+  is one line and exit code 2.
+
+The runs are the toy's RMSProp flow to t = 1e3 (four segment files) with the programs of
+tests/test_checkpoint.py, so a session compiles them once.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from marginflow.discrete import RMSProp, resume_run, run
+from marginflow.experiments._cli import main
+from marginflow.flows import RMSPropFlow, Trajectory, resume, simulate
+from marginflow.flows import _checkpoint as ckpt
+from marginflow.models import ToyLeaky, toy_dataset
+
+FLOW = RMSPropFlow()
+T1 = 1e3  # segments [0, 1], [1, 10], [10, 100], [100, 1000]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0)
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """The uninterrupted run and its checkpoint folder (copied by each test)."""
+    model, data = setup
+    directory = tmp_path_factory.mktemp("ref") / "c"
+    traj = simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10)
+    assert traj.success and traj.stats["num_segments"] == 4
+    assert not os.path.exists(directory / ckpt.LOCK_FILE)  # released at the end
+    return traj, directory
+
+
+def _copy(reference, tmp_path, name="c"):
+    target = tmp_path / name
+    shutil.copytree(reference[1], target)
+    return target
+
+
+def _assert_same(a, b):
+    for field in ("ts", "w", "m", "conditioner", "log_loss", "I"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+# ------------------------------------------------------------------ one writer per folder
+def test_a_folder_held_by_a_live_process_is_refused(setup, tmp_path):
+    """Another process holds the lock (a live pid on this host): simulate and resume are
+    refused with the lock's path and owner, before anything is written."""
+    model, data = setup
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        directory = tmp_path / "c"
+        directory.mkdir()
+        (directory / ckpt.LOCK_FILE).write_text(json.dumps(
+            {"pid": holder.pid, "host": os.uname().nodename, "since": 0}))
+        with pytest.raises(ValueError, match=rf"is in use: .*process {holder.pid} on host"):
+            simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10)
+        assert sorted(os.listdir(directory)) == [ckpt.LOCK_FILE]  # nothing written
+        with pytest.raises(ValueError, match="is in use"):
+            resume(directory)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale, taken over with a warning, and the run goes on.
+    with pytest.warns(UserWarning, match="no longer runs"):
+        traj = simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10)
+    assert traj.success and not os.path.exists(directory / ckpt.LOCK_FILE)
+
+
+def test_an_empty_lock_file_is_stale_only_when_old(setup, tmp_path):
+    """A writer killed between creating the lock and filling it leaves an empty file: in
+    use while fresh (its writer may be about to fill it), stale after ckpt._FILL_SECONDS."""
+    import time
+
+    model, data = setup
+    directory = tmp_path / "c"
+    directory.mkdir()
+    lock = directory / ckpt.LOCK_FILE
+    lock.write_text("")
+    with pytest.raises(ValueError, match="is in use"):
+        simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10)
+    old = time.time() - 2 * ckpt._FILL_SECONDS
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="no longer runs"):
+        assert simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10).success
+
+
+def test_two_runs_started_together_do_not_splice(setup, reference, tmp_path):
+    """Two threads start a run on the same empty folder at the same moment. One of them
+    writes the folder; the other is refused (the lock, or the folder already holding a
+    run), and resuming the folder gives the one run, bitwise."""
+    model, data = setup
+    directory = tmp_path / "c"
+    barrier, outcomes = threading.Barrier(2), [None, None]
+
+    def start(i):
+        barrier.wait()
+        try:
+            outcomes[i] = simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10)
+        except ValueError as err:
+            outcomes[i] = err
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [o for o in outcomes if isinstance(o, ValueError)]
+    runs = [o for o in outcomes if isinstance(o, Trajectory)]
+    assert len(errors) == 1 and len(runs) == 1, outcomes
+    assert "is in use" in str(errors[0]) or "already holds a run" in str(errors[0])
+    _assert_same(resume(directory), reference[0])
+
+
+# ------------------------------------------------------------------------- one run
+def test_a_segment_of_another_run_is_refused(setup, reference, tmp_path):
+    model, data = setup
+    other = tmp_path / "other"
+    simulate(FLOW, ToyLeaky(key=jax.random.PRNGKey(2)), data, T1, checkpoint=other, n_save=10)
+    directory = _copy(reference, tmp_path)
+    shutil.copy(other / "segment_00002.npz", directory / "segment_00002.npz")
+    with pytest.raises(ValueError, match=r"segment_00002.npz belongs to another run"):
+        resume(directory)
+
+
+def test_a_segment_that_does_not_follow_its_predecessor_is_refused(reference, tmp_path):
+    """Same run id, but segment 1 was rewritten after segment 2 was written (two copies of
+    a run that diverged): the hash chain breaks at segment 2."""
+    directory = _copy(reference, tmp_path)
+    header, arrays = ckpt._read(str(directory / "segment_00001.npz"))
+    header = {k: v for k, v in header.items() if k not in ("run_id", "prev_sha256")}
+    arrays["w"] = arrays["w"] * (1 + 1e-12)
+    ckpt.write_segment(str(directory), 1, header, **arrays)
+    with pytest.raises(ValueError, match=r"segment_00002.npz does not follow segment_00001"):
+        resume(directory)
+
+
+# ------------------------------------------------------------------------- damage
+@pytest.mark.parametrize("damaged", [3, 1], ids=["newest", "middle"])
+def test_a_damaged_segment_is_moved_aside_and_recomputed(reference, tmp_path, damaged):
+    directory = _copy(reference, tmp_path)
+    path = directory / f"segment_{damaged:05d}.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated write
+    with pytest.warns(UserWarning, match=rf"segment_{damaged:05d}.npz is damaged"):
+        again = resume(directory)
+    assert again.success
+    _assert_same(again, reference[0])
+    aside = sorted(f for f in os.listdir(directory) if f.endswith(".damaged"))
+    assert aside == [f"segment_{k:05d}.npz.damaged" for k in range(damaged, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the repaired folder reads cleanly
+        _, _, segments = ckpt.read_checkpoint(str(directory))
+    assert len(segments) == 4
+
+
+def test_a_damaged_run_file_names_itself(reference, tmp_path):
+    directory = _copy(reference, tmp_path)
+    (directory / "run.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(ValueError, match=r"run.npz cannot be read .*new folder"):
+        resume(directory)
+
+
+def test_a_discrete_run_recovers_from_a_damaged_chunk(setup, tmp_path):
+    model, data = setup
+    opt = RMSProp(0.1, b=0.9, eps=1e-5)
+    full = run(opt, model, data, 400, save_every=50, checkpoint=tmp_path / "d",
+               blocks_per_checkpoint=2)
+    path = tmp_path / "d" / "segment_00003.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="segment_00003.npz is damaged"):
+        again = resume_run(tmp_path / "d")
+    np.testing.assert_array_equal(again.w, full.w)
+    np.testing.assert_array_equal(again.log_loss, full.log_loss)
+
+
+# ------------------------------------------------------------------- Trajectory files
+def test_trajectory_round_trip_is_exact(reference, tmp_path):
+    traj = reference[0]
+    traj.save(tmp_path / "t.npz")
+    back = Trajectory.load(tmp_path / "t.npz")
+    assert eqx.tree_equal(back, traj) is True
+    assert back.stats == traj.stats and back.meta == traj.meta  # tuples stay tuples
+
+
+def test_trajectory_round_trip_of_a_batched_discrete_run(setup, tmp_path):
+    model, data = setup
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(3), 3))
+    traj = run(RMSProp(0.1, b=0.9, eps=1e-5), models, data, 100, save_every=10, batch=True,
+               workers=1)
+    traj.save(tmp_path / "b.npz")
+    back = Trajectory.load(tmp_path / "b.npz")
+    # eqx.tree_equal treats NaN as unequal, and a discrete run's I is NaN: compare each
+    # array bitwise (NaN equal to NaN) and the static fields exactly.
+    for field in ("ts", "w", "m", "conditioner", "log_loss", "I"):
+        assert getattr(back, field).dtype == getattr(traj, field).dtype
+        np.testing.assert_array_equal(getattr(back, field), getattr(traj, field))
+    assert (back.stats, back.meta, back.result, back.message) == (
+        traj.stats, traj.meta, traj.result, traj.message)
+    assert isinstance(back.stats["num_steps"], tuple)
+
+
+def _rewrite(src, dst, **changes):
+    with np.load(src, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays.update(changes)
+    np.savez(dst, **arrays)
+
+
+def _header(**changes):
+    """A header edit: changes[key] = None drops the key."""
+    def edit(arrays, header):
+        new = {k: v for k, v in dict(header, **changes).items() if v is not None}
+        return {"header": np.array(json.dumps(new))}
+    return edit
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda a, h: {"w": a["w"][:5]}, r"w in .* has shape \(5, 3\), but ts holds n = 10"),
+    (lambda a, h: {"log_loss": a["log_loss"][:, None]}, r"log_loss in .* has shape"),
+    (lambda a, h: {"header": np.array("{not json")}, r"cannot be read as a Trajectory"),
+    (_header(meta=None), r"header of .* lacks 'meta'"),
+    (_header(result=3), r"'result' .* must be a str"),
+    (_header(format="x"), r"not a marginflow Trajectory"),
+], ids=["rows", "ndim", "json", "missing-key", "type", "format"])
+def test_trajectory_load_refuses_damaged_files(reference, tmp_path, change, needle):
+    reference[0].save(tmp_path / "t.npz")
+    with np.load(tmp_path / "t.npz", allow_pickle=False) as f:
+        arrays, header = {k: f[k] for k in f.files}, json.loads(str(f["header"]))
+    _rewrite(tmp_path / "t.npz", tmp_path / "bad.npz", **change(arrays, header))
+    with pytest.raises(ValueError, match=needle):
+        Trajectory.load(tmp_path / "bad.npz")
+
+
+def test_trajectory_load_of_a_truncated_file(reference, tmp_path):
+    reference[0].save(tmp_path / "t.npz")
+    data = (tmp_path / "t.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"cut.npz cannot be read as a Trajectory"):
+        Trajectory.load(tmp_path / "cut.npz")
+
+
+# ----------------------------------------------------------------------------- the CLI
+CLI = ["simulate", "--flow", "rmsprop", "--model", "toy", "--t1", "1e4", "--no-progress",
+       "--n-save", "40"]  # tests/test_cli.py's run
+
+
+@pytest.mark.parametrize("where", ["read-only", "under-a-file"])
+def test_cli_refuses_an_unwritable_out_before_computing(tmp_path, capsys, monkeypatch, where):
+    """The report: 42 s of compute, then a PermissionError traceback and nothing written.
+    Now the folder is checked first: simulate is never called."""
+    import marginflow.flows
+
+    calls = []
+    monkeypatch.setattr(marginflow.flows, "simulate", lambda *a, **k: calls.append(1))
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders")
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o555)
+        cause = "Permission denied"
+    else:
+        (tmp_path / "f").write_text("")
+        out = tmp_path / "f" / "out"  # a folder inside a file: ENOTDIR, even for root
+        cause = "Not a directory"
+    try:
+        assert main([*CLI, "--out", str(out)]) == 2
+    finally:
+        if where == "read-only":
+            out.chmod(0o755)
+    err = capsys.readouterr().err
+    assert calls == [] and len(err.strip().splitlines()) == 1
+    assert "--out" in err and "cannot be written" in err and cause in err, err
+
+
+@pytest.mark.parametrize("what", ["file", "too-long"])
+def test_cli_out_naming_a_file_or_a_too_long_name(tmp_path, capsys, what):
+    if what == "file":
+        out = tmp_path / "a-file"
+        out.write_text("")
+        needle = "is a file"
+    else:
+        out = tmp_path / ("x" * 300)
+        needle = "cannot be written"
+    assert main([*CLI, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_cli_an_os_error_late_in_the_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """A write that fails after the run (the disk filled up meanwhile): one line, exit 2."""
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(Trajectory, "save", full_disk)
+    assert main([*CLI, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No space left on device" in err
+    assert "trajectory.npz" in err
