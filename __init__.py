@@ -8,7 +8,7 @@ float32 runs are asked for explicitly (`simulate(..., dtype=jnp.float32)`).
 On a CPU with AVX-512, importing marginflow before JAX's first computation also asks XLA
 for 512-bit vectors (`--xla_cpu_prefer_vector_width=512`; XLA's default is 256): float64
 exp, the bulk of a loss evaluation, runs 1.7-1.9x faster and the toy sweep's steps 1.2x
-(benchmarks/README.md). The flag is added to os.environ["XLA_FLAGS"], so subprocesses
+(docs/changelog.md, 2026-11-28). The flag is added to os.environ["XLA_FLAGS"], so subprocesses
 inherit it. Nothing is changed if XLA_FLAGS already sets that option, if JAX's backend is
 already running (a computation before `import marginflow`), with a jaxlib outside the
 versions it was verified with (0.10.x from 0.10.2: XLA aborts on a flag it does not know),

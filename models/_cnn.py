@@ -39,7 +39,7 @@ def _conv_im2col(x, kernel):
     shifted copies of the padded input are stacked and contracted with the kernel in a
     single dot. Why: XLA:CPU runs its convolution op 3.7-4x slower inside a while loop
     (every ODE solver's) than in a standalone jit call, measured on this CNN (float32 and
-    float64, n = 32 and 256); slices and a dot have no such penalty (benchmarks/README.md).
+    float64, n = 32 and 256); slices and a dot have no such penalty (docs/changelog.md, 2026-11-28).
     """
     _, c, kh, kw = kernel.shape
     ph, pw = (kh - 1) // 2, (kw - 1) // 2  # XLA's "SAME": the odd pixel of padding after
