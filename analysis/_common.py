@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._trajectory import Trajectory
 from ..models import Objective
 
 
@@ -28,11 +29,9 @@ def make_objective(model, data, loss, where: str) -> Objective:
 
 
 def check_trajectory(traj, where: str):
-    from ..flows import Trajectory
-
     if not isinstance(traj, Trajectory):
         raise TypeError(
-            f"{where}: `traj` must be a marginflow.flows.Trajectory (from simulate or "
+            f"{where}: `traj` must be a marginflow.Trajectory (from simulate or "
             f"discrete.run), got {type(traj).__name__}."
         )
     if len(traj) == 0:
@@ -68,8 +67,6 @@ def trajectory_objective(traj, model, data, where: str) -> Objective:
 
 
 def is_trajectory(x) -> bool:
-    from ..flows import Trajectory
-
     return isinstance(x, Trajectory)
 
 

@@ -22,7 +22,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from ..flows import Trajectory
+    from .._trajectory import Trajectory
 
 
 class KKTResidual(eqx.Module):

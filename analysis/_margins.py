@@ -11,7 +11,7 @@ from jaxtyping import ArrayLike, Float
 from ._common import check_weights, margins_stack, states
 
 if TYPE_CHECKING:
-    from ..flows import Trajectory
+    from .._trajectory import Trajectory
 
 
 def normalized_margin(

@@ -31,7 +31,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from ..flows import Trajectory
+    from .._trajectory import Trajectory
 
 
 class SurrogateMargin(eqx.Module):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._records import record_repr
-from ..flows import Trajectory
+from .._trajectory import Trajectory
 
 
 class Comparison(eqx.Module):

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import _checkpoint as ckpt
 from .._cache import use_cache
-from ..flows import Trajectory
-from ..flows._simulate import _check_params, _is_model, raise_if_failed
-from ..flows._threads import map_chunks
-from ..flows._threads import n_workers as n_threads
+from .._checks import check_finite_params, is_model
+from .._threads import map_chunks
+from .._threads import n_workers as n_threads
+from .._trajectory import Trajectory, raise_if_failed
 from ..models import Objective
 from ..models._homogeneity import check_homogeneous
 from ..models._objective import initial_point
@@ -81,7 +82,7 @@ def _check_batched(model):
 
     fix = ("build the models with eqx.filter_vmap(lambda k: Model(..., key=k))(keys), or pass "
            "batch=False for one initialisation")
-    if not _is_model(model):
+    if not is_model(model):
         raise TypeError(f"run: `model` must be a marginflow model, got {type(model).__name__}.")
     want = [x.shape for x in jax.tree.leaves(eqx.filter(from_spec(model.spec()),
                                                          eqx.is_inexact_array))]
@@ -257,7 +258,7 @@ def run(
                                                     key, n_data)
     if batch and w0.ndim != 2:
         raise ValueError("run: batch=True needs parameters with a leading batch axis.")
-    _check_params(w0, "run")
+    check_finite_params(w0, "run")
     use_cache()  # compiled programs persist across processes (marginflow._cache)
     check_homogeneous(objective, w0, "run")  # compiled: run is called in sweeps
 
@@ -355,7 +356,7 @@ _STAGE_MIN_BLOCKS = 8
 
 
 def _run_batch(args, n_blocks, batch_size, n_workers):
-    """A batched full-batch run on CPU, one chunk of the batch per thread (flows._threads).
+    """A batched full-batch run on CPU, one chunk of the batch per thread (marginflow._threads).
 
     (Also minibatch runs: the carry holds the step count that picks the minibatch.)
     Members whose loss overflowed stop moving but would still cost a full step each
@@ -439,17 +440,13 @@ def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, r
     Chunk c holds save blocks c * per_file .. (c + 1) * per_file - 1 and the carry
     (w, optimiser state, k, alive) after them; the last chunk also holds the final point.
     """
-    from ..flows import _checkpoint as ckpt
-
-    with ckpt.locked(checkpoint):  # one writer per folder (flows/_checkpoint.py)
+    with ckpt.locked(checkpoint):  # one writer per folder (marginflow/_checkpoint.py)
         return _run_chunks(args, n_blocks, batch_size, batch, os.fspath(checkpoint), per_file,
                            resume_segments, header)
 
 
 def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_segments,
                 header):
-    from ..flows import _checkpoint as ckpt
-
     optimizer, objective, w0 = args[0], args[1], args[2]
     if resume_segments is None:
         ckpt.write_run(directory, dict(header, kind="discrete"), w0=np.asarray(w0),
@@ -504,17 +501,14 @@ def resume_run(checkpoint, *, throw: bool = True) -> Trajectory:
     The chunks already written are read back (saves and optimiser state); the rest are
     computed from the last chunk's state, still writing checkpoints. The result equals the
     uninterrupted run's. The folder's lock, hash chain and damage rules are `resume`'s
-    (flows/_checkpoint.py).
+    (marginflow/_checkpoint.py).
     """
-    from ..flows import _checkpoint as ckpt
-
     directory = os.fspath(checkpoint)
     with ckpt.locked(directory, create=False):  # held through the run call below
         return _resume_run(directory, throw)
 
 
 def _resume_run(directory: str, throw: bool) -> Trajectory:
-    from ..flows import _checkpoint as ckpt
     from ..models import Dataset, from_spec, unflatten
     from ._optimizers import optimizer_from_meta
 

@@ -293,7 +293,8 @@ def plot_trajectory(traj, model, data, path: str) -> None:
 
 
 def _simulate_run(args) -> int:
-    from ..flows import SimulationError, simulate
+    from .._trajectory import SimulationError
+    from ..flows import simulate
 
     if not args.t1 > 0:
         raise UsageError(f"--t1 must be > 0, got {args.t1!r}; e.g. --t1 1e6.")
@@ -377,7 +378,8 @@ def _resume_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resume_run(args) -> int:
-    from ..flows import SimulationError, resume
+    from .._trajectory import SimulationError
+    from ..flows import resume
 
     writable_folder(args.out, "--out")
     try:
@@ -385,7 +387,7 @@ def _resume_run(args) -> int:
     except SimulationError as err:
         traj = err.trajectory
     model = traj.model_at(0)
-    from ..flows._checkpoint import read_checkpoint
+    from .._checkpoint import read_checkpoint
     from ..models import Dataset
 
     _, arrays, _ = read_checkpoint(args.checkpoint)

@@ -134,7 +134,7 @@ def fig2(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
 
 def _members(traj, keep):
     """The batched trajectory restricted to the members where `keep` is True."""
-    from ..flows import Trajectory
+    from .._trajectory import Trajectory
 
     return Trajectory(
         ts=traj.ts, w=traj.w[keep], m=traj.m[keep], conditioner=traj.conditioner[keep],

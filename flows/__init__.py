@@ -1,5 +1,10 @@
-"""Continuous flows of GD, AdaGrad, RMSProp, Adam and momentum; `simulate` and `Trajectory`."""
+"""Continuous flows of GD, AdaGrad, RMSProp, Adam and momentum; `simulate` and `resume`.
 
+`Trajectory` and `SimulationError` live at the top of the package (`marginflow.Trajectory`)
+and are re-exported here."""
+
+from .._trajectory import SimulationError as SimulationError
+from .._trajectory import Trajectory as Trajectory
 from ._flow import AbstractFlow as AbstractFlow
 from ._flow import AdaGradFlow as AdaGradFlow
 from ._flow import AdamFlow as AdamFlow
@@ -7,11 +12,9 @@ from ._flow import GradientFlow as GradientFlow
 from ._flow import MomentumFlow as MomentumFlow
 from ._flow import RMSPropFlow as RMSPropFlow
 from ._imex import DecayIMEX as DecayIMEX
-from ._simulate import SimulationError as SimulationError
 from ._simulate import default_save_times as default_save_times
 from ._simulate import resume as resume
 from ._simulate import simulate as simulate
 from ._solvers import default_solver as default_solver
 from ._solvers import late_solver as late_solver
 from ._solvers import newton_solver as newton_solver
-from ._trajectory import Trajectory as Trajectory

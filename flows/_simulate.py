@@ -21,12 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _checkpoint as ckpt
 from .._cache import CompileClock, use_cache
+from .._checks import check_finite_params
+from .._threads import map_chunks
+from .._threads import n_workers as n_threads
+from .._trajectory import Trajectory, raise_if_failed
 from ..models import Objective
 from ..models._base import check_real_type
 from ..models._homogeneity import check_homogeneous
 from ..models._objective import initial_point
-from . import _checkpoint as ckpt
 from ._flow import AbstractFlow
 from ._imex import DecayIMEX
 from ._penalty import PenaltyIntegral
@@ -40,9 +44,6 @@ from ._solvers import (
     kink_stats,
     solver_name,
 )
-from ._threads import map_chunks
-from ._threads import n_workers as n_threads
-from ._trajectory import Trajectory
 
 _RESULT_NAMES = [
     "successful",
@@ -72,25 +73,6 @@ _HINTS = {
     "breakdown": "the state became non-finite (NaN/inf): check the data scale and the "
     "initialisation, or lower t1",
 }
-
-
-class SimulationError(RuntimeError):
-    """A failed integration. `.trajectory` holds everything computed up to the failure."""
-
-    def __init__(self, message: str, trajectory: Trajectory):
-        super().__init__(message)
-        self.trajectory = trajectory
-
-
-def raise_if_failed(traj: Trajectory, where: str, throw: bool) -> Trajectory:
-    """`traj`, or SimulationError carrying it if the run stopped early and throw=True."""
-    if traj.result != "successful" and throw:
-        raise SimulationError(
-            f"{where}: {traj.message} The partial trajectory is in the exception's "
-            "`.trajectory`; pass throw=False to get it returned instead.",
-            traj,
-        )
-    return traj
 
 
 def _result_name(code) -> str:
@@ -534,15 +516,6 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
     return t0, t1, ts, rtol, atol, int(max_steps)
 
 
-def _check_params(w0, where: str):
-    w = np.asarray(w0)
-    if not np.all(np.isfinite(w)):
-        raise ValueError(
-            f"{where}: the initial parameters must be finite, found "
-            f"{int(np.sum(~np.isfinite(w)))} NaN/inf entries; re-initialise the model."
-        )
-
-
 # ----------------------------------------------------------------------- simulate
 def simulate(
     flow: AbstractFlow,
@@ -660,7 +633,7 @@ def simulate(
     objective = Objective(template, data, loss, where="simulate")
     if batch and w0.ndim != 2:
         raise ValueError("simulate: batch=True needs parameters with a leading batch axis.")
-    _check_params(w0, "simulate")
+    check_finite_params(w0, "simulate")
     use_cache()  # compiled segments persist across processes (marginflow._cache)
     check_homogeneous(objective, w0, "simulate")
 
@@ -681,7 +654,7 @@ def simulate(
             "simulate: `checkpoint` needs solver=None (the default solver), so that "
             "`resume` can rebuild it; got a custom solver."
         )
-    # One writer per checkpoint folder, for the whole run (flows/_checkpoint.py).
+    # One writer per checkpoint folder, for the whole run (marginflow/_checkpoint.py).
     with ckpt.locked(checkpoint):
         if checkpoint is not None and _resume is None:
             ckpt.write_run(
@@ -1034,12 +1007,6 @@ def _plain_nested(rows, n_batch: int):
     return tuple(tuple(int(v) for v in np.asarray(r)[:n_batch]) for r in rows)
 
 
-def _is_model(model) -> bool:
-    from ..models import AbstractModel
-
-    return isinstance(model, AbstractModel)
-
-
 def _progress_bar(total: int):
     from tqdm.auto import tqdm
 
@@ -1076,7 +1043,7 @@ def resume(checkpoint: str | os.PathLike, *, progress: bool = False,
 
     The folder's lock is held while it runs (another process that tries to write to it gets
     a clear error), its segments must form the run's hash chain, and a damaged newest
-    segment is moved aside with a warning and recomputed (flows/_checkpoint.py).
+    segment is moved aside with a warning and recomputed (marginflow/_checkpoint.py).
     """
     directory = os.fspath(checkpoint)
     with ckpt.locked(directory, create=False):  # held through the simulate call

@@ -19,9 +19,9 @@ import jax
 import marginflow  # noqa: F401
 import numpy as np
 import pytest
+from marginflow._checkpoint import read_checkpoint
 from marginflow.discrete import RMSProp, resume_run, run
 from marginflow.flows import RMSPropFlow, resume, simulate
-from marginflow.flows._checkpoint import read_checkpoint
 from marginflow.models import ToyLeaky, toy_dataset
 
 T1 = 1e300

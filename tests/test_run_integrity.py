@@ -27,10 +27,10 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from marginflow import _checkpoint as ckpt
 from marginflow.discrete import RMSProp, resume_run, run
 from marginflow.experiments._cli import main
 from marginflow.flows import RMSPropFlow, Trajectory, resume, simulate
-from marginflow.flows import _checkpoint as ckpt
 from marginflow.models import ToyLeaky, toy_dataset
 
 FLOW = RMSPropFlow()
@@ -243,7 +243,9 @@ def _header(**changes):
     (_header(meta=None), r"header of .* lacks 'meta'"),
     (_header(result=3), r"'result' .* must be a str"),
     (_header(format="x"), r"not a marginflow Trajectory"),
-], ids=["rows", "ndim", "json", "missing-key", "type", "format"])
+    (lambda a, h: _header(stats={k: v for k, v in h["stats"].items() if k != "num_segments"})(
+        a, h), r"stats in .* do not match a flow run's \(missing \['num_segments'\]"),
+], ids=["rows", "ndim", "json", "missing-key", "type", "format", "stats"])
 def test_trajectory_load_refuses_damaged_files(reference, tmp_path, change, needle):
     reference[0].save(tmp_path / "t.npz")
     with np.load(tmp_path / "t.npz", allow_pickle=False) as f:

@@ -155,7 +155,7 @@ def test_batch_in_threads_matches_one_call():
 def test_thread_chunks_honour_thread_local_settings_and_scalars():
     """Worker threads do not see `with jax.debug_nans(True):` (thread-local), so a batch
     runs as one call on the caller's thread then; 0-d leaves go to every chunk unchanged."""
-    from marginflow.flows._threads import map_chunks, n_workers, usable_cores
+    from marginflow._threads import map_chunks, n_workers, usable_cores
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= usable_cores() <= cores

@@ -1,4 +1,8 @@
-"""`Trajectory`: one type for continuous and discrete runs, saved without pickle."""
+"""`Trajectory`: one type for continuous and discrete runs, saved without pickle; and
+`SimulationError`, what a failed run raises (carrying its partial Trajectory).
+
+It sits at the top of the package because `flows.simulate`, `discrete.run` and `analysis`
+all produce or read it (`marginflow.Trajectory`; also `marginflow.flows.Trajectory`)."""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import zipfile
 import equinox as eqx
 import numpy as np
 
-from .._records import record_repr
 from ._checkpoint import atomic_savez
+from ._records import record_repr
 
 
 def _member_stat(key: str, value, b: int):
@@ -33,10 +37,11 @@ class Trajectory(eqx.Module):
     - log_loss (n,): log L(w(t));
     - I (n,): the integral I(t) = int_{t0}^t sum_i (-1/2 d log h_i/ds)_+ ds of the paper's
       Lemma 3, integrated with the flow (NaN for discrete runs);
-    - stats: solver statistics (num_steps, num_accepted_steps, num_rejected_steps: per
-      member in a batch; num_segments; num_steps_per_segment: (segments,) or
-      (segments, B); segment_ends: the t at which each segment ends; for a run with kink
-      steps, `simulate`'s kink_tol, also num_kink_steps and kink_log_time, their span in log t);
+    - stats: solver statistics, the keys declared per kind of run in `STATS_KEYS`. A flow:
+      num_steps, num_accepted_steps, num_rejected_steps (per member in a batch);
+      num_segments; num_steps_per_segment: (segments,) or (segments, B); segment_ends: the
+      t at which each segment ends; for a run with kink steps, num_kink_steps and
+      kink_log_time, their span in log t. A discrete run: num_steps (per member);
     - result: "successful" or why the run stopped (e.g. "max_steps_reached"; "nonfinite_loss"
       for discrete runs); "not_separable" when `simulate` ran a Linear / DeepLinear model on
       data that no linear function separates (an exact LP check, made only when the run
@@ -106,7 +111,7 @@ class Trajectory(eqx.Module):
 
     def model_at(self, i: int, b: int | None = None):
         """The equinox model with the parameters saved at index i (member b of a batch)."""
-        from ..models import from_spec, unflatten
+        from .models import from_spec, unflatten
 
         skeleton = from_spec(self.meta["model"])
         w = self.w[b, i] if (self.batched and b is not None) else self.w[i]
@@ -118,7 +123,7 @@ class Trajectory(eqx.Module):
 
     def flow(self):
         """The flow object this trajectory was integrated with (continuous runs)."""
-        from ._flow import flow_from_meta
+        from .flows._flow import flow_from_meta
 
         return flow_from_meta(self.meta["flow"], self.meta["hyper"], self.meta["conditioner"])
 
@@ -174,6 +179,7 @@ class Trajectory(eqx.Module):
             raise ValueError(f"Trajectory.load: {path} is not a marginflow Trajectory file "
                              f"(format {found!r}).")
         _check_header(header, path)
+        _check_stats(header, path)
         _check_shapes(arrays, path)
         stats = header["stats"]
         if header["format"] == _FORMAT_1:  # tuples were written as lists
@@ -183,6 +189,14 @@ class Trajectory(eqx.Module):
 
 
 _ARRAYS = ("ts", "w", "m", "conditioner", "log_loss", "I")
+# The statistics each kind of run records (meta["kind"] -> the keys of Trajectory.stats):
+# every key of the first tuple is present, those of the second when the run had them.
+STATS_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "flow": (("num_steps", "num_accepted_steps", "num_rejected_steps", "num_segments",
+              "num_steps_per_segment", "segment_ends"),
+             ("num_kink_steps", "kink_log_time")),
+    "discrete": (("num_steps",), ()),
+}
 _FORMAT = "marginflow.Trajectory/2"  # /2: tuples in stats and meta are tagged
 _FORMAT_1 = "marginflow.Trajectory/1"
 _HEADER_TYPES = {"stats": dict, "result": str, "message": str, "meta": dict}
@@ -222,6 +236,20 @@ def _check_header(header: dict, path: str) -> None:
                              "damaged.")
 
 
+def _check_stats(header: dict, path: str) -> None:
+    """The stats keys that header["meta"]["kind"] declares (STATS_KEYS), and no others."""
+    kind = header["meta"].get("kind")
+    if kind not in STATS_KEYS:
+        return  # a trajectory assembled by hand: nothing declared to check
+    required, optional = STATS_KEYS[kind]
+    keys = set(header["stats"])
+    missing, unknown = set(required) - keys, keys - set(required) - set(optional)
+    if missing or unknown:
+        raise ValueError(f"Trajectory.load: the stats in {path} do not match a {kind} run's "
+                         f"(missing {sorted(missing)}, unknown {sorted(unknown)}); the file "
+                         "is damaged or was written by another version.")
+
+
 def _check_shapes(arrays: dict, path: str) -> None:
     """One row per save time in every array, and one batch size (B) across them."""
     ts = arrays["ts"]
@@ -243,3 +271,23 @@ def _check_shapes(arrays: dict, path: str) -> None:
         if batched and a.shape[0] != arrays["w"].shape[0]:
             raise ValueError(f"Trajectory.load: {name} in {path} holds {a.shape[0]} runs and "
                              f"w {arrays['w'].shape[0]}; the file is damaged.")
+
+
+class SimulationError(RuntimeError):
+    """A run that stopped early (`simulate`, `resume`, `run`, `resume_run` with
+    throw=True). `.trajectory` holds everything computed up to the failure."""
+
+    def __init__(self, message: str, trajectory: Trajectory):
+        super().__init__(message)
+        self.trajectory = trajectory
+
+
+def raise_if_failed(traj: Trajectory, where: str, throw: bool) -> Trajectory:
+    """`traj`, or SimulationError carrying it if the run stopped early and throw=True."""
+    if traj.result != "successful" and throw:
+        raise SimulationError(
+            f"{where}: {traj.message} The partial trajectory is in the exception's "
+            "`.trajectory`; pass throw=False to get it returned instead.",
+            traj,
+        )
+    return traj
