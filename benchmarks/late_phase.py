@@ -48,8 +48,8 @@ import marginflow  # noqa: F401  (float64)
 import numpy as np
 import optimistix as optx
 from marginflow.flows import AdaGradFlow, GradientFlow, newton_solver, simulate
+from marginflow.flows._fields import _dv, _v_of_w, _w_of_v
 from marginflow.flows._imex import DecayIMEX
-from marginflow.flows._simulate import _dv, _v_of_w, _w_of_v
 from marginflow.models import MLP, DeepLinear, separable_gaussians
 from marginflow.models._objective import Objective, initial_point
 

@@ -27,19 +27,19 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
+from .._checks import is_concrete
 from .._records import record_repr
-from ..flows._flow import _is_concrete
 from ..models._base import check_real_type
+from ._transforms import _scale_by_rss_eps_outside
 
 _CONVENTIONS = ("paper", "pytorch")
 
@@ -68,7 +68,7 @@ def _real(x, name: str, where: str):
 
 def _check_positive(x, name: str, where: str, hint: str):
     arr = _real(x, name, where)
-    if _is_concrete(x):
+    if is_concrete(x):
         v = np.asarray(x, dtype=float)
         if not np.all(np.isfinite(v)) or np.any(v <= 0):
             raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {x!r}; {hint}.")
@@ -86,7 +86,7 @@ def _check_eps(eps, where: str):
 
 def _check_unit(b, name: str, where: str, hint: str):
     arr = _real(b, name, where)
-    if _is_concrete(b):
+    if is_concrete(b):
         v = np.asarray(b, dtype=float)
         if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
             raise ValueError(f"{where}: `{name}` must be in [0, 1), got {b!r}; {hint}.")
@@ -135,7 +135,7 @@ def _keyword_only(init):
 
 
 def _float(x):
-    return float(x) if _is_concrete(x) else x
+    return float(x) if is_concrete(x) else x
 
 
 class AbstractOptimizer(eqx.Module):
@@ -381,25 +381,6 @@ class SGDMomentum(AbstractOptimizer):
 
     def hyperparameters(self):
         return {"lr": _float(self.lr), "momentum": _float(self.momentum)}
-
-
-class _RssState(NamedTuple):
-    sum_of_squares: optax.Updates
-
-
-def _scale_by_rss_eps_outside(eps) -> optax.GradientTransformation:
-    """g_k / (sqrt(S_k) + eps), S_k = sum_{s<=k} g_s^2 (torch.optim.Adagrad's root)."""
-
-    def init_fn(params):
-        return _RssState(sum_of_squares=jax.tree.map(jnp.zeros_like, params))
-
-    def update_fn(updates, state, params=None):
-        del params
-        s = jax.tree.map(lambda g, t: t + g * g, updates, state.sum_of_squares)
-        out = jax.tree.map(lambda g, t: g / (jnp.sqrt(t) + eps), updates, s)
-        return out, _RssState(sum_of_squares=s)
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 OPTIMIZERS = {cls.name: cls for cls in (GD, AdaGrad, RMSProp, Adam, SGDMomentum)}

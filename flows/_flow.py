@@ -32,71 +32,10 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
+from .._checks import check_b, check_convention, check_eps
 from .._records import record_repr
-from ..models._base import check_real_type
-
-_CONVENTIONS = ("eps_inside", "eps_outside")
-
-
-def _is_concrete(x) -> bool:
-    try:
-        np.asarray(x)
-        return True
-    except Exception:  # a tracer under jit/vmap: nothing to check here
-        return False
-
-
-def _as_float_array(x, name: str, where: str, example: str):
-    check_real_type(x, name, where, example)
-    try:
-        v = np.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
-    if v.ndim != 0:
-        # One flow per hyper-parameter value; sweeps vmap the constructor, where the value
-        # is a tracer and not checked here: eqx.filter_vmap(lambda e: RMSPropFlow(e, b))(es).
-        raise ValueError(
-            f"{where}: `{name}` must be a scalar, got shape {v.shape}; to sweep values build "
-            f"the flows with eqx.filter_vmap over the constructor."
-        )
-    return v
-
-
-def check_eps(eps, where: str):
-    if _is_concrete(eps):
-        e = _as_float_array(eps, "eps", where, "1e-5")
-        if not np.all(np.isfinite(e)) or np.any(e <= 0):
-            raise ValueError(
-                f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
-                "eps = 1e-5 (try 1e-8 .. 1)."
-            )
-    return jnp.asarray(eps, dtype=float)
-
-
-def check_b(b, where: str, name: str = "b"):
-    if _is_concrete(b):
-        v = _as_float_array(b, name, where, "0.9")
-        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
-            what = ("the m-equation decays at rate 1 - b" if name == "b" else
-                    "the first moment m1 decays at rate 1 - b1")
-            raise ValueError(
-                f"{where}: `{name}` must be in [0, 1), got {b!r}; the paper uses {name} = 0.9 "
-                f"({what})."
-            )
-    return jnp.asarray(b, dtype=float)
-
-
-def check_convention(conditioner: str, where: str) -> str:
-    if conditioner not in _CONVENTIONS:
-        raise ValueError(
-            f"{where}: `conditioner` must be one of {_CONVENTIONS}, got {conditioner!r}: "
-            "'eps_inside' is h = 1/sqrt(eps + psi) (the paper), 'eps_outside' is "
-            "h = 1/(sqrt(psi) + eps) (PyTorch)."
-        )
-    return conditioner
 
 
 class AbstractFlow(eqx.Module):
