@@ -87,3 +87,17 @@ def check_convention(conditioner: str, where: str) -> str:
             "h = 1/(sqrt(psi) + eps) (PyTorch)."
         )
     return conditioner
+
+
+def require_x64(dtype, where: str) -> None:
+    """ValueError if a float64 run is asked for while JAX's float64 mode is off (declined
+    with MARGINFLOW_X64=0, or switched off after import): JAX would compute in float32."""
+    import jax
+
+    if np.dtype(dtype) == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"{where}: dtype=float64 needs JAX's float64 mode, which is off in this process "
+            "(MARGINFLOW_X64=0, or jax_enable_x64 switched off after importing marginflow); "
+            "run jax.config.update('jax_enable_x64', True) before building the model and the "
+            "data, or pass dtype=jnp.float32."
+        )

@@ -107,7 +107,7 @@ def fields(flow, obj):
         return -h * glog / rate, dt_dsigma * flow.phi(t, m, g), jnp.exp(-log_l - u) / rate
 
     def in_v(u, y, args):
-        # The state simulate uses: v = w ||w||^(L-1) (flows/_simulate.py, `_w_of_v`).
+        # The state simulate uses: v = w ||w||^(L-1) (flows/_fields.py, `_w_of_v`).
         v, m = y
         w = _w_of_v(v, obj.degree)
         dw, dm = in_u(u, (w, m), args)

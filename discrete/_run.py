@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from .._cache import use_cache
-from .._checks import check_finite_params, is_model
+from .._checks import check_finite_params, is_model, require_x64
 from .._threads import n_workers as n_threads
 from .._trajectory import Trajectory, raise_if_failed
 from ..models import Objective
@@ -238,6 +238,7 @@ def run(
     """
     if dtype not in (jnp.float64, jnp.float32):
         raise ValueError(f"run: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
+    require_x64(dtype, "run")
     if checkpoint is not None:
         _check_int(blocks_per_checkpoint, "blocks_per_checkpoint", 1,
                    "pass how many save blocks one checkpoint file holds, e.g. 20")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._cache import use_cache
-from .._checks import check_finite_params
+from .._checks import check_finite_params, require_x64
 from .._threads import n_workers
 from ..models import Objective
 from ..models._base import check_real_type
@@ -234,6 +234,7 @@ def setup(flow, model, data, t1, *, loss, t0, n_save, ts, solver, rtol, atol, ma
     )
     if dtype not in (jnp.float64, jnp.float32):
         raise ValueError(f"simulate: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
+    require_x64(dtype, "simulate")
     if dtype == jnp.float32:
         if rtol < 1e-6:
             raise ValueError(

@@ -2,9 +2,9 @@
 
 - `default_solver`: `DecayIMEX` (module `_imex`), its choice and the measured figures;
 - `CarriedPID`: diffrax's PID controller carrying its step size across `simulate`'s segments;
-- `decay_rate`, `is_imex`, `wm_norm`: what `_simulate` needs to lay out the terms.
+- `decay_rate`, `is_imex`, `wm_norm`: what `_fields` needs to lay out the terms.
 
-The time variable (t on [t0, 1], u = log t after) is `_simulate`'s business.
+The time variable (t on [t0, 1], u = log t after) is `_fields`'s business (`_time`).
 """
 
 from __future__ import annotations
