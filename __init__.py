@@ -2,8 +2,15 @@
 
 Sub-packages: `marginflow.models`, `marginflow.flows`, `marginflow.discrete`,
 `marginflow.analysis`, `marginflow.experiments`. Importing marginflow switches JAX to
-float64 (`jax_enable_x64`): every check of the theory is done in double precision;
-float32 runs are asked for explicitly (`simulate(..., dtype=jnp.float32)`).
+float64 (`jax_enable_x64`): every check of the theory is done in double precision, and
+float32 runs are asked for explicitly (`simulate(..., dtype=jnp.float32)`). This changes
+the configuration of the whole process, deliberately: float64 must be on before the first
+array is made (a model or data set built earlier would be float32 and round the run's
+inputs), and a library whose purpose is float64 checks should not depend on the user
+remembering a call. It is documented (docs/errors.md, "What importing marginflow
+changes") and can be declined: with MARGINFLOW_X64=0 in the environment the import leaves
+`jax_enable_x64` alone, and `simulate` / `run` with dtype=float64 then refuse to start
+with a message saying how to turn float64 on, instead of computing in float32.
 
 On a CPU with AVX-512, importing marginflow before JAX's first computation also asks XLA
 for 512-bit vectors (`--xla_cpu_prefer_vector_width=512`; XLA's default is 256): float64
@@ -19,7 +26,8 @@ import os as _os
 
 import jax as _jax
 
-_jax.config.update("jax_enable_x64", True)
+if _os.environ.get("MARGINFLOW_X64", "1") != "0":
+    _jax.config.update("jax_enable_x64", True)
 
 __version__ = "0.1.0"
 

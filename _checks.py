@@ -1,8 +1,12 @@
-"""Input checks that `simulate` and `run` share (the model, the initial parameters)."""
+"""Input checks shared across the package: the model and the initial parameters (`simulate`
+and `run`), and the hyper-parameters of the flows and the optimisers."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+
+from .models._base import check_real_type
 
 
 def is_model(model) -> bool:
@@ -20,4 +24,80 @@ def check_finite_params(w0, where: str) -> None:
         raise ValueError(
             f"{where}: the initial parameters must be finite, found "
             f"{int(np.sum(~np.isfinite(w)))} NaN/inf entries; re-initialise the model."
+        )
+
+
+FLOW_CONVENTIONS = ("eps_inside", "eps_outside")
+
+
+def is_concrete(x) -> bool:
+    """False for a tracer (a value under jit / vmap, which cannot be checked)."""
+    try:
+        np.asarray(x)
+        return True
+    except Exception:  # a tracer under jit/vmap: nothing to check here
+        return False
+
+
+def _as_float_array(x, name: str, where: str, example: str):
+    check_real_type(x, name, where, example)
+    try:
+        v = np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
+    if v.ndim != 0:
+        # One flow per hyper-parameter value; sweeps vmap the constructor, where the value
+        # is a tracer and not checked here: eqx.filter_vmap(lambda e: RMSPropFlow(e, b))(es).
+        raise ValueError(
+            f"{where}: `{name}` must be a scalar, got shape {v.shape}; to sweep values build "
+            f"the flows with eqx.filter_vmap over the constructor."
+        )
+    return v
+
+
+def check_eps(eps, where: str):
+    if is_concrete(eps):
+        e = _as_float_array(eps, "eps", where, "1e-5")
+        if not np.all(np.isfinite(e)) or np.any(e <= 0):
+            raise ValueError(
+                f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
+                "eps = 1e-5 (try 1e-8 .. 1)."
+            )
+    return jnp.asarray(eps, dtype=float)
+
+
+def check_b(b, where: str, name: str = "b"):
+    if is_concrete(b):
+        v = _as_float_array(b, name, where, "0.9")
+        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
+            what = ("the m-equation decays at rate 1 - b" if name == "b" else
+                    "the first moment m1 decays at rate 1 - b1")
+            raise ValueError(
+                f"{where}: `{name}` must be in [0, 1), got {b!r}; the paper uses {name} = 0.9 "
+                f"({what})."
+            )
+    return jnp.asarray(b, dtype=float)
+
+
+def check_convention(conditioner: str, where: str) -> str:
+    if conditioner not in FLOW_CONVENTIONS:
+        raise ValueError(
+            f"{where}: `conditioner` must be one of {FLOW_CONVENTIONS}, got {conditioner!r}: "
+            "'eps_inside' is h = 1/sqrt(eps + psi) (the paper), 'eps_outside' is "
+            "h = 1/(sqrt(psi) + eps) (PyTorch)."
+        )
+    return conditioner
+
+
+def require_x64(dtype, where: str) -> None:
+    """ValueError if a float64 run is asked for while JAX's float64 mode is off (declined
+    with MARGINFLOW_X64=0, or switched off after import): JAX would compute in float32."""
+    import jax
+
+    if np.dtype(dtype) == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"{where}: dtype=float64 needs JAX's float64 mode, which is off in this process "
+            "(MARGINFLOW_X64=0, or jax_enable_x64 switched off after importing marginflow); "
+            "run jax.config.update('jax_enable_x64', True) before building the model and the "
+            "data, or pass dtype=jnp.float32."
         )

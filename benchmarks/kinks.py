@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from marginflow.analysis import normalized_margin
 from marginflow.flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow, simulate
-from marginflow.flows import _simulate as sim
+from marginflow.flows import _plan as sim  # where simulate picks its controller
 from marginflow.flows._solvers import CarriedPID, default_controller, wm_norm
 from marginflow.models import MLP, separable_gaussians
 

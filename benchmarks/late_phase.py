@@ -48,8 +48,8 @@ import marginflow  # noqa: F401  (float64)
 import numpy as np
 import optimistix as optx
 from marginflow.flows import AdaGradFlow, GradientFlow, newton_solver, simulate
+from marginflow.flows._fields import _dv, _v_of_w, _w_of_v
 from marginflow.flows._imex import DecayIMEX
-from marginflow.flows._simulate import _dv, _v_of_w, _w_of_v
 from marginflow.models import MLP, DeepLinear, separable_gaussians
 from marginflow.models._objective import Objective, initial_point
 
@@ -107,7 +107,7 @@ def fields(flow, obj):
         return -h * glog / rate, dt_dsigma * flow.phi(t, m, g), jnp.exp(-log_l - u) / rate
 
     def in_v(u, y, args):
-        # The state simulate uses: v = w ||w||^(L-1) (flows/_simulate.py, `_w_of_v`).
+        # The state simulate uses: v = w ||w||^(L-1) (flows/_fields.py, `_w_of_v`).
         v, m = y
         w = _w_of_v(v, obj.degree)
         dw, dm = in_u(u, (w, m), args)

@@ -12,5 +12,5 @@ from ._optimizers import Adam as Adam
 from ._optimizers import RMSProp as RMSProp
 from ._optimizers import SGDMomentum as SGDMomentum
 from ._optimizers import optimizer_from_meta as optimizer_from_meta
-from ._run import resume_run as resume_run
+from ._resume import resume_run as resume_run
 from ._run import run as run

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import math
 
-from ..flows import AdaGradFlow, AdamFlow, GradientFlow, MomentumFlow, RMSPropFlow
-from ..flows._flow import AbstractFlow
+from ..flows import AbstractFlow, AdaGradFlow, AdamFlow, GradientFlow, MomentumFlow, RMSPropFlow
 from ._optimizers import GD, AbstractOptimizer, AdaGrad, Adam, RMSProp, SGDMomentum
 
 _TO_CONDITIONER = {"paper": "eps_inside", "pytorch": "eps_outside"}

@@ -27,19 +27,20 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
+from .._checks import is_concrete
 from .._records import record_repr
-from ..flows._flow import _is_concrete
+from .._registry import lookup, register
 from ..models._base import check_real_type
+from ._transforms import _scale_by_rss_eps_outside
 
 _CONVENTIONS = ("paper", "pytorch")
 
@@ -68,7 +69,7 @@ def _real(x, name: str, where: str):
 
 def _check_positive(x, name: str, where: str, hint: str):
     arr = _real(x, name, where)
-    if _is_concrete(x):
+    if is_concrete(x):
         v = np.asarray(x, dtype=float)
         if not np.all(np.isfinite(v)) or np.any(v <= 0):
             raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {x!r}; {hint}.")
@@ -86,7 +87,7 @@ def _check_eps(eps, where: str):
 
 def _check_unit(b, name: str, where: str, hint: str):
     arr = _real(b, name, where)
-    if _is_concrete(b):
+    if is_concrete(b):
         v = np.asarray(b, dtype=float)
         if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
             raise ValueError(f"{where}: `{name}` must be in [0, 1), got {b!r}; {hint}.")
@@ -135,7 +136,7 @@ def _keyword_only(init):
 
 
 def _float(x):
-    return float(x) if _is_concrete(x) else x
+    return float(x) if is_concrete(x) else x
 
 
 class AbstractOptimizer(eqx.Module):
@@ -179,6 +180,7 @@ class AbstractOptimizer(eqx.Module):
         return 1.0 / (jnp.sqrt(n) + eps)
 
 
+@register("optimizer")
 class GD(AbstractOptimizer):
     """Gradient descent, w_{k+1} = w_k - lr * g_k (h_k = 1). Follows gradient flow, eta = lr.
 
@@ -200,6 +202,7 @@ class GD(AbstractOptimizer):
         return optax.sgd(self.lr)
 
 
+@register("optimizer")
 class AdaGrad(AbstractOptimizer):
     """AdaGrad (paper eq. 6): S_k = sum_{s<=k} g_s^2, w_{k+1} = w_k - lr g_k / sqrt(eps + S_k).
 
@@ -250,6 +253,7 @@ class AdaGrad(AbstractOptimizer):
         return {"lr": _float(self.lr), "eps": _float(self.eps)}
 
 
+@register("optimizer")
 class RMSProp(AbstractOptimizer):
     """RMSProp (paper eq. 7): n_k = b n_{k-1} + (1 - b) g_k^2, n_{-1} = 0,
     w_{k+1} = w_k - lr g_k / sqrt(eps + n_k)   ("pytorch": / (sqrt(n_k) + eps)).
@@ -293,6 +297,7 @@ class RMSProp(AbstractOptimizer):
         return {"lr": _float(self.lr), "b": _float(self.b), "eps": _float(self.eps)}
 
 
+@register("optimizer")
 class Adam(AbstractOptimizer):
     """Adam; b1 = 0 is the paper's "Adam (w/m)": n_k = b2 n_{k-1} + (1 - b2) g_k^2,
     w_{k+1} = w_k - lr g_k / sqrt(eps + n_k / (1 - b2^{k+1}))   ("pytorch": / (sqrt(.) + eps)).
@@ -347,6 +352,7 @@ class Adam(AbstractOptimizer):
                 "b1": _float(self.b1)}
 
 
+@register("optimizer")
 class SGDMomentum(AbstractOptimizer):
     """Heavy-ball SGD (paper Fig. 4): v_k = mu v_{k-1} + g_k, v_{-1} = 0, w_{k+1} = w_k - lr v_k.
 
@@ -383,33 +389,7 @@ class SGDMomentum(AbstractOptimizer):
         return {"lr": _float(self.lr), "momentum": _float(self.momentum)}
 
 
-class _RssState(NamedTuple):
-    sum_of_squares: optax.Updates
-
-
-def _scale_by_rss_eps_outside(eps) -> optax.GradientTransformation:
-    """g_k / (sqrt(S_k) + eps), S_k = sum_{s<=k} g_s^2 (torch.optim.Adagrad's root)."""
-
-    def init_fn(params):
-        return _RssState(sum_of_squares=jax.tree.map(jnp.zeros_like, params))
-
-    def update_fn(updates, state, params=None):
-        del params
-        s = jax.tree.map(lambda g, t: t + g * g, updates, state.sum_of_squares)
-        out = jax.tree.map(lambda g, t: g / (jnp.sqrt(t) + eps), updates, s)
-        return out, _RssState(sum_of_squares=s)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-OPTIMIZERS = {cls.name: cls for cls in (GD, AdaGrad, RMSProp, Adam, SGDMomentum)}
-
-
 def optimizer_from_meta(meta: dict) -> AbstractOptimizer:
     """Rebuild the optimiser of a discrete Trajectory from its metadata."""
-    name = meta.get("optimizer")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimiser {name!r}; known: {sorted(OPTIMIZERS)}.")
-    hyper = dict(meta["optimizer_hyper"])
-    return OPTIMIZERS[name](**hyper, convention=meta["convention"])
-
+    cls = lookup("optimizer", meta.get("optimizer"), "optimiser")
+    return cls(**dict(meta["optimizer_hyper"]), convention=meta["convention"])

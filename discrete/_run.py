@@ -9,7 +9,6 @@ run in one call under `vmap`.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import equinox as eqx
@@ -18,10 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import _checkpoint as ckpt
 from .._cache import use_cache
-from .._checks import check_finite_params, is_model
-from .._threads import map_chunks
+from .._checks import check_finite_params, is_model, require_x64
 from .._threads import n_workers as n_threads
 from .._trajectory import Trajectory, raise_if_failed
 from ..models import Objective
@@ -241,6 +238,7 @@ def run(
     """
     if dtype not in (jnp.float64, jnp.float32):
         raise ValueError(f"run: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
+    require_x64(dtype, "run")
     if checkpoint is not None:
         _check_int(blocks_per_checkpoint, "blocks_per_checkpoint", 1,
                    "pass how many save blocks one checkpoint file holds, e.g. 20")
@@ -279,12 +277,16 @@ def run(
             jnp.asarray(save_every, jnp.int32), key)
     n_workers = n_threads(workers, int(w0.shape[0]) if batch else 1, "run")
     if checkpoint is None and batch and jax.default_backend() == "cpu":
+        from ._batch import _run_batch  # it calls _run_compiled per chunk
+
         records, last, carry = _run_batch(args, n_blocks, batch_size, n_workers)
     elif checkpoint is None:
         records, last, carry = jax.block_until_ready(
             _run_compiled(*args, n_blocks, batch_size, batch)
         )
     else:
+        from ._resume import _run_checkpointed  # the checkpointed run calls _run_compiled
+
         records, last, carry = _run_checkpointed(
             args, n_blocks, batch_size, batch, checkpoint, blocks_per_checkpoint, _resume,
             header={
@@ -342,68 +344,13 @@ def run(
         conditioner=arrays["h"],
         log_loss=arrays["log_loss"],
         I=np.full(arrays["log_loss"].shape, np.nan),
-        # A list, not an array: Trajectory.stats is a static field (JSON-like values).
+        # A tuple, not an array: Trajectory.stats is a static field (JSON-like values).
         stats={"num_steps": tuple(int(k) for k in k_end) if batch else int(k_end)},
         result=result,
         message=message,
         meta=meta,
     )
     return raise_if_failed(traj, "run", throw)
-
-
-# Batched runs of at least this many save blocks are run in two stages (`_run_batch`).
-_STAGE_MIN_BLOCKS = 8
-
-
-def _run_batch(args, n_blocks, batch_size, n_workers):
-    """A batched full-batch run on CPU, one chunk of the batch per thread (marginflow._threads).
-
-    (Also minibatch runs: the carry holds the step count that picks the minibatch.)
-    Members whose loss overflowed stop moving but would still cost a full step each
-    (vmap computes them all): with n_blocks >= _STAGE_MIN_BLOCKS the first save block is
-    run alone, the members that failed in it are dropped, and only the others run the
-    remaining blocks. Measured on the paper's toy sweep: 47 of 100 GD runs (lr 0.1)
-    overflow within the first block. The results are those of one vmapped call.
-    """
-    optimizer, objective, w0, steps, save_every, key = args
-    w0 = np.asarray(w0)
-    full = math.ceil(w0.shape[0] / n_workers)
-
-    def chunked(w, carry, first_block, count):
-        # Chunk sizes of a smaller (surviving) batch are rounded up to a multiple of 1/8 of
-        # a full chunk: dropping members compiles at most 8 more shapes.
-        quantum = max(1, math.ceil(full / 8))
-        size = min(full, math.ceil(math.ceil(w.shape[0] / n_workers) / quantum) * quantum)
-
-        def call(w_part, carry_part):
-            return _run_compiled(
-                optimizer, objective, w_part, steps, save_every, key, count, batch_size,
-                True, carry0=carry_part, first_block=jnp.asarray(first_block, jnp.int32),
-                finish=True)
-
-        return map_chunks(call, (w, carry), n_workers, size=size)
-
-    if n_blocks < _STAGE_MIN_BLOCKS:
-        return chunked(w0, None, 0, n_blocks)
-    rec_a, last_a, carry_a = chunked(w0, None, 0, 1)
-    live = np.flatnonzero(carry_a[3])
-    if live.size == w0.shape[0]:  # nobody failed: everyone continues
-        rec_b, last, carry = chunked(w0, carry_a, 1, n_blocks - 1)
-    else:
-        # Dead members' later saves: NaN (masked on the host anyway); their last point is
-        # their failing iterate, where the first stage left them.
-        rec_b = jax.tree.map(
-            lambda x: np.full((x.shape[0], n_blocks - 1) + x.shape[2:], np.nan, x.dtype),
-            rec_a)
-        last, carry = jax.tree.map(np.array, (last_a, carry_a))
-        if live.size:
-            parts = chunked(w0[live], jax.tree.map(lambda x: x[live], carry_a), 1,
-                            n_blocks - 1)
-            for whole, part in zip((rec_b, last, carry), parts, strict=True):
-                for f, q in zip(jax.tree.leaves(whole), jax.tree.leaves(part), strict=True):
-                    f[live] = q
-    records = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=1), rec_a, rec_b)
-    return records, last, carry
 
 
 def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> dict:
@@ -431,102 +378,3 @@ def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> 
         "dtype": jnp.dtype(dtype).name,
         "batch": bool(batch),
     }
-
-
-def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, resume_segments,
-                      header):
-    """`run` chunk by chunk, each chunk written atomically to the checkpoint folder.
-
-    Chunk c holds save blocks c * per_file .. (c + 1) * per_file - 1 and the carry
-    (w, optimiser state, k, alive) after them; the last chunk also holds the final point.
-    """
-    with ckpt.locked(checkpoint):  # one writer per folder (marginflow/_checkpoint.py)
-        return _run_chunks(args, n_blocks, batch_size, batch, os.fspath(checkpoint), per_file,
-                           resume_segments, header)
-
-
-def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_segments,
-                header):
-    optimizer, objective, w0 = args[0], args[1], args[2]
-    if resume_segments is None:
-        ckpt.write_run(directory, dict(header, kind="discrete"), w0=np.asarray(w0),
-                       X=np.asarray(objective.data.X), y=np.asarray(objective.data.y))
-        resume_segments = []
-    chunks = [(b, min(per_file, n_blocks - b)) for b in range(0, n_blocks, per_file)]
-    parts, carry, last = [], None, None
-    for k, (first, count) in enumerate(chunks):
-        is_last = k == len(chunks) - 1
-        if k < len(resume_segments):
-            arrays = resume_segments[k][1]
-            parts.append({name: arrays[name] for name in ("w", "m", "h", "log_loss")})
-            carry = _restore_carry(optimizer, w0, batch,
-                                   [arrays[f"carry_{i}"] for i in range(arrays["n_carry"])])
-            if is_last:
-                last = {name: arrays["last_" + name] for name in ("w", "m", "h", "log_loss")}
-            continue
-        records, last, carry = jax.block_until_ready(_run_compiled(
-            *args, count, batch_size, batch, carry0=carry,
-            first_block=jnp.asarray(first, jnp.int32), finish=is_last))
-        records = {name: np.asarray(v) for name, v in records.items()}
-        parts.append(records)
-        leaves = jax.tree.leaves(carry)
-        extra = {f"last_{name}": np.asarray(v) for name, v in last.items()} if is_last else {}
-        ckpt.write_segment(
-            directory, k, {"first_block": first, "blocks": count},
-            **records, **extra, n_carry=np.asarray(len(leaves)),
-            **{f"carry_{i}": np.asarray(x) for i, x in enumerate(leaves)},
-        )
-    axis = 1 if batch else 0
-    records = {name: np.concatenate([p[name] for p in parts], axis=axis)
-               for name in ("w", "m", "h", "log_loss")}
-    return records, last, carry
-
-
-def _restore_carry(optimizer, w0, batch, leaves):
-    """The carry (w, optimiser state, k, alive) from its saved leaves (structure from init)."""
-    tx = optimizer.transformation()
-
-    def fresh(w):
-        return (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True))
-
-    template = jax.eval_shape(jax.vmap(fresh) if batch else fresh, w0)
-    flat, treedef = jax.tree.flatten(template)
-    return jax.tree.unflatten(treedef, [jnp.asarray(v, dtype=t.dtype)
-                                        for v, t in zip(leaves, flat, strict=True)])
-
-
-def resume_run(checkpoint, *, throw: bool = True) -> Trajectory:
-    """Continue a discrete run started with `run(..., checkpoint=DIR)`; return its Trajectory.
-
-    The chunks already written are read back (saves and optimiser state); the rest are
-    computed from the last chunk's state, still writing checkpoints. The result equals the
-    uninterrupted run's. The folder's lock, hash chain and damage rules are `resume`'s
-    (marginflow/_checkpoint.py).
-    """
-    directory = os.fspath(checkpoint)
-    with ckpt.locked(directory, create=False):  # held through the run call below
-        return _resume_run(directory, throw)
-
-
-def _resume_run(directory: str, throw: bool) -> Trajectory:
-    from ..models import Dataset, from_spec, unflatten
-    from ._optimizers import optimizer_from_meta
-
-    header, arrays, segments = ckpt.read_checkpoint(directory, repair=True)
-    if header.get("kind") != "discrete":
-        raise ValueError(
-            f"resume_run: {directory!r} holds a flow run; continue it with "
-            "marginflow.flows.resume."
-        )
-    optimizer = optimizer_from_meta(header)
-    skeleton = from_spec(header["model"])
-    w0 = jnp.asarray(arrays["w0"])
-    if header["batch"]:
-        model = eqx.filter_vmap(lambda w: unflatten(skeleton, w))(w0)
-    else:
-        model = unflatten(skeleton, w0)
-    dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
-    return run(optimizer, model, Dataset(arrays["X"], arrays["y"]), header["steps"],
-               loss=header["loss"], save_every=header["save_every"], batch=header["batch"],
-               throw=throw, dtype=dtype, checkpoint=directory,
-               blocks_per_checkpoint=header["blocks_per_checkpoint"], _resume=segments)

@@ -32,71 +32,11 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
+from .._checks import check_b, check_convention, check_eps
 from .._records import record_repr
-from ..models._base import check_real_type
-
-_CONVENTIONS = ("eps_inside", "eps_outside")
-
-
-def _is_concrete(x) -> bool:
-    try:
-        np.asarray(x)
-        return True
-    except Exception:  # a tracer under jit/vmap: nothing to check here
-        return False
-
-
-def _as_float_array(x, name: str, where: str, example: str):
-    check_real_type(x, name, where, example)
-    try:
-        v = np.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
-    if v.ndim != 0:
-        # One flow per hyper-parameter value; sweeps vmap the constructor, where the value
-        # is a tracer and not checked here: eqx.filter_vmap(lambda e: RMSPropFlow(e, b))(es).
-        raise ValueError(
-            f"{where}: `{name}` must be a scalar, got shape {v.shape}; to sweep values build "
-            f"the flows with eqx.filter_vmap over the constructor."
-        )
-    return v
-
-
-def check_eps(eps, where: str):
-    if _is_concrete(eps):
-        e = _as_float_array(eps, "eps", where, "1e-5")
-        if not np.all(np.isfinite(e)) or np.any(e <= 0):
-            raise ValueError(
-                f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
-                "eps = 1e-5 (try 1e-8 .. 1)."
-            )
-    return jnp.asarray(eps, dtype=float)
-
-
-def check_b(b, where: str, name: str = "b"):
-    if _is_concrete(b):
-        v = _as_float_array(b, name, where, "0.9")
-        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
-            what = ("the m-equation decays at rate 1 - b" if name == "b" else
-                    "the first moment m1 decays at rate 1 - b1")
-            raise ValueError(
-                f"{where}: `{name}` must be in [0, 1), got {b!r}; the paper uses {name} = 0.9 "
-                f"({what})."
-            )
-    return jnp.asarray(b, dtype=float)
-
-
-def check_convention(conditioner: str, where: str) -> str:
-    if conditioner not in _CONVENTIONS:
-        raise ValueError(
-            f"{where}: `conditioner` must be one of {_CONVENTIONS}, got {conditioner!r}: "
-            "'eps_inside' is h = 1/sqrt(eps + psi) (the paper), 'eps_outside' is "
-            "h = 1/(sqrt(psi) + eps) (PyTorch)."
-        )
-    return conditioner
+from .._registry import lookup, register
 
 
 class AbstractFlow(eqx.Module):
@@ -193,6 +133,15 @@ class AbstractFlow(eqx.Module):
     def hyperparameters(self) -> dict:
         return {}
 
+    # What the solvers ask of a flow (flows/_solvers.py), instead of switching on its class.
+    has_decay: ClassVar[bool] = False  # does dm/dt = ... - a m decay (a stiff part)?
+
+    def decay_rate(self):
+        """The rate a of the linear decay dm/dt = ... - a m of the m-equation: 0 here (GD,
+        AdaGrad: nothing stiff); 1 - b for RMSProp and Adam; for a momentum flow, whose m is
+        (m2, m1), the pair (a2, a1) of the two blocks' rates, a1 = 1 - b1."""
+        return jnp.zeros((), dtype=jnp.result_type(float))
+
 
 class _Unconditioned(AbstractFlow):
     """A flow without a conditioner: h = 1, the second moment m2 stays 0, dw/dt = -direction
@@ -213,6 +162,7 @@ class _Unconditioned(AbstractFlow):
         return -self.direction(t, m, g), self.phi(t, m, g), jnp.ones_like(w), zero
 
 
+@register("flow")
 class GradientFlow(_Unconditioned):
     """Gradient flow dw/dt = -grad L(w): h = 1, no second moment (m stays 0).
 
@@ -229,6 +179,7 @@ class GradientFlow(_Unconditioned):
         return jnp.zeros_like(m)
 
 
+@register("flow")
 class AdaGradFlow(AbstractFlow):
     """AdaGrad flow: dm/dt = g^2, h = 1/sqrt(eps + m), so m(t) = int_0^t g^2 ds.
 
@@ -255,6 +206,7 @@ class AdaGradFlow(AbstractFlow):
         return {"eps": float(self.eps)}
 
 
+@register("flow")
 class RMSPropFlow(AbstractFlow):
     """RMSProp flow: dm/dt = (1 - b)(g^2 - m), h = 1/sqrt(eps + m).
 
@@ -281,7 +233,13 @@ class RMSPropFlow(AbstractFlow):
     def hyperparameters(self):
         return {"eps": float(self.eps), "b": float(self.b)}
 
+    has_decay: ClassVar[bool] = True
 
+    def decay_rate(self):
+        return 1.0 - self.b
+
+
+@register("flow")
 class AdamFlow(AbstractFlow):
     """Adam without momentum: dm/dt = (1 - b)(g^2 - m), h = 1/sqrt(eps + m / c(t)).
 
@@ -322,6 +280,12 @@ class AdamFlow(AbstractFlow):
     @property
     def n_moments(self) -> int:
         return 1 if self.b1 is None else 2
+
+    has_decay: ClassVar[bool] = True
+
+    def decay_rate(self):
+        a2 = 1.0 - self.b
+        return a2 if self.b1 is None else jnp.stack([a2, 1.0 - self.b1])
 
     def phi(self, t, m, g):
         m2, m1 = self.split(m)
@@ -377,6 +341,7 @@ class AdamFlow(AbstractFlow):
         return hyper | {"bias_correction": self.bias_correction}
 
 
+@register("flow")
 class MomentumFlow(_Unconditioned):
     """Momentum (heavy-ball) flow: dm1/dt = (1 - b1)(g - m1), dw/dt = -m1, m1(0) = 0.
 
@@ -410,13 +375,13 @@ class MomentumFlow(_Unconditioned):
     def hyperparameters(self):
         return {"b1": float(self.b1)}
 
+    has_decay: ClassVar[bool] = True
 
-FLOWS = {cls.name: cls for cls in (GradientFlow, AdaGradFlow, RMSPropFlow, AdamFlow,
-                                   MomentumFlow)}
+    def decay_rate(self):
+        zero = jnp.zeros((), dtype=jnp.result_type(float))  # m2 stays 0: no decay
+        return jnp.stack([zero, 1.0 - self.b1])
 
 
 def flow_from_meta(name: str, hyper: dict, conditioner: str) -> AbstractFlow:
-    """Rebuild a flow from its name and hyper-parameters (used when loading a Trajectory)."""
-    if name not in FLOWS:
-        raise ValueError(f"unknown flow {name!r}; known: {sorted(FLOWS)}.")
-    return FLOWS[name](**hyper, conditioner=conditioner)
+    """Rebuild a flow from a Trajectory's or a checkpoint's metadata (its registered name)."""
+    return lookup("flow", name)(**hyper, conditioner=conditioner)

@@ -2,9 +2,9 @@
 
 - `default_solver`: `DecayIMEX` (module `_imex`), its choice and the measured figures;
 - `CarriedPID`: diffrax's PID controller carrying its step size across `simulate`'s segments;
-- `decay_rate`, `is_imex`, `wm_norm`: what `_simulate` needs to lay out the terms.
+- `decay_rate`, `is_imex`, `wm_norm`: what `_fields` needs to lay out the terms.
 
-The time variable (t on [t0, 1], u = log t after) is `_simulate`'s business.
+The time variable (t on [t0, 1], u = log t after) is `_fields`'s business (`_time`).
 """
 
 from __future__ import annotations
@@ -35,26 +35,15 @@ def wm_norm(y):
 
 # --------------------------------------------------------------- the stiff part
 def decay_rate(flow) -> jax.Array:
-    """The rate a of the linear decay dm/dt = ... - a m of the flow's m-equation.
-
-    RMSProp and Adam (w/m): a = 1 - b (docs/math.md section 2). GD and AdaGrad have no decay
-    (a = 0): their m-equation is not stiff. Momentum flows, whose state m is (m2, m1): the
-    pair (a2, a1) of the two blocks' rates, a1 = 1 - b1 (a2 = 0 for MomentumFlow).
-    """
-    from ._flow import MomentumFlow
-
-    zero = jnp.zeros((), dtype=jnp.result_type(float))
-    a2 = 1.0 - flow.b if has_decay(flow) and not isinstance(flow, MomentumFlow) else zero
-    if flow.n_moments == 1:
-        return a2
-    return jnp.stack([a2, 1.0 - flow.b1])
+    """The rate a of the linear decay dm/dt = ... - a m of the flow's m-equation
+    (`flow.decay_rate()`: 1 - b for RMSProp and Adam, (a2, a1) for the momentum flows, 0 for
+    GD and AdaGrad, whose m-equation is not stiff; docs/math.md section 2)."""
+    return flow.decay_rate()
 
 
 def has_decay(flow) -> bool:
     """Whether the flow's m-equation has a linear decay (RMSProp, Adam, the momentum flows)."""
-    from ._flow import AdamFlow, MomentumFlow, RMSPropFlow
-
-    return isinstance(flow, (RMSPropFlow, AdamFlow, MomentumFlow))
+    return flow.has_decay
 
 
 def is_imex(solver) -> bool:

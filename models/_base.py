@@ -74,19 +74,9 @@ def check_real_type(x, name: str, where: str, example: str) -> None:
     )
 
 
-def model_registry() -> dict[str, type]:
-    from ._cnn import CNN
-    from ._linear import DeepLinear, Linear
-    from ._mlp import MLP
-    from ._toy import ToyLeaky
-
-    return {c.__name__: c for c in (Linear, DeepLinear, ToyLeaky, MLP, CNN)}
-
-
 def from_spec(spec: dict[str, Any]) -> AbstractModel:
     """Rebuild a model skeleton from `model.spec()` (parameters from a fixed key)."""
-    registry = model_registry()
-    name = spec.get("class")
-    if name not in registry:
-        raise ValueError(f"unknown model class {name!r} in spec; known: {sorted(registry)}.")
-    return registry[name](**spec["kwargs"], key=jax.random.PRNGKey(0))
+    from .._registry import lookup  # the models register themselves on import
+
+    cls = lookup("model", spec.get("class"), "model class")
+    return cls(**spec["kwargs"], key=jax.random.PRNGKey(0))

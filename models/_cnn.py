@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._registry import register
 from ._base import AbstractModel, check_key, check_positive_int
 
 
@@ -56,6 +57,7 @@ def _conv_impl(conv: str):
     return _conv_im2col if conv == "im2col" else _conv_xla
 
 
+@register("model")
 class CNN(AbstractModel):
     """conv 32@5x5 - ReLU - maxpool 2 - conv 64@3x3 - ReLU - maxpool 2 - fc 1024 - ReLU - fc C.
 

@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._registry import register
 from ._base import AbstractModel, check_key, check_positive_int
 
 
+@register("model")
 class Linear(AbstractModel):
     """Phi(w; x) = <w, x> (out_dim = 1) or W x (out_dim = C): homogeneous of degree 1.
 
@@ -46,6 +48,7 @@ class Linear(AbstractModel):
         return out[0] if self.out_dim == 1 else out
 
 
+@register("model")
 class DeepLinear(AbstractModel):
     """Phi(W; x) = W_D ... W_1 x with dims = (in, h_1, ..., out): degree L = D.
 

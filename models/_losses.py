@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from .._registry import known, lookup, register
+
 # E(u) = u - log1p(u) = 2 z^2 sum_{k>=2} c_k z^{k-2}, z = u/(2+u) <= 1/3 (see module doc).
 _E_COEFFS = tuple(1.0 if k % 2 == 0 else 1.0 - 1.0 / k for k in range(2, 38))
 # K(v) = 1 - (1+v) e^{-v} = v^2 sum_{k>=2} (-1)^k (k-1) v^{k-2} / k!, for v <= 1.
@@ -270,6 +272,7 @@ class AbstractLoss(eqx.Module):
         return 1.0 / self.f_prime(self.g(x))
 
 
+@register("loss")
 class Exponential(AbstractLoss):
     """exp(-q): f(q) = q, g(x) = x. Binary labels in {-1, +1}."""
 
@@ -292,6 +295,7 @@ class Exponential(AbstractLoss):
         return jnp.ones_like(q)
 
 
+@register("loss")
 class Logistic(AbstractLoss):
     """log(1 + e^{-q}): f(q) = -log log(1 + e^{-q}), g(x) = -log(expm1(e^{-x}))."""
 
@@ -317,6 +321,7 @@ class Logistic(AbstractLoss):
         return logistic_g_prime(x)
 
 
+@register("loss")
 class CrossEntropy(AbstractLoss):
     """Multi-class cross-entropy, sum_i log(1 + sum_{j != y_i} e^{Phi_j - Phi_{y_i}}).
 
@@ -364,16 +369,13 @@ class CrossEntropy(AbstractLoss):
         return Logistic().g_prime(x)
 
 
-_LOSSES = {cls.name: cls for cls in (Exponential, Logistic, CrossEntropy)}
-
-
 def get_loss(loss: str | AbstractLoss) -> AbstractLoss:
     """The loss object for a name ("exponential", "logistic", "cross_entropy")."""
     if isinstance(loss, AbstractLoss):
         return loss
-    if not isinstance(loss, str) or loss not in _LOSSES:
+    if not isinstance(loss, str) or loss not in known("loss"):
         raise ValueError(
-            f"`loss` must be one of {sorted(_LOSSES)}, got {loss!r}; "
+            f"`loss` must be one of {known('loss')}, got {loss!r}; "
             "pass one of these names or a marginflow.models loss object."
         )
-    return _LOSSES[loss]()
+    return lookup("loss", loss)()

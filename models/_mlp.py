@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._registry import register
 from ._base import AbstractModel, check_key, check_positive_int
 
 
@@ -30,6 +31,7 @@ def _activation(activation):
     )
 
 
+@register("model")
 class MLP(AbstractModel):
     """Phi(W; x) = W_D s(W_{D-1} ... s(W_1 x)), no biases; `depth` = D weight layers.
 

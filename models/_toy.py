@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._registry import register
 from ._base import AbstractModel, check_key
 
 
@@ -15,6 +16,7 @@ def leaky_half(z):
     return jnp.where(z >= 0, z, 0.5 * z)
 
 
+@register("model")
 class ToyLeaky(AbstractModel):
     """Phi(w, v; x) = v * sigma(<w, x>) with sigma the leaky ReLU of slope 1/2: degree 2.
 

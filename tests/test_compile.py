@@ -12,7 +12,8 @@ import jax
 import marginflow  # noqa: F401
 import numpy as np
 from marginflow.flows import RMSPropFlow, simulate
-from marginflow.flows._simulate import _segment_counted, save_slots
+from marginflow.flows._kernels import _segment_counted
+from marginflow.flows._plan import save_slots
 from marginflow.models import ToyLeaky, toy_dataset
 
 

@@ -11,9 +11,9 @@ import matplotlib
 import numpy as np
 import pytest
 from marginflow.analysis import toy_max_margin
-from marginflow.experiments._cli import (
+from marginflow.experiments._cli import main
+from marginflow.experiments._cli_figure import (
     conditioner_limit_value,
-    main,
     reference_margin,
     trajectory_figure,
 )

@@ -149,7 +149,7 @@ def test_relu_mlp_reaches_the_late_phase(flow):
 
 def test_a_new_kink_tol_reuses_the_compiled_program():
     import equinox as eqx
-    from marginflow.flows._simulate import _segment_counted
+    from marginflow.flows._kernels import _segment_counted
 
     model, data = _problem()
     simulate(GradientFlow(), model, data, 0.5, n_save=3, kink_tol=1e-2)

@@ -193,7 +193,7 @@ def test_float32_t1_limit_is_a_clear_error():
 
 
 def test_segments_are_decades_then_ten_decades():
-    from marginflow.flows._simulate import _segment_bounds
+    from marginflow.flows._plan import _segment_bounds
 
     assert _segment_bounds(0.0, 1e3) == [0.0, 1.0, 10.0, 100.0, 1e3]
     assert _segment_bounds(0.0, 1e35) == [0.0, *[10.0**k for k in range(11)], 1e20, 1e30, 1e35]

@@ -166,3 +166,37 @@ def test_thread_chunks_honour_thread_local_settings_and_scalars():
     out = map_chunks(lambda a, s: (a * s, s + 0 * a), (np.arange(5.0), 3.0), 2)
     np.testing.assert_array_equal(out[0], 3.0 * np.arange(5.0))
     np.testing.assert_array_equal(out[1], np.full(5, 3.0))
+
+
+def test_float64_at_import_can_be_declined():
+    """Importing marginflow turns on jax_enable_x64 (documented in docs/errors.md); with
+    MARGINFLOW_X64=0 it leaves the setting alone, and a float64 run then refuses to start
+    with the way to turn float64 on, instead of computing in float32 (JAX's silent
+    truncation)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, marginflow\n"
+        "from marginflow.flows import RMSPropFlow, simulate\n"
+        "from marginflow.discrete import RMSProp, run\n"
+        "from marginflow.models import Linear, soudry_dataset\n"
+        "print(jax.config.jax_enable_x64)\n"
+        "model, data = Linear(2, key=jax.random.key(0)), soudry_dataset(0)\n"
+        "for call in (lambda: simulate(RMSPropFlow(), model, data, 10.0),\n"
+        "             lambda: run(RMSProp(0.1), model, data, 10)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as err:\n"
+        "        print(str(err).split(':')[0], 'refused:', 'jax_enable_x64' in str(err))\n"
+    )
+    outputs = {}
+    for value in ("1", "0"):
+        env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64",)}
+        env["MARGINFLOW_X64"] = value
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env,
+                             capture_output=True, text=True, check=True)
+        outputs[value] = out.stdout.split("\n")
+    assert outputs["1"][0] == "True" and len([x for x in outputs["1"] if x]) == 1
+    assert outputs["0"][:3] == ["False", "simulate refused: True", "run refused: True"]

@@ -160,7 +160,7 @@ def test_state_variable_v_and_its_derivative(degree):
     # simulate integrates v = w ||w||^(L-1): check the map, its inverse and dv against
     # JAX's own derivative of the map, on a batch of 4 rows and on one row.
     import jax.numpy as jnp
-    from marginflow.flows._simulate import _dv, _v_of_w, _w_of_v
+    from marginflow.flows._fields import _dv, _v_of_w, _w_of_v
 
     rng = np.random.default_rng(degree)
     w = jnp.asarray(rng.normal(size=(4, 5)))

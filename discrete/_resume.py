@@ -1,0 +1,115 @@
+"""Checkpointed discrete runs: `run(..., checkpoint=DIR)` computed chunk by chunk, each
+chunk written atomically (marginflow/_checkpoint.py: lock, run id, hash chain), and
+`resume_run(DIR)`, which continues one bitwise as the uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checkpoint as ckpt
+from .._trajectory import Trajectory
+from ._run import _run_compiled, run
+
+
+def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, resume_segments,
+                      header):
+    """`run` chunk by chunk, each chunk written atomically to the checkpoint folder.
+
+    Chunk c holds save blocks c * per_file .. (c + 1) * per_file - 1 and the carry
+    (w, optimiser state, k, alive) after them; the last chunk also holds the final point.
+    """
+    with ckpt.locked(checkpoint):  # one writer per folder (marginflow/_checkpoint.py)
+        return _run_chunks(args, n_blocks, batch_size, batch, os.fspath(checkpoint), per_file,
+                           resume_segments, header)
+
+
+def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_segments,
+                header):
+    optimizer, objective, w0 = args[0], args[1], args[2]
+    if resume_segments is None:
+        ckpt.write_run(directory, dict(header, kind="discrete"), w0=np.asarray(w0),
+                       X=np.asarray(objective.data.X), y=np.asarray(objective.data.y))
+        resume_segments = []
+    chunks = [(b, min(per_file, n_blocks - b)) for b in range(0, n_blocks, per_file)]
+    parts, carry, last = [], None, None
+    for k, (first, count) in enumerate(chunks):
+        is_last = k == len(chunks) - 1
+        if k < len(resume_segments):
+            arrays = resume_segments[k][1]
+            parts.append({name: arrays[name] for name in ("w", "m", "h", "log_loss")})
+            carry = _restore_carry(optimizer, w0, batch,
+                                   [arrays[f"carry_{i}"] for i in range(arrays["n_carry"])])
+            if is_last:
+                last = {name: arrays["last_" + name] for name in ("w", "m", "h", "log_loss")}
+            continue
+        records, last, carry = jax.block_until_ready(_run_compiled(
+            *args, count, batch_size, batch, carry0=carry,
+            first_block=jnp.asarray(first, jnp.int32), finish=is_last))
+        records = {name: np.asarray(v) for name, v in records.items()}
+        parts.append(records)
+        leaves = jax.tree.leaves(carry)
+        extra = {f"last_{name}": np.asarray(v) for name, v in last.items()} if is_last else {}
+        ckpt.write_segment(
+            directory, k, {"first_block": first, "blocks": count},
+            **records, **extra, n_carry=np.asarray(len(leaves)),
+            **{f"carry_{i}": np.asarray(x) for i, x in enumerate(leaves)},
+        )
+    axis = 1 if batch else 0
+    records = {name: np.concatenate([p[name] for p in parts], axis=axis)
+               for name in ("w", "m", "h", "log_loss")}
+    return records, last, carry
+
+
+def _restore_carry(optimizer, w0, batch, leaves):
+    """The carry (w, optimiser state, k, alive) from its saved leaves (structure from init)."""
+    tx = optimizer.transformation()
+
+    def fresh(w):
+        return (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True))
+
+    template = jax.eval_shape(jax.vmap(fresh) if batch else fresh, w0)
+    flat, treedef = jax.tree.flatten(template)
+    return jax.tree.unflatten(treedef, [jnp.asarray(v, dtype=t.dtype)
+                                        for v, t in zip(leaves, flat, strict=True)])
+
+
+def resume_run(checkpoint, *, throw: bool = True) -> Trajectory:
+    """Continue a discrete run started with `run(..., checkpoint=DIR)`; return its Trajectory.
+
+    The chunks already written are read back (saves and optimiser state); the rest are
+    computed from the last chunk's state, still writing checkpoints. The result equals the
+    uninterrupted run's. The folder's lock, hash chain and damage rules are `resume`'s
+    (marginflow/_checkpoint.py).
+    """
+    directory = os.fspath(checkpoint)
+    with ckpt.locked(directory, create=False):  # held through the run call below
+        return _resume_run(directory, throw)
+
+
+def _resume_run(directory: str, throw: bool) -> Trajectory:
+    from ..models import Dataset, from_spec, unflatten
+    from ._optimizers import optimizer_from_meta
+
+    header, arrays, segments = ckpt.read_checkpoint(directory, repair=True)
+    if header.get("kind") != "discrete":
+        raise ValueError(
+            f"resume_run: {directory!r} holds a flow run; continue it with "
+            "marginflow.flows.resume."
+        )
+    optimizer = optimizer_from_meta(header)
+    skeleton = from_spec(header["model"])
+    w0 = jnp.asarray(arrays["w0"])
+    if header["batch"]:
+        model = eqx.filter_vmap(lambda w: unflatten(skeleton, w))(w0)
+    else:
+        model = unflatten(skeleton, w0)
+    dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
+    return run(optimizer, model, Dataset(arrays["X"], arrays["y"]), header["steps"],
+               loss=header["loss"], save_every=header["save_every"], batch=header["batch"],
+               throw=throw, dtype=dtype, checkpoint=directory,
+               blocks_per_checkpoint=header["blocks_per_checkpoint"], _resume=segments)

@@ -1,0 +1,279 @@
+"""The segment loop of `simulate`: each segment (a decade of t; ten after 1e10) is one or
+more calls of the compiled `_segment`, carrying the solver's and the controller's state
+across boundaries; the saves, step counts and the stop reason are collected on the host,
+written to the checkpoint folder segment by segment, and restored from it on resume.
+
+A stop is reported by result name (diffrax's, or "nonfinite_state"), a message that says
+where, and a hint that says what to change (`Stop`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checkpoint as ckpt
+from .._cache import CompileClock
+from .._threads import map_chunks
+from ._fields import _initial_moments, _to_lag, _v_of_w, _w_of_v
+from ._kernels import _restart, _segment, _start
+from ._plan import SegmentPlan, Setup
+from ._stops import STOPS, Stop
+
+# What `_save_fn` saves at each save time, in the Trajectory's and the checkpoints' order.
+_SAVED = ("w", "m", "I", "log_loss", "h")
+
+@dataclasses.dataclass
+class Outcome:
+    """What the loop collected: the saves per segment (`chunks[key]`, a list of arrays),
+    the step counts (per member for a batch), why it stopped, and the clocks."""
+
+    chunks: dict
+    steps: object
+    accepted: object
+    rejected: object
+    per_segment_steps: list
+    result: str
+    message: str
+    wall_time: float
+    compile_time: float
+    state: object  # the controller's and solver's state at the end (kink counts inside)
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="segment", desc="simulate")
+
+
+class Engine:
+    """Runs a `Setup` along a `SegmentPlan`, writing each segment to `checkpoint` (a
+    folder, whose lock the caller holds, or None)."""
+
+    def __init__(self, run: Setup, plan: SegmentPlan, *, progress: bool, checkpoint):
+        self.run, self.plan, self.checkpoint = run, plan, checkpoint
+        self.bar = _progress_bar(len(plan.bounds) - 1) if progress else None
+        self.clock = CompileClock()  # the part of the wall time spent making programs
+        self.calls = 0  # segment calls made (see `_phase`)
+        self.seg, self.start_fn, self.restart_fn = self._programs()
+
+    def _programs(self):
+        """The compiled functions, vmapped over a batch and cut into thread chunks."""
+        run = self.run
+        if not run.batch:
+            return _segment, _start, _restart
+        restart_fn = eqx.filter_vmap(_restart, in_axes=(None, None, 0, None, None, None, 0))
+        seg = eqx.filter_vmap(
+            _segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0))
+        start_fn = eqx.filter_vmap(_start, in_axes=(None, None, 0, None, None, None, None, None))
+        if run.threads > 1:
+            vmapped, threads = seg, run.threads
+
+            def seg(flow, objective, y, lo, hi, log_time, save_us, solver, controller,
+                    max_steps, state):
+                def call(y_part, state_part):
+                    return vmapped(flow, objective, y_part, lo, hi, log_time, save_us,
+                                   solver, controller, max_steps, state_part)
+
+                return map_chunks(call, (y, state), threads)
+
+        return seg, start_fn, restart_fn
+
+    def _u(self, t, log_time):
+        return jnp.asarray(np.log(t) if log_time else t, self.run.dtype)
+
+    def _phase(self):
+        # The meter says "compiling" before the first segment call: in a fresh process it
+        # traces and compiles (or loads) the program; later calls do not.
+        if self.bar is not None:
+            self.bar.set_description("simulate" if self.calls else "simulate (compiling)")
+            self.bar.refresh()
+        self.calls += 1
+
+    def _initial_state(self):
+        """y = (v, m, I) at t0 (v: the margin-scale variable of `_w_of_v`, m = 0, I = 0),
+        split over the devices for a sharded batch."""
+        run = self.run
+        w0 = run.padded_w0
+        y = (_v_of_w(w0, run.objective.degree),
+             _initial_moments(run.flow, run.objective, w0, run.t0 >= 1.0),
+             jnp.zeros(w0.shape[:-1], run.dtype))
+        if len(run.devices) > 1:
+            mesh = jax.sharding.Mesh(np.asarray(run.devices), ("batch",))
+            y = jax.device_put(
+                y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+        return y
+
+    def integrate(self, resume_segments) -> Outcome:
+        run, bounds = self.run, self.plan.bounds
+        out = Outcome({k: [] for k in ("ts", *_SAVED)}, 0, 0, 0, [], "successful", "", 0.0,
+                      0.0, None)
+        y = self._initial_state()
+        begin = time.perf_counter()
+        first_log = bounds[0] >= 1.0
+        with self.clock:
+            state = self.start_fn(run.flow, run.objective, y, self._u(bounds[0], first_log),
+                                  self._u(bounds[1], first_log), jnp.asarray(first_log),
+                                  run.solver, run.controller)
+        out.wall_time += time.perf_counter() - begin
+        done = 0
+        if resume_segments:
+            y, state = self._restore(resume_segments, out, state)
+            done = len(resume_segments)
+            if self.bar is not None:
+                self.bar.update(done)
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if k < done or out.result != "successful":
+                continue
+            y, state = self._segment_k(k, lo, hi, y, state, out)
+            if self.bar is not None:
+                self.bar.set_description("simulate")
+                self.bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(out.steps))}, "
+                                         f"compile {self.clock.seconds:.1f} s")
+                self.bar.update(1)
+            if out.result != "successful":
+                break
+        if self.bar is not None:
+            self.bar.close()
+        out.state = state
+        out.compile_time = self.clock.seconds
+        return out
+
+    def _restore(self, resume_segments, out: Outcome, state):
+        """Continue after the last complete segment of a checkpoint: its saves, its end
+        state and the solver / controller states (same tree structure as the fresh
+        `state`)."""
+        run, bounds = self.run, self.plan.bounds
+        for k, (header, arrays) in enumerate(resume_segments):
+            if (header["lo"], header["hi"]) != (bounds[k], bounds[k + 1]):
+                raise ValueError(
+                    f"resume: segment {k} of the checkpoint spans [{header['lo']:.3g}, "
+                    f"{header['hi']:.3g}] but this run's segment {k} is [{bounds[k]:.3g}, "
+                    f"{bounds[k + 1]:.3g}]; the checkpoint was written with another segment "
+                    "layout. Rerun it with simulate(..., checkpoint=a new folder)."
+                )
+            out.chunks["ts"].append(arrays["ts"])
+            for key in _SAVED:
+                out.chunks[key].append(arrays[key])
+            out.steps = out.steps + np.asarray(header["steps"])
+            out.accepted = out.accepted + np.asarray(header["accepted"])
+            out.rejected = out.rejected + np.asarray(header["rejected"])
+            out.per_segment_steps.append(np.asarray(header["steps"]))
+            out.result, out.message = header["result"], header["message"]
+        arrays = resume_segments[-1][1]
+        y = tuple(jnp.asarray(arrays[k], run.dtype) for k in ("y_v", "y_m", "y_I"))
+        leaves, treedef = jax.tree.flatten(state)
+        saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
+        if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
+            raise ValueError(
+                "resume: the checkpoint was written with another batch padding (device "
+                "count); resume it on a machine with the same number of devices."
+            )
+        state = jax.tree.unflatten(
+            treedef, [jnp.asarray(v, dtype=x.dtype)
+                      for v, x in zip(saved_leaves, leaves, strict=True)])
+        return y, state
+
+    def _segment_k(self, k, lo, hi, y, state, out: Outcome):
+        """Integrate segment k = [lo, hi] (saves, counts and the stop reason into `out`),
+        write it to the checkpoint folder, and return the state at its end."""
+        run, bounds, slots = self.run, self.plan.bounds, self.plan.slots
+        batch = run.batch
+        axis = 1 if batch else 0  # the saves' time axis
+        # t on [t0, 1], log t from t = 1 on (see `_time`).
+        log_time = lo >= 1.0
+        if k and log_time and bounds[k - 1] < 1.0 and run.flow.n_moments == 2:
+            # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on (see
+            # `_fields`): a new state, so the solver's own state is made anew at it.
+            objective = run.objective
+            y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
+            state = self.restart_fn(run.flow, objective, y, jnp.asarray(0.0, run.dtype),
+                                    jnp.asarray(True), run.solver, state)
+        # At most `slots` saves per call (the slots are part of the compiled program's
+        # shape): a segment with more is integrated in pieces, each ending at its last save.
+        wanted = self.plan.saves[k]
+        pieces = [wanted[i : i + slots] for i in range(0, len(wanted), slots)]
+        pieces = pieces or [wanted]  # a segment without saves is one call
+        n = na = nr = 0
+        piece_lo, kept = lo, []
+        for j, piece in enumerate(pieces):
+            piece_hi = hi if j == len(pieces) - 1 else float(piece[-1])
+            pad = np.full(slots, piece_hi)
+            pad[: len(piece)] = piece
+            self._phase()
+            begin = time.perf_counter()
+            with self.clock:
+                result = self.seg(run.flow, run.objective, y, self._u(piece_lo, log_time),
+                                  self._u(piece_hi, log_time), jnp.asarray(log_time),
+                                  self._u(pad, log_time), run.solver, run.controller,
+                                  run.max_steps, state)
+                result = jax.block_until_ready(result)
+            out.wall_time += time.perf_counter() - begin
+            n_saved, saved, y, (end_u, end_saved), state, code, dn, dna, dnr = result
+            n, na, nr = n + np.asarray(dn), na + np.asarray(dna), nr + np.asarray(dnr)
+            codes = np.atleast_1d(np.asarray(code))
+            ok = codes == STOPS.index(Stop.successful)
+            n_keep = len(piece)
+            if not ok.all():
+                # Keep every save the solver reached (of the first failed member in a batch).
+                n_keep = min(int(np.atleast_1d(np.asarray(n_saved))[np.argmin(ok)]), n_keep)
+            kept.append((pad[:n_keep], {key: np.asarray(saved[key])[:, :n_keep] if batch
+                                        else np.asarray(saved[key])[:n_keep]
+                                        for key in _SAVED}))
+            piece_lo = piece_hi
+            if not ok.all():
+                break
+        out.steps = out.steps + n
+        out.per_segment_steps.append(np.asarray(n))
+        out.accepted = out.accepted + na
+        out.rejected = out.rejected + nr
+        chunks = out.chunks
+        kept_ts = np.concatenate([ts_ for ts_, _ in kept])
+        chunks["ts"].append(np.asarray(kept_ts, np.float64))
+        for key in _SAVED:
+            chunks[key].append(np.concatenate([arrs[key] for _, arrs in kept], axis=axis))
+        if not ok.all() and not batch:
+            # Also keep the state where the solver stopped (one run: a batch's members stop
+            # at different times and share one time axis).
+            end_t = float(np.exp(end_u)) if log_time else float(end_u)
+            if (
+                np.isfinite(end_t)
+                and (len(kept_ts) == 0 or end_t > kept_ts[-1])
+                and all(np.all(np.isfinite(np.asarray(v))) for v in end_saved.values())
+            ):
+                kept_ts = np.append(kept_ts, end_t)
+                chunks["ts"][-1] = np.asarray(kept_ts, np.float64)
+                for key in _SAVED:
+                    chunks[key][-1] = np.concatenate(
+                        [chunks[key][-1], np.asarray(end_saved[key])[None]], axis=0
+                    )
+        if not ok.all():
+            bad = STOPS[int(codes[~ok][0])]
+            out.result = bad.name
+            failed = int(np.sum(~ok))
+            where = f"{failed} of {codes.size} runs" if batch else "the run"
+            reached_t = (
+                float(np.nanmax(np.where(np.isfinite(kept_ts), kept_ts, np.nan)))
+                if len(kept_ts)
+                else lo
+            )
+            out.message = (
+                f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
+                f"{bad.text} Fix: {bad.hint}."
+            )
+        if self.checkpoint is not None:
+            ckpt.write_segment(
+                os.fspath(self.checkpoint), k,
+                {"lo": lo, "hi": hi, "result": out.result, "message": out.message,
+                 "steps": np.asarray(n).tolist(), "accepted": np.asarray(na).tolist(),
+                 "rejected": np.asarray(nr).tolist()},
+                ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in _SAVED},
+                y_v=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
+                **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
+            )
+        return y, state

@@ -1,0 +1,109 @@
+"""The compiled programs of `simulate`: the first step and solver state of a run (`_start`),
+the solver state made anew at a change of state variables (`_restart`), and one segment's
+integration with its saves (`_segment`). Each is jit-compiled once per flow class, model
+structure, shapes and solver, and kept by JAX's persistent cache (nothing in them calls
+back to the host)."""
+
+from __future__ import annotations
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._fields import _decay_over, _psi, _rise, _save_fn, _terms
+from ._penalty import PenaltyIntegral
+from ._saves import SavedAt
+from ._solvers import decay_rate
+from ._stops import stop_code
+
+
+def _wrap(solver):
+    return PenaltyIntegral(solver, _psi, _rise, _decay_over)
+
+
+def _args(flow, objective, u, log_time):
+    """The fields' `args`: (flow, objective, the decay rate a in u's dtype, log_time)."""
+    return flow, objective, decay_rate(flow).astype(u.dtype), log_time
+
+
+@eqx.filter_jit
+def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
+    """The first step size and the initial controller / solver states (no integration)."""
+    args = _args(flow, objective, u_start, log_time)
+    terms = _terms(solver)
+    controller = controller.wrap(1)
+    error_order = solver.error_order(terms)
+    tnext, cstate = controller.init(terms, u_start, u_end, y0, None, args, solver.func, error_order)
+    tnext = jnp.minimum(tnext, u_end)
+    sstate = _wrap(solver).init(terms, u_start, tnext, y0, args)
+    return cstate, sstate
+
+
+@eqx.filter_jit
+def _restart(flow, objective, y, u_start, log_time, solver, state):
+    """`state` with the solver's own state made anew for `solver` at y (a new state: a
+    momentum flow's m1 turned into its lag at t = 1, see `_fields`).
+
+    The controller's state (error history, proposed step) carries over unchanged."""
+    args = _args(flow, objective, u_start, log_time)
+    controller_state, _ = state
+    u_next = u_start + controller_state[1]
+    return controller_state, _wrap(solver).init(_terms(solver), u_start, u_next, y, args)
+
+
+def _segment_traced(
+    flow, objective, y0, u_start, u_end, log_time, save_us, solver, controller, max_steps, state
+):
+    """Integrate one segment [u_start, u_end] in u (t or log t), saving at save_us.
+
+    Nothing in this program calls back to the host (the saves are `SavedAt`'s, the first
+    step size is the controller's field), so JAX's persistent cache keeps it; the result
+    code and the number of saves made are checked on the host afterwards."""
+    controller_state, solver_state = state
+    args = _args(flow, objective, u_start, log_time)
+    saving = SavedAt(_wrap(solver), save_us, _save_fn)
+    sol = dfx.diffeqsolve(
+        _terms(solver),
+        saving,
+        u_start,
+        u_end,
+        None,  # the first step: the one the controller proposed last (CarriedPID.dt)
+        y0,
+        args=args,
+        saveat=dfx.SaveAt(
+            subs=[
+                dfx.SubSaveAt(t1=True, fn=_save_fn),
+                dfx.SubSaveAt(t1=True),  # the state (v, m, I) itself, carried on exactly
+            ],
+            controller_state=True,
+            solver_state=True,
+        ),
+        stepsize_controller=controller.carrying(controller_state[1]),
+        max_steps=max_steps,
+        throw=False,
+        controller_state=controller_state,
+        solver_state=(solver_state, *saving.empty(u_start, y0, args)),
+        made_jump=False,
+    )
+    final, raw = sol.ys
+    inner_state, saved, n_saved = sol.solver_state
+    final = jax.tree.map(lambda x: x[-1], final)
+    y_end = jax.tree.map(lambda x: x[-1], raw)
+    return (
+        n_saved,
+        saved,
+        y_end,
+        (sol.ts[0][-1], final),
+        (sol.controller_state, inner_state),
+        stop_code(sol.result),
+        sol.stats["num_steps"],
+        sol.stats["num_accepted_steps"],
+        sol.stats["num_rejected_steps"],
+    )
+
+
+# The trace counter (eqx.debug.get_num_traces(_segment_counted)) lets the tests check that a
+# new t1, n_save, eps, b or data set of the same shape does not retrace the segment.
+_segment_counted = eqx.debug.assert_max_traces(_segment_traced, max_traces=None)
+_segment = eqx.filter_jit(_segment_counted)
