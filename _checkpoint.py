@@ -46,7 +46,8 @@ import numpy as np
 RUN_FILE = "run.npz"
 LOCK_FILE = "run.lock"
 # Version 5: run.npz holds a run id, every segment the run id and the SHA-256 of the file
-# before it. Version 4: the solver state holds psi at the last step's end (Lemma 3's I is
+# before it, and pytrees (the solver's state, a discrete run's carry) are written one way,
+# `save_tree`. Version 4: the solver state holds psi at the last step's end (Lemma 3's I is
 # accumulated from the step's end states, flows/_penalty.py) and AdaGrad's late solver is
 # Dopri8. Version 3: the state saved at a segment's end is (v, m, I) with
 # v = w ||w||^(L-1), under the key y_v (version 2: y_w held w). Version 2: segments are ten
@@ -364,3 +365,28 @@ def _read(path: str, *, header_only: bool = False):
             raise ValueError(f"the header of {path} is not a JSON object")
         arrays = {} if header_only else {k: f[k] for k in f.files if k != "header"}
     return header, arrays
+
+
+# ------------------------------------------------------------------ pytrees in a file
+def save_tree(prefix: str, tree) -> dict:
+    """A pytree's leaves as .npz entries `prefix_0`, `prefix_1`, ... (numpy arrays); its
+    structure is not stored: `load_tree` takes it from a tree of the same kind."""
+    import jax
+
+    return {f"{prefix}_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def load_tree(arrays: dict, prefix: str, like, what: str):
+    """The pytree `save_tree(prefix, ...)` wrote, with the structure, leaf shapes and dtypes
+    of `like` (a fresh tree of the same kind, or its `jax.eval_shape`). ValueError, ending
+    with `what` (the likely cause and its fix), when the saved leaves do not fit it."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves, treedef = jax.tree.flatten(like)
+    saved = [arrays.get(f"{prefix}_{i}") for i in range(len(leaves))]
+    if (any(x is None for x in saved) or f"{prefix}_{len(leaves)}" in arrays
+            or [np.shape(x) for x in saved] != [np.shape(x) for x in leaves]):
+        raise ValueError(f"resume: the saved {prefix!r} does not fit this run: {what}")
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(v, dtype=x.dtype) for v, x in zip(saved, leaves, strict=True)])

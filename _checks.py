@@ -6,8 +6,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .models._base import check_real_type
-
 
 def is_model(model) -> bool:
     """Whether `model` is one of marginflow's homogeneous models (else: a flat parameter
@@ -101,3 +99,30 @@ def require_x64(dtype, where: str) -> None:
             "run jax.config.update('jax_enable_x64', True) before building the model and the "
             "data, or pass dtype=jnp.float32."
         )
+
+
+def check_real_type(x, name: str, where: str, example: str) -> None:
+    """TypeError if a real number is expected but `x` is a bool or a string (or an array of
+    them): float(True) and np.asarray("1e6", float) would otherwise accept them silently."""
+    try:
+        kind = None if isinstance(x, type) else np.dtype(getattr(x, "dtype", None)).kind
+    except TypeError:  # no dtype, or one numpy does not know (a PRNG key)
+        kind = None
+    if isinstance(x, (bool, np.bool_)) or kind == "b":
+        what = "a bool"
+    elif isinstance(x, (str, bytes)) or kind in ("U", "S"):
+        what = "a string"
+    else:
+        return
+    raise TypeError(
+        f"{where}: `{name}` must be a real number, got {x!r} ({what}); pass a float such as "
+        f"{name}={example}."
+    )
+
+
+def check_int(x, name: str, where: str, minimum: int = 1, fix: str = "") -> int:
+    """`x` as an int; ValueError unless it is an integer (not a bool) >= minimum."""
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
+        raise ValueError(f"{where}: `{name}` must be an integer >= {minimum}, got {x!r}"
+                         + (f"; {fix}." if fix else "."))
+    return int(x)

@@ -15,15 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 
+from ._checks import check_int
+
 
 def n_workers(workers, n_batch: int, where: str) -> int:
     """The number of chunks: `workers`, or the cores this process may use; 1 off CPU."""
-    if workers is not None and (isinstance(workers, bool) or not isinstance(
-            workers, (int, np.integer)) or workers < 1):
-        raise ValueError(
-            f"{where}: `workers` must be an integer >= 1, got {workers!r}; pass the number "
-            "of threads, or None for one per core."
-        )
+    if workers is not None:
+        check_int(workers, "workers", where, 1,
+                  "pass the number of threads, or None for one per core")
     if jax.default_backend() != "cpu" or n_batch < 2 or workers == 1:
         return 1  # one call fills an accelerator
     if _scoped_settings() != _in_new_thread(_scoped_settings):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import equinox as eqx
 import numpy as np
 
+from .._checks import check_int
 from .._records import record_repr
 from ._common import check_trajectory
 
@@ -49,10 +50,7 @@ def conditioner_limit(traj, *, decades: int = 3) -> ConditionerLimit:
         finite entry of change[..., 0]).
     """
     check_trajectory(traj, "conditioner_limit")
-    if isinstance(decades, bool) or not isinstance(decades, (int, np.integer)) or decades < 1:
-        raise ValueError(
-            f"conditioner_limit: `decades` must be a positive integer, got {decades!r}."
-        )
+    decades = check_int(decades, "decades", "conditioner_limit")
     h = np.asarray(traj.h(), np.float64)
     if not np.all(np.isfinite(h)) or not np.all(h > 0):
         raise ValueError(

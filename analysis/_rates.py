@@ -5,8 +5,8 @@ from __future__ import annotations
 import equinox as eqx
 import numpy as np
 
+from .._checks import check_real_type
 from .._records import record_repr
-from ..models._base import check_real_type
 from ._common import NotSeparatedError, check_trajectory, not_separated_message, separation_index
 
 

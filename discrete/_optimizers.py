@@ -36,10 +36,9 @@ import optax
 import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
-from .._checks import is_concrete
+from .._checks import check_real_type, is_concrete
 from .._records import record_repr
 from .._registry import lookup, register
-from ..models._base import check_real_type
 from ._transforms import _scale_by_rss_eps_outside
 
 _CONVENTIONS = ("paper", "pytorch")

@@ -42,8 +42,8 @@ def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_s
         if k < len(resume_segments):
             arrays = resume_segments[k][1]
             parts.append({name: arrays[name] for name in ("w", "m", "h", "log_loss")})
-            carry = _restore_carry(optimizer, w0, batch,
-                                   [arrays[f"carry_{i}"] for i in range(arrays["n_carry"])])
+            carry = ckpt.load_tree(arrays, "carry", _carry_like(optimizer, w0, batch),
+                                   "the optimiser or its state changed since it was written.")
             if is_last:
                 last = {name: arrays["last_" + name] for name in ("w", "m", "h", "log_loss")}
             continue
@@ -52,12 +52,10 @@ def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_s
             first_block=jnp.asarray(first, jnp.int32), finish=is_last))
         records = {name: np.asarray(v) for name, v in records.items()}
         parts.append(records)
-        leaves = jax.tree.leaves(carry)
         extra = {f"last_{name}": np.asarray(v) for name, v in last.items()} if is_last else {}
         ckpt.write_segment(
             directory, k, {"first_block": first, "blocks": count},
-            **records, **extra, n_carry=np.asarray(len(leaves)),
-            **{f"carry_{i}": np.asarray(x) for i, x in enumerate(leaves)},
+            **records, **extra, **ckpt.save_tree("carry", carry),
         )
     axis = 1 if batch else 0
     records = {name: np.concatenate([p[name] for p in parts], axis=axis)
@@ -65,17 +63,14 @@ def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_s
     return records, last, carry
 
 
-def _restore_carry(optimizer, w0, batch, leaves):
-    """The carry (w, optimiser state, k, alive) from its saved leaves (structure from init)."""
+def _carry_like(optimizer, w0, batch):
+    """The shapes and dtypes of the carry (w, optimiser state, k, alive), for `load_tree`."""
     tx = optimizer.transformation()
 
     def fresh(w):
         return (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True))
 
-    template = jax.eval_shape(jax.vmap(fresh) if batch else fresh, w0)
-    flat, treedef = jax.tree.flatten(template)
-    return jax.tree.unflatten(treedef, [jnp.asarray(v, dtype=t.dtype)
-                                        for v, t in zip(leaves, flat, strict=True)])
+    return jax.eval_shape(jax.vmap(fresh) if batch else fresh, w0)
 
 
 def resume_run(checkpoint, *, throw: bool = True) -> Trajectory:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from .._cache import use_cache
-from .._checks import check_finite_params, is_model, require_x64
+from .._checks import check_finite_params, check_int, is_model, require_x64
 from .._threads import n_workers as n_threads
 from .._trajectory import Trajectory, raise_if_failed
 from ..models import Objective
@@ -32,12 +32,6 @@ _HINT_NONFINITE = (
 )
 
 
-def _check_int(x, name: str, minimum: int, fix: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
-        raise ValueError(f"run: `{name}` must be an integer >= {minimum}, got {x!r}; {fix}.")
-    return int(x)
-
-
 def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data):
     if not isinstance(optimizer, AbstractOptimizer):
         raise TypeError(
@@ -46,10 +40,10 @@ def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data):
             "SGDMomentum(lr, momentum=...)), got "
             f"{type(optimizer).__name__}; optax transformations are wrapped by these classes."
         )
-    steps = _check_int(steps, "steps", 1, "pass the number of optimiser steps, e.g. 5000")
+    steps = check_int(steps, "steps", "run", 1, "pass the number of optimiser steps, e.g. 5000")
     if save_every is None:
         save_every = max(1, math.ceil(steps / 200))
-    save_every = _check_int(save_every, "save_every", 1,
+    save_every = check_int(save_every, "save_every", "run", 1,
                             "pass how many steps lie between two saves, e.g. 10")
     if batch_size is None:
         if key is not None:
@@ -58,7 +52,7 @@ def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data):
                 "pass batch_size for minibatch steps, or drop key for full-batch steps."
             )
     else:
-        batch_size = _check_int(batch_size, "batch_size", 1,
+        batch_size = check_int(batch_size, "batch_size", "run", 1,
                                 "pass the minibatch size, or None for full batch")
         if batch_size > n_data:
             raise ValueError(
@@ -240,7 +234,7 @@ def run(
         raise ValueError(f"run: `dtype` must be jnp.float64 or jnp.float32, got {dtype!r}.")
     require_x64(dtype, "run")
     if checkpoint is not None:
-        _check_int(blocks_per_checkpoint, "blocks_per_checkpoint", 1,
+        check_int(blocks_per_checkpoint, "blocks_per_checkpoint", "run", 1,
                    "pass how many save blocks one checkpoint file holds, e.g. 20")
         if key is not None:
             raise ValueError(

@@ -15,39 +15,18 @@ import os
 import sys
 import time
 
+from . import _reproduce  # noqa: F401  (registers the `reproduce` subcommand)
 from ._cli_figure import plot_trajectory
+from ._commands import (
+    _SUBCOMMANDS,
+    HelpFormatter,
+    UsageError,
+    print_table,
+    subcommand,
+    writable_folder,
+)
 
-_SUBCOMMANDS: dict[str, tuple] = {}
-
-
-def subcommand(name: str, help: str):
-    """Register `add_arguments(parser)` / `run(args) -> int` pairs under a subcommand name."""
-
-    def register(pair):
-        _SUBCOMMANDS[name] = (help, *pair)
-        return pair
-
-    return register
-
-
-class UsageError(ValueError):
-    pass
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default: "(default: 1e6)", "(default: none)" for an
-    option that is off unless given, "(required)" for a required one."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "%(default)" in text or action.default is argparse.SUPPRESS:
-            return text
-        if action.required and action.option_strings:
-            return f"{text} (required)"
-        if action.default is None and action.option_strings:
-            return f"{text} (default: none)"
-        return super()._get_help_string(action)
-
+ORDER = ("simulate", "resume", "reproduce")  # as `marginflow --help` lists them
 
 # ----------------------------------------------------------------------- simulate
 def _simulate_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,14 +151,6 @@ def _display(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def print_table(rows, title: str) -> None:
-    width = max(len(k) for k, _ in rows)
-    print(title)
-    print("-" * (width + 24))
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-
-
 def _simulate_run(args) -> int:
     from .._trajectory import SimulationError
     from ..flows import simulate
@@ -202,24 +173,6 @@ def _simulate_run(args) -> int:
     return _write_outputs(traj, model, data, args.out,
                           f"marginflow simulate: {args.flow} flow on {args.model} / {args.data}",
                           wall_s=wall)
-
-
-def writable_folder(path: str, flag: str) -> None:
-    """Create `path` if needed and check that files can be written in it (a temporary
-    file is created and removed); UsageError naming the flag, the path and the cause."""
-    import tempfile
-
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r} is a file; {flag} takes a folder (created if "
-                         "missing), e.g. a new name.")
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".marginflow-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise UsageError(f"{flag} {path!r} cannot be written ({err.strerror or err}); "
-                         f"pass a folder you can write to.") from err
 
 
 def _write_outputs(traj, model, data, out, title, wall_s=None) -> int:
@@ -287,28 +240,16 @@ subcommand("resume", "continue a checkpointed simulate run")((_resume_arguments,
 
 
 # ---------------------------------------------------------------------------- main
-def _load_subcommands() -> None:
-    # Sub-commands defined in other modules register themselves on import.
-    import importlib
-
-    for module in ("._reproduce",):
-        try:
-            importlib.import_module(module, __package__)
-        except ModuleNotFoundError as err:
-            if err.name is None or not err.name.endswith(module.lstrip(".")):
-                raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `marginflow` parser with every registered subcommand (help shows defaults)."""
-    _load_subcommands()
     parser = argparse.ArgumentParser(
         prog="marginflow",
         description="Flows of adaptive optimisers on homogeneous networks (Wang et al. 2021).",
         formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_arguments, _) in _SUBCOMMANDS.items():
+    for name, (help_text, add_arguments, _) in sorted(
+            _SUBCOMMANDS.items(), key=lambda item: ORDER.index(item[0])):
         add_arguments(sub.add_parser(name, help=help_text, description=help_text,
                                      formatter_class=HelpFormatter))
     return parser

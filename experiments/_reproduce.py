@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from ._cli import UsageError, print_table, subcommand, writable_folder
+from ._commands import UsageError, print_table, subcommand, writable_folder
 
 # name -> (module, function, one-line description). Imported lazily: JAX and the
 # experiment's dependencies load only for the experiment asked for.

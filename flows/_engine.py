@@ -167,16 +167,9 @@ class Engine:
             out.result, out.message = header["result"], header["message"]
         arrays = resume_segments[-1][1]
         y = tuple(jnp.asarray(arrays[k], run.dtype) for k in ("y_v", "y_m", "y_I"))
-        leaves, treedef = jax.tree.flatten(state)
-        saved_leaves = [arrays[f"state_{i}"] for i in range(len(leaves))]
-        if [np.shape(x) for x in saved_leaves] != [np.shape(x) for x in leaves]:
-            raise ValueError(
-                "resume: the checkpoint was written with another batch padding (device "
-                "count); resume it on a machine with the same number of devices."
-            )
-        state = jax.tree.unflatten(
-            treedef, [jnp.asarray(v, dtype=x.dtype)
-                      for v, x in zip(saved_leaves, leaves, strict=True)])
+        state = ckpt.load_tree(
+            arrays, "state", state, "the checkpoint was written with another batch padding "
+            "(device count); resume it on a machine with the same number of devices.")
         return y, state
 
     def _segment_k(self, k, lo, hi, y, state, out: Outcome):
@@ -274,6 +267,6 @@ class Engine:
                  "rejected": np.asarray(nr).tolist()},
                 ts=chunks["ts"][-1], **{key: chunks[key][-1] for key in _SAVED},
                 y_v=np.asarray(y[0]), y_m=np.asarray(y[1]), y_I=np.asarray(y[2]),
-                **{f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
+                **ckpt.save_tree("state", state),
             )
         return y, state

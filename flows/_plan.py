@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._cache import use_cache
-from .._checks import check_finite_params, require_x64
+from .._checks import check_finite_params, check_int, check_real_type, require_x64
 from .._threads import n_workers
 from ..models import Objective
-from ..models._base import check_real_type
 from ..models._homogeneity import check_homogeneous
 from ..models._objective import initial_point
 from ._flow import AbstractFlow
@@ -107,11 +106,9 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
     rtol = _check_number(rtol, "rtol", "must be in (0, 1)", lambda v: 0 < v < 1, "1e-8")
     atol = _check_number(atol, "atol", "must be > 0", lambda v: math.isfinite(v) and v > 0,
                           "1e-12")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"simulate: `max_steps` must be a positive integer, got {max_steps!r}.")
+    max_steps = check_int(max_steps, "max_steps", "simulate")
     if ts is None:
-        if isinstance(n_save, bool) or not isinstance(n_save, (int, np.integer)) or n_save < 2:
-            raise ValueError(f"simulate: `n_save` must be an integer >= 2, got {n_save!r}.")
+        n_save = check_int(n_save, "n_save", "simulate", 2)
         ts = default_save_times(t0, t1, int(n_save))
     else:
         ts = np.asarray(ts, dtype=np.float64)

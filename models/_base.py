@@ -7,7 +7,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import numpy as np
 
 
 class AbstractModel(eqx.Module):
@@ -47,31 +46,6 @@ def check_key(key, where: str):
             f"{where} needs a PRNG key: pass `key=jax.random.key(0)` (or PRNGKey(0))."
         )
     return key
-
-
-def check_positive_int(value, name: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{where}: `{name}` must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def check_real_type(x, name: str, where: str, example: str) -> None:
-    """TypeError if a real number is expected but `x` is a bool or a string (or an array of
-    them): float(True) and np.asarray("1e6", float) would otherwise accept them silently."""
-    try:
-        kind = None if isinstance(x, type) else np.dtype(getattr(x, "dtype", None)).kind
-    except TypeError:  # no dtype, or one numpy does not know (a PRNG key)
-        kind = None
-    if isinstance(x, (bool, np.bool_)) or kind == "b":
-        what = "a bool"
-    elif isinstance(x, (str, bytes)) or kind in ("U", "S"):
-        what = "a string"
-    else:
-        return
-    raise TypeError(
-        f"{where}: `{name}` must be a real number, got {x!r} ({what}); pass a float such as "
-        f"{name}={example}."
-    )
 
 
 def from_spec(spec: dict[str, Any]) -> AbstractModel:

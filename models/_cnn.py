@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_int
 from .._registry import register
-from ._base import AbstractModel, check_key, check_positive_int
+from ._base import AbstractModel, check_key
 
 
 def _uniform(key, shape, fan_in):
@@ -83,7 +84,7 @@ class CNN(AbstractModel):
     def __init__(
         self, *, out_dim: int = 10, widths=(32, 64, 1024), conv: str = "auto", key: PRNGKeyArray
     ):
-        self.out_dim = check_positive_int(out_dim, "out_dim", "CNN")
+        self.out_dim = check_int(out_dim, "out_dim", "CNN")
         if conv not in _CONVS:
             raise ValueError(
                 f"CNN: `conv` must be one of {_CONVS}, got {conv!r}: 'xla' is XLA's "
@@ -97,7 +98,7 @@ class CNN(AbstractModel):
                 "CNN: `widths` must be three positive integers (conv1 channels, conv2 "
                 f"channels, fc units), got {widths!r}; the paper's are (32, 64, 1024)."
             )
-        c1, c2, f = (check_positive_int(v, "widths", "CNN") for v in widths)
+        c1, c2, f = (check_int(v, "widths", "CNN") for v in widths)
         self.widths = (c1, c2, f)
         check_key(key, "CNN")
         k1, k2, k3, k4 = jax.random.split(key, 4)

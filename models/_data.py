@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._checks import check_int
+
 
 class Dataset(eqx.Module):
     """Inputs X (N, ...) and labels y (N,).
@@ -129,10 +131,8 @@ def separable_gaussians(n: int, dim: int, *, gap: float = 0.5, seed: int = 0) ->
     A random unit vector u is drawn; points are N(0, I) shifted along u so that every
     sample has y <u, x> >= gap: the hard-margin SVM through the origin has margin >= gap.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
-        raise ValueError(f"separable_gaussians: `n` must be an integer >= 2, got {n!r}.")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"separable_gaussians: `dim` must be a positive integer, got {dim!r}.")
+    n = check_int(n, "n", "separable_gaussians", 2)
+    dim = check_int(dim, "dim", "separable_gaussians")
     if not np.isfinite(gap) or gap <= 0:
         raise ValueError(f"separable_gaussians: `gap` must be > 0, got {gap!r}.")
     rng = np.random.default_rng(seed)

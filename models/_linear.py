@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_int
 from .._registry import register
-from ._base import AbstractModel, check_key, check_positive_int
+from ._base import AbstractModel, check_key
 
 
 @register("model")
@@ -27,8 +28,8 @@ class Linear(AbstractModel):
     degree: int = eqx.field(static=True)
 
     def __init__(self, in_dim: int, *, out_dim: int = 1, key: PRNGKeyArray):
-        self.in_dim = check_positive_int(in_dim, "in_dim", "Linear")
-        self.out_dim = check_positive_int(out_dim, "out_dim", "Linear")
+        self.in_dim = check_int(in_dim, "in_dim", "Linear")
+        self.out_dim = check_int(out_dim, "out_dim", "Linear")
         check_key(key, "Linear")
         bound = 1.0 / jnp.sqrt(self.in_dim)
         self.weight = jax.random.uniform(
@@ -66,7 +67,7 @@ class DeepLinear(AbstractModel):
             raise ValueError(
                 f"DeepLinear: `dims` must list at least (in_dim, out_dim), got {dims!r}."
             )
-        self.dims = tuple(check_positive_int(d, "dims[i]", "DeepLinear") for d in dims)
+        self.dims = tuple(check_int(d, "dims[i]", "DeepLinear") for d in dims)
         check_key(key, "DeepLinear")
         keys = jax.random.split(key, len(dims) - 1)
         self.weights = [

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_int
 from .._registry import register
-from ._base import AbstractModel, check_key, check_positive_int
+from ._base import AbstractModel, check_key
 
 
 def _activation(activation):
@@ -58,10 +59,10 @@ class MLP(AbstractModel):
         activation: str | int = "relu",
         key: PRNGKeyArray,
     ):
-        self.in_dim = check_positive_int(in_dim, "in_dim", "MLP")
-        self.width = check_positive_int(width, "width", "MLP")
-        self.depth = check_positive_int(depth, "depth", "MLP")
-        self.out_dim = check_positive_int(out_dim, "out_dim", "MLP")
+        self.in_dim = check_int(in_dim, "in_dim", "MLP")
+        self.width = check_int(width, "width", "MLP")
+        self.depth = check_int(depth, "depth", "MLP")
+        self.out_dim = check_int(out_dim, "out_dim", "MLP")
         _, k = _activation(activation)
         self.activation = activation if isinstance(activation, str) else int(activation)
         check_key(key, "MLP")

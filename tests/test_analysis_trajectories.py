@@ -249,7 +249,7 @@ def test_errors_on_unseparated_or_mismatched_runs(soudry):
         surrogate_margin(traj, model, other)
     with pytest.raises(TypeError, match="Trajectory"):
         conditioner_limit(traj.w)
-    with pytest.raises(ValueError, match="`decades` must be a positive integer"):
+    with pytest.raises(ValueError, match="`decades` must be an integer >= 1"):
         conditioner_limit(traj, decades=0)
 
 

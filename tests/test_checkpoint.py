@@ -79,7 +79,7 @@ def _assert_only_complete_files(directory, kind):
     header, arrays, segments = read_checkpoint(directory)
     assert {"w0", "X", "y"} <= set(arrays)
     expected = ({"ts", "w", "m", "I", "log_loss", "h", "y_v", "y_m", "y_I"} if kind == "flow"
-                else {"w", "m", "h", "log_loss", "n_carry", "carry_0"})
+                else {"w", "m", "h", "log_loss", "carry_0"})
     for _, seg in segments:
         assert expected <= set(seg)
         assert np.all(np.isfinite(seg["w"]))
