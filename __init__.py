@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 
 from ._cache import cache_dir as cache_dir  # noqa: E402
 from ._cache import use_cache as use_cache  # noqa: E402
+from ._checkpoint import CheckpointFolder as CheckpointFolder  # noqa: E402
 from ._trajectory import SimulationError as SimulationError  # noqa: E402
 from ._trajectory import Trajectory as Trajectory  # noqa: E402
 

@@ -367,6 +367,42 @@ def _read(path: str, *, header_only: bool = False):
     return header, arrays
 
 
+# ------------------------------------------------------------------ the folder object
+class CheckpointFolder:
+    """A checkpoint folder, the object `simulate`, `resume`, `run` and `resume_run` work
+    with (a path given as `checkpoint=` is wrapped in one). Its methods are this module's
+    functions on its folder; a subclass may add to them (e.g. copy each segment elsewhere
+    after `write_segment`)."""
+
+    def __init__(self, directory):
+        self.directory = os.fspath(directory)
+
+    def __repr__(self) -> str:
+        return f"CheckpointFolder({self.directory!r})"
+
+    def locked(self, *, create: bool = True):
+        return locked(self.directory, create=create)
+
+    def write_run(self, header: dict, **arrays) -> None:
+        write_run(self.directory, header, **arrays)
+
+    def write_segment(self, k: int, header: dict, **arrays) -> None:
+        write_segment(self.directory, k, header, **arrays)
+
+    def read(self, *, repair: bool = False):
+        return read_checkpoint(self.directory, repair=repair)
+
+
+def checkpoint_folder(checkpoint) -> CheckpointFolder | None:
+    """`checkpoint=` as a CheckpointFolder (None stays None: no checkpoints)."""
+    if checkpoint is None or isinstance(checkpoint, CheckpointFolder):
+        return checkpoint
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"`checkpoint` must be a folder (a str or os.PathLike) or a "
+                        f"CheckpointFolder, got {checkpoint!r}.")
+    return CheckpointFolder(checkpoint)
+
+
 # ------------------------------------------------------------------ pytrees in a file
 def save_tree(prefix: str, tree) -> dict:
     """A pytree's leaves as .npz entries `prefix_0`, `prefix_1`, ... (numpy arrays); its

@@ -4,8 +4,6 @@ chunk written atomically (marginflow/_checkpoint.py: lock, run id, hash chain), 
 
 from __future__ import annotations
 
-import os
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -23,17 +21,17 @@ def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, r
     Chunk c holds save blocks c * per_file .. (c + 1) * per_file - 1 and the carry
     (w, optimiser state, k, alive) after them; the last chunk also holds the final point.
     """
-    with ckpt.locked(checkpoint):  # one writer per folder (marginflow/_checkpoint.py)
-        return _run_chunks(args, n_blocks, batch_size, batch, os.fspath(checkpoint), per_file,
+    folder = ckpt.checkpoint_folder(checkpoint)
+    with folder.locked():  # one writer per folder (marginflow/_checkpoint.py)
+        return _run_chunks(args, n_blocks, batch_size, batch, folder, per_file,
                            resume_segments, header)
 
 
-def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_segments,
-                header):
+def _run_chunks(args, n_blocks, batch_size, batch, folder, per_file, resume_segments, header):
     optimizer, objective, w0 = args[0], args[1], args[2]
     if resume_segments is None:
-        ckpt.write_run(directory, dict(header, kind="discrete"), w0=np.asarray(w0),
-                       X=np.asarray(objective.data.X), y=np.asarray(objective.data.y))
+        folder.write_run(dict(header, kind="discrete"), w0=np.asarray(w0),
+                         X=np.asarray(objective.data.X), y=np.asarray(objective.data.y))
         resume_segments = []
     chunks = [(b, min(per_file, n_blocks - b)) for b in range(0, n_blocks, per_file)]
     parts, carry, last = [], None, None
@@ -53,8 +51,8 @@ def _run_chunks(args, n_blocks, batch_size, batch, directory, per_file, resume_s
         records = {name: np.asarray(v) for name, v in records.items()}
         parts.append(records)
         extra = {f"last_{name}": np.asarray(v) for name, v in last.items()} if is_last else {}
-        ckpt.write_segment(
-            directory, k, {"first_block": first, "blocks": count},
+        folder.write_segment(
+            k, {"first_block": first, "blocks": count},
             **records, **extra, **ckpt.save_tree("carry", carry),
         )
     axis = 1 if batch else 0
@@ -81,19 +79,19 @@ def resume_run(checkpoint, *, throw: bool = True) -> Trajectory:
     uninterrupted run's. The folder's lock, hash chain and damage rules are `resume`'s
     (marginflow/_checkpoint.py).
     """
-    directory = os.fspath(checkpoint)
-    with ckpt.locked(directory, create=False):  # held through the run call below
-        return _resume_run(directory, throw)
+    folder = ckpt.checkpoint_folder(checkpoint)
+    with folder.locked(create=False):  # held through the run call below
+        return _resume_run(folder, throw)
 
 
-def _resume_run(directory: str, throw: bool) -> Trajectory:
+def _resume_run(folder, throw: bool) -> Trajectory:
     from ..models import Dataset, from_spec, unflatten
     from ._optimizers import optimizer_from_meta
 
-    header, arrays, segments = ckpt.read_checkpoint(directory, repair=True)
+    header, arrays, segments = folder.read(repair=True)
     if header.get("kind") != "discrete":
         raise ValueError(
-            f"resume_run: {directory!r} holds a flow run; continue it with "
+            f"resume_run: {folder.directory!r} holds a flow run; continue it with "
             "marginflow.flows.resume."
         )
     optimizer = optimizer_from_meta(header)
@@ -106,5 +104,5 @@ def _resume_run(directory: str, throw: bool) -> Trajectory:
     dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
     return run(optimizer, model, Dataset(arrays["X"], arrays["y"]), header["steps"],
                loss=header["loss"], save_every=header["save_every"], batch=header["batch"],
-               throw=throw, dtype=dtype, checkpoint=directory,
+               throw=throw, dtype=dtype, checkpoint=folder,
                blocks_per_checkpoint=header["blocks_per_checkpoint"], _resume=segments)

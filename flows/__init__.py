@@ -12,6 +12,9 @@ from ._flow import GradientFlow as GradientFlow
 from ._flow import MomentumFlow as MomentumFlow
 from ._flow import RMSPropFlow as RMSPropFlow
 from ._imex import DecayIMEX as DecayIMEX
+from ._progress import AbstractProgressMeter as AbstractProgressMeter
+from ._progress import NoProgressMeter as NoProgressMeter
+from ._progress import TqdmProgressMeter as TqdmProgressMeter
 from ._simulate import default_save_times as default_save_times
 from ._simulate import resume as resume
 from ._simulate import simulate as simulate

@@ -9,7 +9,6 @@ where, and a hint that says what to change (`Stop`)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import equinox as eqx
@@ -23,6 +22,7 @@ from .._threads import map_chunks
 from ._fields import _initial_moments, _to_lag, _v_of_w, _w_of_v
 from ._kernels import _restart, _segment, _start
 from ._plan import SegmentPlan, Setup
+from ._progress import AbstractProgressMeter
 from ._stops import STOPS, Stop
 
 # What `_save_fn` saves at each save time, in the Trajectory's and the checkpoints' order.
@@ -45,19 +45,13 @@ class Outcome:
     state: object  # the controller's and solver's state at the end (kink counts inside)
 
 
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="segment", desc="simulate")
-
-
 class Engine:
     """Runs a `Setup` along a `SegmentPlan`, writing each segment to `checkpoint` (a
     folder, whose lock the caller holds, or None)."""
 
-    def __init__(self, run: Setup, plan: SegmentPlan, *, progress: bool, checkpoint):
-        self.run, self.plan, self.checkpoint = run, plan, checkpoint
-        self.bar = _progress_bar(len(plan.bounds) - 1) if progress else None
+    def __init__(self, run: Setup, plan: SegmentPlan, *, meter: AbstractProgressMeter,
+                 checkpoint):
+        self.run, self.plan, self.checkpoint, self.meter = run, plan, checkpoint, meter
         self.clock = CompileClock()  # the part of the wall time spent making programs
         self.calls = 0  # segment calls made (see `_phase`)
         self.seg, self.start_fn, self.restart_fn = self._programs()
@@ -88,11 +82,9 @@ class Engine:
         return jnp.asarray(np.log(t) if log_time else t, self.run.dtype)
 
     def _phase(self):
-        # The meter says "compiling" before the first segment call: in a fresh process it
+        # Before the first segment call the meter says "compiling": in a fresh process it
         # traces and compiles (or loads) the program; later calls do not.
-        if self.bar is not None:
-            self.bar.set_description("simulate" if self.calls else "simulate (compiling)")
-            self.bar.refresh()
+        self.meter.calling(first=self.calls == 0)
         self.calls += 1
 
     def _initial_state(self):
@@ -110,9 +102,18 @@ class Engine:
         return y
 
     def integrate(self, resume_segments) -> Outcome:
-        run, bounds = self.run, self.plan.bounds
+        """Run the segments not in `resume_segments` (a checkpoint's, or None)."""
+        bounds = self.plan.bounds
         out = Outcome({k: [] for k in ("ts", *_SAVED)}, 0, 0, 0, [], "successful", "", 0.0,
                       0.0, None)
+        self.meter.start(len(bounds) - 1)
+        try:
+            return self._integrate(resume_segments, out)
+        finally:
+            self.meter.close()
+
+    def _integrate(self, resume_segments, out: Outcome) -> Outcome:
+        run, bounds = self.run, self.plan.bounds
         y = self._initial_state()
         begin = time.perf_counter()
         first_log = bounds[0] >= 1.0
@@ -125,21 +126,14 @@ class Engine:
         if resume_segments:
             y, state = self._restore(resume_segments, out, state)
             done = len(resume_segments)
-            if self.bar is not None:
-                self.bar.update(done)
+            self.meter.done(bounds[done], int(np.sum(out.steps)), self.clock.seconds, done)
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             if k < done or out.result != "successful":
                 continue
             y, state = self._segment_k(k, lo, hi, y, state, out)
-            if self.bar is not None:
-                self.bar.set_description("simulate")
-                self.bar.set_postfix_str(f"t = {hi:.3g}, steps = {int(np.sum(out.steps))}, "
-                                         f"compile {self.clock.seconds:.1f} s")
-                self.bar.update(1)
+            self.meter.done(hi, int(np.sum(out.steps)), self.clock.seconds)
             if out.result != "successful":
                 break
-        if self.bar is not None:
-            self.bar.close()
         out.state = state
         out.compile_time = self.clock.seconds
         return out
@@ -260,8 +254,8 @@ class Engine:
                 f"{bad.text} Fix: {bad.hint}."
             )
         if self.checkpoint is not None:
-            ckpt.write_segment(
-                os.fspath(self.checkpoint), k,
+            self.checkpoint.write_segment(
+                k,
                 {"lo": lo, "hi": hi, "result": out.result, "message": out.message,
                  "steps": np.asarray(n).tolist(), "accepted": np.asarray(na).tolist(),
                  "rejected": np.asarray(nr).tolist()},

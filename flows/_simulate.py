@@ -15,6 +15,7 @@ Trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ from ._flow import AbstractFlow
 from ._plan import DEFAULT_KINK_TOL as DEFAULT_KINK_TOL
 from ._plan import SegmentPlan, Setup, setup
 from ._plan import default_save_times as default_save_times
+from ._progress import progress_meter
 from ._separation import separation_verdict
 from ._solvers import kink_stats, solver_name
 
@@ -48,12 +50,12 @@ def simulate(
     rtol: float = 1e-8,
     atol: float = 1e-12,
     max_steps: int = 100_000,
-    progress: bool = False,
+    progress=False,
     throw: bool = True,
     batch: bool = False,
     dtype=jnp.float64,
     shard: bool | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint=None,
     workers: int | None = None,
     kink_tol: float | None = None,
     _resume: list | None = None,
@@ -81,7 +83,9 @@ def simulate(
             after; `stats["segment_ends"]` lists them); a segment holding more save times
             than one call's slots (64; fewer for models of more than 16384 parameters,
             `save_slots`) is integrated in several calls, each with this limit.
-        progress: a tqdm meter over the segments (decades of t, ten decades after 1e10).
+        progress: True for a tqdm meter over the segments (decades of t, ten decades after
+            1e10), or a progress meter object (`TqdmProgressMeter`, `NoProgressMeter`, or
+            a subclass of `AbstractProgressMeter` of your own).
         throw: raise SimulationError (holding the partial Trajectory) if the solver stops
             early, or if a Linear / DeepLinear model cannot separate the data (result
             "not_separable", checked by an LP only when the run failed or ended with
@@ -91,9 +95,10 @@ def simulate(
             needs rtol >= 1e-6 and t1 <= 1e30).
         shard: with batch=True, split the batch over all local devices (jax.sharding; the
             default None does so whenever there are several); False keeps one device.
-        checkpoint: a folder; the run is written there segment by segment (one file per
-            segment, each written atomically) and `resume(folder)` continues it after a
-            crash or kill, losing at most the segment in progress.
+        checkpoint: a folder (or a `marginflow.CheckpointFolder`); the run is written
+            there segment by segment (one file per segment, each written atomically) and
+            `resume(folder)` continues it after a crash or kill, losing at most the segment
+            in progress.
         workers: with batch=True on one CPU device, the batch is cut into this many equal
             chunks integrated concurrently from as many threads (one vmapped call keeps one
             core busy). Default: the cores this process may use; 1 = one vmapped call.
@@ -134,11 +139,12 @@ def simulate(
                 shard=shard, workers=workers, kink_tol=kink_tol, checkpoint=checkpoint)
     plan = SegmentPlan.of(run)
     # One writer per checkpoint folder, for the whole run (marginflow/_checkpoint.py).
-    with ckpt.locked(checkpoint):
-        if checkpoint is not None and _resume is None:
-            ckpt.write_run(os.fspath(checkpoint), run.checkpoint_header(),
-                           **run.checkpoint_arrays())
-        out = Engine(run, plan, progress=progress, checkpoint=checkpoint).integrate(_resume)
+    folder = ckpt.checkpoint_folder(checkpoint)
+    with folder.locked() if folder is not None else contextlib.nullcontext():
+        if folder is not None and _resume is None:
+            folder.write_run(run.checkpoint_header(), **run.checkpoint_arrays())
+        engine = Engine(run, plan, meter=progress_meter(progress), checkpoint=folder)
+        out = engine.integrate(_resume)
     return raise_if_failed(_trajectory(run, plan, out), "simulate", throw)
 
 
@@ -250,16 +256,16 @@ def resume(checkpoint: str | os.PathLike, *, progress: bool = False,
     a clear error), its segments must form the run's hash chain, and a damaged newest
     segment is moved aside with a warning and recomputed (marginflow/_checkpoint.py).
     """
-    directory = os.fspath(checkpoint)
-    with ckpt.locked(directory, create=False):  # held through the simulate call
-        return _resume(directory, progress, throw)
+    folder = ckpt.checkpoint_folder(checkpoint)
+    with folder.locked(create=False):  # held through the simulate call
+        return _resume(folder, progress, throw)
 
 
-def _resume(directory: str, progress: bool, throw: bool) -> Trajectory:
+def _resume(folder, progress, throw: bool) -> Trajectory:
     from ..models import Dataset, from_spec, unflatten
     from ._flow import flow_from_meta
 
-    header, arrays, segments = ckpt.read_checkpoint(directory, repair=True)
+    header, arrays, segments = folder.read(repair=True)
     flow = flow_from_meta(header["flow"], header["hyper"], header["conditioner"])
     data = Dataset(arrays["X"], arrays["y"])
     skeleton = from_spec(header["model"])
@@ -272,6 +278,6 @@ def _resume(directory: str, progress: bool, throw: bool) -> Trajectory:
         flow, model, data, header["t1"], loss=header["loss"], t0=header["t0"],
         ts=arrays["save_ts"], rtol=header["rtol"], atol=header["atol"],
         max_steps=header["max_steps"], progress=progress, throw=throw,
-        batch=header["batch"], dtype=dtype, shard=header["shard"], checkpoint=directory,
+        batch=header["batch"], dtype=dtype, shard=header["shard"], checkpoint=folder,
         workers=header.get("workers"), kink_tol=header.get("kink_tol", 0.0), _resume=segments,
     )

@@ -321,3 +321,63 @@ def test_cli_an_os_error_late_in_the_run_is_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "No space left on device" in err
     assert "trajectory.npz" in err
+
+
+# ------------------------------------------------------- progress and checkpoints as objects
+def test_a_progress_meter_object_hears_every_segment(setup, reference, tmp_path):
+    """`progress=` takes a meter object (as diffrax's progress_meter): it hears the start,
+    "compiling" before the first call only, each segment's end time, and the close; a
+    resumed run reports its restored segments at once."""
+    from marginflow.flows import AbstractProgressMeter
+
+    class Log(AbstractProgressMeter):
+        def __init__(self):
+            self.events = []
+
+        def start(self, total):
+            self.events.append(("start", total))
+
+        def calling(self, first):
+            self.events.append(("call", first))
+
+        def done(self, t, steps, compile_seconds, count=1):
+            self.events.append(("done", t, count))
+
+        def close(self):
+            self.events.append(("close",))
+
+    model, data = setup
+    log = Log()
+    simulate(FLOW, model, data, T1, n_save=10, progress=log)
+    assert log.events == [("start", 4), ("call", True), ("done", 1.0, 1), ("call", False),
+                          ("done", 10.0, 1), ("call", False), ("done", 100.0, 1),
+                          ("call", False), ("done", 1000.0, 1), ("close",)]
+    directory = _copy(reference, tmp_path)
+    os.remove(directory / "segment_00003.npz")
+    log = Log()
+    resume(directory, progress=log)
+    assert log.events == [("start", 4), ("done", 1000.0 / 10, 3), ("call", True),
+                          ("done", 1000.0, 1), ("close",)]
+    with pytest.raises(TypeError, match="`progress` must be True, False or a progress meter"):
+        simulate(FLOW, model, data, T1, n_save=10, progress="yes")
+
+
+def test_a_checkpoint_folder_object(setup, reference, tmp_path):
+    """`checkpoint=` takes a CheckpointFolder, whose methods a subclass can extend: here
+    one that counts the segments it writes."""
+    from marginflow import CheckpointFolder
+
+    class Counting(CheckpointFolder):
+        written = 0
+
+        def write_segment(self, k, header, **arrays):
+            super().write_segment(k, header, **arrays)
+            type(self).written += 1
+
+    model, data = setup
+    traj = simulate(FLOW, model, data, T1, n_save=10, checkpoint=Counting(tmp_path / "c"))
+    assert Counting.written == 4
+    _assert_same(traj, reference[0])
+    _assert_same(resume(CheckpointFolder(tmp_path / "c")), reference[0])
+    with pytest.raises(TypeError, match="`checkpoint` must be a folder"):
+        simulate(FLOW, model, data, T1, checkpoint=3)

@@ -1,0 +1,68 @@
+"""Progress meters for `simulate`, passed in as objects (as diffrax's `progress_meter`):
+`progress=True` is `TqdmProgressMeter()`, `False` is `NoProgressMeter()`, and any
+`AbstractProgressMeter` can be given instead (to log to a file, or feed a dashboard).
+
+A meter hears about segments (decades of t up to 1e10, ten decades after), the unit the
+theory's log scale makes natural: `start(total)`, `calling(first)` before each compiled
+call (the first one traces and compiles, or loads the program from the cache),
+`done(t, steps, compile_seconds, count)` after each segment, and `close()`."""
+
+from __future__ import annotations
+
+
+class AbstractProgressMeter:
+    """The interface; every method does nothing here."""
+
+    def start(self, total: int) -> None:
+        """The run has `total` segments."""
+
+    def calling(self, first: bool) -> None:
+        """A compiled segment call is about to run (`first`: the run's first)."""
+
+    def done(self, t: float, steps: int, compile_seconds: float, count: int = 1) -> None:
+        """`count` more segments are done (several at once for a resumed run's restored
+        ones); the run is at time t after `steps` solver steps in all."""
+
+    def close(self) -> None:
+        """The run ended (or stopped)."""
+
+
+class NoProgressMeter(AbstractProgressMeter):
+    """No output (the default)."""
+
+
+class TqdmProgressMeter(AbstractProgressMeter):
+    """A tqdm bar over the segments; it says "compiling" before the first segment call and
+    shows t, the steps and the compile time so far."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="segment", desc="simulate")
+
+    def calling(self, first: bool) -> None:
+        self.bar.set_description("simulate (compiling)" if first else "simulate")
+        self.bar.refresh()
+
+    def done(self, t: float, steps: int, compile_seconds: float, count: int = 1) -> None:
+        self.bar.set_description("simulate")
+        self.bar.set_postfix_str(f"t = {t:.3g}, steps = {steps}, "
+                                 f"compile {compile_seconds:.1f} s")
+        self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_meter(progress) -> AbstractProgressMeter:
+    """The meter for `simulate(progress=...)`: a bool, or a meter object."""
+    if isinstance(progress, AbstractProgressMeter):
+        return progress
+    if isinstance(progress, bool):
+        return TqdmProgressMeter() if progress else NoProgressMeter()
+    raise TypeError(f"simulate: `progress` must be True, False or a progress meter "
+                    f"(marginflow.flows.TqdmProgressMeter(), ...), got {progress!r}.")
