@@ -25,9 +25,6 @@ def check_finite_params(w0, where: str) -> None:
         )
 
 
-FLOW_CONVENTIONS = ("eps_inside", "eps_outside")
-
-
 def is_concrete(x) -> bool:
     """False for a tracer (a value under jit / vmap, which cannot be checked)."""
     try:
@@ -77,14 +74,41 @@ def check_b(b, where: str, name: str = "b"):
     return jnp.asarray(b, dtype=float)
 
 
-def check_convention(conditioner: str, where: str) -> str:
-    if conditioner not in FLOW_CONVENTIONS:
+# Where eps sits in the conditioner, one term for the flows and the optimisers:
+# "inside" h = 1/sqrt(eps + psi) (the paper's), "outside" h = 1/(sqrt(psi) + eps) (PyTorch's).
+EPS_PLACEMENTS = ("inside", "outside")
+# The names used before (flows: conditioner=, optimisers: convention=), still accepted.
+_OLD_PLACEMENTS = {"eps_inside": "inside", "eps_outside": "outside", "paper": "inside",
+                   "pytorch": "outside"}
+
+
+def check_eps_placement(eps_placement, where: str, old=None, old_name: str = "") -> str:
+    """"inside" or "outside"; `old` is the deprecated keyword's value (`old_name`:
+    "conditioner" on flows, "convention" on optimisers), mapped with a DeprecationWarning."""
+    if old is not None:
+        if old not in _OLD_PLACEMENTS:
+            raise ValueError(f"{where}: `{old_name}` must be one of "
+                             f"{sorted(_OLD_PLACEMENTS)}, got {old!r}; pass "
+                             "eps_placement='inside' or 'outside' instead.")
+        new = _OLD_PLACEMENTS[old]
+        if eps_placement is not None and eps_placement != new:
+            raise ValueError(f"{where}: `{old_name}={old!r}` and `eps_placement="
+                             f"{eps_placement!r}` disagree; pass eps_placement only.")
+        import warnings
+
+        warnings.warn(f"{where}: `{old_name}={old!r}` is deprecated, pass "
+                      f"eps_placement={new!r} (one name for where eps sits, in the flows and "
+                      "the optimisers; 'conditioner' means h).", DeprecationWarning,
+                      stacklevel=4)
+        eps_placement = new
+    if eps_placement is None:
+        return "inside"
+    if eps_placement not in EPS_PLACEMENTS:
         raise ValueError(
-            f"{where}: `conditioner` must be one of {FLOW_CONVENTIONS}, got {conditioner!r}: "
-            "'eps_inside' is h = 1/sqrt(eps + psi) (the paper), 'eps_outside' is "
-            "h = 1/(sqrt(psi) + eps) (PyTorch)."
+            f"{where}: `eps_placement` must be 'inside' (h = 1/sqrt(eps + psi), the paper's) "
+            f"or 'outside' (h = 1/(sqrt(psi) + eps), PyTorch's), got {eps_placement!r}."
         )
-    return conditioner
+    return eps_placement
 
 
 def require_x64(dtype, where: str) -> None:

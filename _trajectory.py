@@ -125,7 +125,9 @@ class Trajectory(eqx.Module):
         """The flow object this trajectory was integrated with (continuous runs)."""
         from .flows._flow import flow_from_meta
 
-        return flow_from_meta(self.meta["flow"], self.meta["hyper"], self.meta["conditioner"])
+        meta = self.meta  # files saved before eps_placement had the key "conditioner"
+        return flow_from_meta(meta["flow"], meta["hyper"],
+                              meta.get("eps_placement", meta.get("conditioner")))
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

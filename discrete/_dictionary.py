@@ -7,7 +7,7 @@ on a fixed interval [0, T]) when its decay rates scale with the step:
 |---------------------------------|------|------------------------------------------------------|
 | GD(lr)                          | lr   | GradientFlow()                                       |
 | AdaGrad(lr, eps=eps) "paper"    | lr^2 | AdaGradFlow(eps = lr^2 eps)                          |
-| AdaGrad(lr, eps=eps) "pytorch"  | lr^2 | AdaGradFlow(eps = lr eps, conditioner="eps_outside") |
+| AdaGrad(lr, eps=eps) "outside"  | lr^2 | AdaGradFlow(eps = lr eps, eps_placement="outside") |
 | RMSProp(lr, b=b, eps=eps)       | lr   | RMSPropFlow(eps, b_flow), 1 - b = eta (1 - b_flow)   |
 | Adam(lr, b2=b2, eps=eps), b1 = 0| lr   | AdamFlow(eps, b_flow, bias_correction="ema"), same b |
 | Adam(lr, b2, eps, b1=b1), b1 > 0| lr   | AdamFlow(eps, b_flow, b1=b1_flow, "ema"),            |
@@ -15,7 +15,7 @@ on a fixed interval [0, T]) when its decay rates scale with the step:
 | SGDMomentum(lr, momentum=mu)    | lr / (1 - mu) | MomentumFlow(b1_flow),                      |
 |                                 |      |   1 - mu = eta (1 - b1_flow)                         |
 
-"paper" pairs with conditioner "eps_inside", "pytorch" with "eps_outside".
+An optimiser's eps_placement is its flow's ("inside" or "outside").
 Why these: one step changes n by (1 - b)(g^2 - n) = eta (1 - b_flow)(g^2 - n), an Euler
 step of dm/dt = (1 - b_flow)(g^2 - m); AdaGrad's lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}
 with m = lr^2 S_k an Euler sum of dm/dt = g^2; Adam's 1 - b2^{k+1} =
@@ -35,9 +35,6 @@ import math
 
 from ..flows import AbstractFlow, AdaGradFlow, AdamFlow, GradientFlow, MomentumFlow, RMSPropFlow
 from ._optimizers import GD, AbstractOptimizer, AdaGrad, Adam, RMSProp, SGDMomentum
-
-_TO_CONDITIONER = {"paper": "eps_inside", "pytorch": "eps_outside"}
-_TO_CONVENTION = {v: k for k, v in _TO_CONDITIONER.items()}
 
 
 def _concrete(x, name: str, where: str) -> float:
@@ -78,20 +75,20 @@ def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
             "matching_flow: `optimizer` must be a marginflow.discrete optimiser, got "
             f"{type(optimizer).__name__}."
         )
-    conditioner = _TO_CONDITIONER[optimizer.convention]
+    placement = optimizer.eps_placement
     lr = _concrete(optimizer.lr, "lr", "matching_flow")
     if isinstance(optimizer, GD):
-        return GradientFlow(conditioner=conditioner)
+        return GradientFlow(eps_placement=placement)
     if isinstance(optimizer, AdaGrad):
         eps = _concrete(optimizer.eps, "eps", "matching_flow")
         # lr g / sqrt(eps + S) = lr^2 g / sqrt(lr^2 eps + lr^2 S); lr g / (sqrt(S) + eps)
         # = lr^2 g / (sqrt(lr^2 S) + lr eps).
-        eps_flow = lr * lr * eps if optimizer.convention == "paper" else lr * eps
-        return AdaGradFlow(eps_flow, conditioner=conditioner)
+        eps_flow = lr * lr * eps if placement == "inside" else lr * eps
+        return AdaGradFlow(eps_flow, eps_placement=placement)
     if isinstance(optimizer, RMSProp):
         b = _b_flow(_concrete(optimizer.b, "b", "matching_flow"), lr, "b")
         return RMSPropFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b,
-                           conditioner=conditioner)
+                           eps_placement=placement)
     if isinstance(optimizer, Adam):
         b = _b_flow(_concrete(optimizer.b2, "b2", "matching_flow"), lr, "b2")
         b1_d = _concrete(optimizer.b1, "b1", "matching_flow")
@@ -99,16 +96,16 @@ def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
             b1_d, lr, "b1", instead="follows the Adam flow without momentum (m1 is slaved "
             "to g), AdamFlow(eps, b_flow, bias_correction='ema')")
         return AdamFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b, b1=b1,
-                        bias_correction="ema", conditioner=conditioner)
+                        bias_correction="ema", eps_placement=placement)
     if isinstance(optimizer, SGDMomentum):
         mu = _concrete(optimizer.momentum, "momentum", "matching_flow")
         if mu == 0.0:  # plain GD: t = k lr
-            return GradientFlow(conditioner=conditioner)
+            return GradientFlow(eps_placement=placement)
         b1 = _b_flow(mu, lr / (1.0 - mu), "momentum", eta_is="lr / (1 - momentum)",
                      instead="follows gradient flow at t = k lr / (1 - momentum) (m1 is "
                      "slaved to g), GradientFlow()",
                      fix=f"momentum >= 1 - sqrt(lr) = {1.0 - math.sqrt(lr):.6g}")
-        return MomentumFlow(b1, conditioner=conditioner)
+        return MomentumFlow(b1, eps_placement=placement)
     raise NotImplementedError(f"matching_flow: no entry for {type(optimizer).__name__}.")
 
 
@@ -116,7 +113,7 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
     """The discrete optimiser whose step eta follows `flow` to first order (the reverse map).
 
     GradientFlow -> GD(eta); AdaGradFlow(eps) -> AdaGrad(sqrt(eta), eps=eps / eta)
-    (eps_inside) or AdaGrad(sqrt(eta), eps=eps / sqrt(eta), convention="pytorch")
+    (eps inside) or AdaGrad(sqrt(eta), eps=eps / sqrt(eta), eps_placement="outside")
     (eps_outside); RMSPropFlow(eps, b) -> RMSProp(eta, b=1 - eta (1 - b), eps=eps);
     AdamFlow(eps, b, "ema") -> Adam(eta, b2=1 - eta (1 - b), eps=eps). The paper's Adam
     correction 1 - b^t is the limit of no discrete Adam: ValueError. Needs eta (1 - b) <= 1.
@@ -138,7 +135,7 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
             f"matching_optimizer: `eta` (flow time per step) must be a finite number > 0, got "
             f"{eta!r}; first-order agreement needs it small, e.g. 0.01."
         )
-    convention = _TO_CONVENTION[flow.conditioner]
+    placement = flow.eps_placement
     b1_d = None
     if getattr(flow, "b1", None) is not None:
         b1_flow = _concrete(flow.b1, "b1", "matching_optimizer")
@@ -151,14 +148,14 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
             )
         b1_d = 1.0 - decay1
     if isinstance(flow, MomentumFlow):
-        return SGDMomentum(eta * (1.0 - b1_d), momentum=b1_d, convention=convention)
+        return SGDMomentum(eta * (1.0 - b1_d), momentum=b1_d, eps_placement=placement)
     if isinstance(flow, GradientFlow):
-        return GD(eta, convention=convention)
+        return GD(eta, eps_placement=placement)
     if isinstance(flow, AdaGradFlow):
         lr = math.sqrt(eta)
         eps_f = _concrete(flow.eps, "eps", "matching_optimizer")
-        eps_d = eps_f / eta if convention == "paper" else eps_f / lr
-        return AdaGrad(lr, eps=eps_d, convention=convention)
+        eps_d = eps_f / eta if placement == "inside" else eps_f / lr
+        return AdaGrad(lr, eps=eps_d, eps_placement=placement)
     if isinstance(flow, (RMSPropFlow, AdamFlow)):
         b_flow = _concrete(flow.b, "b", "matching_optimizer")
         decay = eta * (1.0 - b_flow)
@@ -171,7 +168,7 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
         eps = _concrete(flow.eps, "eps", "matching_optimizer")
         b_d = 1.0 - decay
         if isinstance(flow, RMSPropFlow):
-            return RMSProp(eta, b=b_d, eps=eps, convention=convention)
+            return RMSProp(eta, b=b_d, eps=eps, eps_placement=placement)
         if flow.bias_correction != "ema":
             raise ValueError(
                 "matching_optimizer: AdamFlow with bias_correction='paper' (1 - b^t, eq. 9) is "
@@ -179,7 +176,7 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
                 "Use AdamFlow(eps, b, bias_correction='ema') for the flow discrete Adam follows."
             )
         return Adam(eta, b2=b_d, eps=eps, b1=0.0 if b1_d is None else b1_d,
-                    convention=convention)
+                    eps_placement=placement)
     raise NotImplementedError(
         f"matching_optimizer: no discrete optimiser for {type(flow).__name__}."
     )

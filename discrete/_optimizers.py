@@ -1,7 +1,7 @@
 """The discrete rules of the paper (eq. 3, 6, 7; docs/math.md section 5), as optax transformations.
 
-k = 0, 1, ..., g_k = grad L(w_k), all operations elementwise, "paper" convention
-(eps inside the root, as in the paper and the authors' code):
+k = 0, 1, ..., g_k = grad L(w_k), all operations elementwise, eps_placement="inside"
+(the paper's rule, and its authors' code):
 
     w_{k+1} = w_k - lr * h_k * g_k
     GD        h_k = 1
@@ -11,7 +11,9 @@ k = 0, 1, ..., g_k = grad L(w_k), all operations elementwise, "paper" convention
               (b1 > 0 replaces g_k by the bias-corrected first moment, Fig. 4)
     SGDMomentum  v_k = mu v_{k-1} + g_k (v_{-1} = 0),  w_{k+1} = w_k - lr v_k
 
-"pytorch" convention: eps outside the root, h_k = 1 / (sqrt(.) + eps), as torch.optim does.
+eps_placement="outside": PyTorch's rule, h_k = 1 / (sqrt(.) + eps), as torch.optim does, with
+torch.optim's defaults for the hyper-parameters not given. (The keyword was `convention`,
+"paper" / "pytorch"; it is still accepted, with a DeprecationWarning.)
 
 Only `lr` may be passed by position: every other hyper-parameter is keyword-only, e.g.
 `Adam(1e-3, b2=0.999, eps=1e-8)`. optax orders them differently (`optax.adam(lr, b1, b2,
@@ -36,20 +38,19 @@ import optax
 import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
-from .._checks import check_real_type, is_concrete
+from .._checks import check_eps_placement, check_real_type, is_concrete
 from .._records import record_repr
 from .._registry import lookup, register
 from ._transforms import _scale_by_rss_eps_outside
 
-_CONVENTIONS = ("paper", "pytorch")
-
-# Defaults where a hyper-parameter has one: "paper" = the paper and its authors' code
-# (b = 0.9, eps = 1e-5, App. F); "pytorch" = torch.optim's own defaults. The learning rate
-# has no default: it sets the flow time t = k * eta, so it should always be explicit.
+# Defaults where a hyper-parameter has one: "inside" = the paper and its authors' code
+# (b = 0.9, eps = 1e-5, App. F); "outside" = torch.optim's own defaults (PyTorch's rule).
+# The learning rate has no default: it sets the flow time t = k * eta, so it should always
+# be explicit.
 _DEFAULTS = {
-    "paper": {"adagrad_eps": 1e-5, "rmsprop_b": 0.9, "rmsprop_eps": 1e-5, "adam_b2": 0.9,
+    "inside": {"adagrad_eps": 1e-5, "rmsprop_b": 0.9, "rmsprop_eps": 1e-5, "adam_b2": 0.9,
               "adam_eps": 1e-5},
-    "pytorch": {"adagrad_eps": 1e-10, "rmsprop_b": 0.99, "rmsprop_eps": 1e-8, "adam_b2": 0.999,
+    "outside": {"adagrad_eps": 1e-10, "rmsprop_b": 0.99, "rmsprop_eps": 1e-8, "adam_b2": 0.999,
                 "adam_eps": 1e-8},
 }
 
@@ -93,16 +94,6 @@ def _check_unit(b, name: str, where: str, hint: str):
     return arr
 
 
-def _check_convention(convention, where: str) -> str:
-    if convention not in _CONVENTIONS:
-        raise ValueError(
-            f"{where}: `convention` must be 'paper' (eps inside the root, "
-            "h = 1/sqrt(eps + n)) or 'pytorch' (eps outside, h = 1/(sqrt(n) + eps)), got "
-            f"{convention!r}."
-        )
-    return convention
-
-
 def _keyword_only(init):
     """Let only `lr` be positional: a clear TypeError for `Adam(1e-3, 0.9, 0.999)`.
 
@@ -111,7 +102,8 @@ def _keyword_only(init):
     optax order that leads to the mistake.
     """
     keywords = [p.name for p in inspect.signature(init).parameters.values()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "convention"]
+                if p.kind is inspect.Parameter.KEYWORD_ONLY
+                and p.name not in ("eps_placement", "convention")]
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
@@ -151,7 +143,7 @@ class AbstractOptimizer(eqx.Module):
 
     name: ClassVar[str]
     lr: eqx.AbstractVar[Float[Array, ""]]
-    convention: eqx.AbstractVar[str]
+    eps_placement: eqx.AbstractVar[str]  # "inside" (the paper's) or "outside" (PyTorch's)
 
     @abc.abstractmethod
     def transformation(self) -> optax.GradientTransformation:
@@ -174,7 +166,7 @@ class AbstractOptimizer(eqx.Module):
         return {"lr": _float(self.lr)}
 
     def _root(self, n, eps):
-        if self.convention == "paper":
+        if self.eps_placement == "inside":
             return 1.0 / jnp.sqrt(eps + n)
         return 1.0 / (jnp.sqrt(n) + eps)
 
@@ -183,19 +175,20 @@ class AbstractOptimizer(eqx.Module):
 class GD(AbstractOptimizer):
     """Gradient descent, w_{k+1} = w_k - lr * g_k (h_k = 1). Follows gradient flow, eta = lr.
 
-    Built on `optax.sgd(lr)`. Both conventions are the same rule (there is no eps).
+    Built on `optax.sgd(lr)`. Both eps placements are the same rule (there is no eps).
 
     Example: `run(GD(0.1), Linear(2, key=k), soudry_dataset(), 1000)`.
     """
 
     name: ClassVar[str] = "gd"
     lr: Float[Array, ""]
-    convention: str = eqx.field(static=True, default="paper")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
     @_keyword_only
-    def __init__(self, lr, *, convention: str = "paper"):
+    def __init__(self, lr, *, eps_placement=None, convention=None):
         self.lr = _check_lr(lr, "GD")
-        self.convention = _check_convention(convention, "GD")
+        self.eps_placement = check_eps_placement(eps_placement, "GD", convention,
+                                                 "convention")
 
     def transformation(self):
         return optax.sgd(self.lr)
@@ -205,30 +198,31 @@ class GD(AbstractOptimizer):
 class AdaGrad(AbstractOptimizer):
     """AdaGrad (paper eq. 6): S_k = sum_{s<=k} g_s^2, w_{k+1} = w_k - lr g_k / sqrt(eps + S_k).
 
-    "pytorch": w_{k+1} = w_k - lr g_k / (sqrt(S_k) + eps) (torch.optim.Adagrad with
+    "outside": w_{k+1} = w_k - lr g_k / (sqrt(S_k) + eps) (torch.optim.Adagrad with
     initial_accumulator_value = 0, lr_decay = 0).
-    Built on `optax.adagrad(lr, initial_accumulator_value=0, eps=eps)` ("paper"; optax's
+    Built on `optax.adagrad(lr, initial_accumulator_value=0, eps=eps)` ("inside"; optax's
     default accumulator 0.1 is NOT the paper's rule). optax has no eps-outside AdaGrad, so
-    "pytorch" is the same accumulator with the root written as PyTorch does.
+    "outside" is the same accumulator with the root written as PyTorch does.
 
     Matching flow (docs/math.md section 5): the AdaGrad flow with eta = lr^2 and eps_flow =
-    lr^2 eps ("paper") or lr eps ("pytorch"), since lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}
+    lr^2 eps ("inside") or lr eps ("outside"), since lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}
     and m(t) ~ lr^2 S_k.
 
-    Args (all but lr keyword-only): lr > 0; eps > 0 (default 1e-5 "paper", 1e-10
-    "pytorch"). Example: `AdaGrad(0.1, eps=1e-5)`.
+    Args (all but lr keyword-only): lr > 0; eps > 0 (default 1e-5 "inside", 1e-10
+    "outside"). Example: `AdaGrad(0.1, eps=1e-5)`.
     """
 
     name: ClassVar[str] = "adagrad"
     lr: Float[Array, ""]
     eps: Float[Array, ""]
-    convention: str = eqx.field(static=True, default="paper")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
     @_keyword_only
-    def __init__(self, lr, *, eps=None, convention: str = "paper"):
-        self.convention = _check_convention(convention, "AdaGrad")
+    def __init__(self, lr, *, eps=None, eps_placement=None, convention=None):
+        self.eps_placement = check_eps_placement(eps_placement, "AdaGrad", convention,
+                                                 "convention")
         if eps is None:
-            eps = _DEFAULTS[convention]["adagrad_eps"]
+            eps = _DEFAULTS[self.eps_placement]["adagrad_eps"]
         self.lr = _check_lr(lr, "AdaGrad")
         self.eps = _check_eps(eps, "AdaGrad")
 
@@ -237,7 +231,7 @@ class AdaGrad(AbstractOptimizer):
         return self.lr * self.lr
 
     def transformation(self):
-        if self.convention == "paper":
+        if self.eps_placement == "inside":
             return optax.adagrad(self.lr, initial_accumulator_value=0.0, eps=self.eps)
         return optax.chain(_scale_by_rss_eps_outside(self.eps),
                            optax.scale_by_learning_rate(self.lr))
@@ -255,14 +249,14 @@ class AdaGrad(AbstractOptimizer):
 @register("optimizer")
 class RMSProp(AbstractOptimizer):
     """RMSProp (paper eq. 7): n_k = b n_{k-1} + (1 - b) g_k^2, n_{-1} = 0,
-    w_{k+1} = w_k - lr g_k / sqrt(eps + n_k)   ("pytorch": / (sqrt(n_k) + eps)).
+    w_{k+1} = w_k - lr g_k / sqrt(eps + n_k)   ("outside": / (sqrt(n_k) + eps)).
 
     Built on `optax.rmsprop(lr, decay=b, eps=eps, initial_scale=0, eps_in_sqrt=True)`
-    ("paper") or eps_in_sqrt=False ("pytorch", = torch.optim.RMSprop with alpha = b).
+    ("inside") or eps_in_sqrt=False ("outside", = torch.optim.RMSprop with alpha = b).
     Matching flow: RMSProp flow with eta = lr, 1 - b = eta (1 - b_flow), same eps.
 
-    Args (all but lr keyword-only): lr > 0; b in [0, 1) (default 0.9 "paper", 0.99
-    "pytorch"); eps > 0 (default 1e-5 "paper", 1e-8 "pytorch"). Example:
+    Args (all but lr keyword-only): lr > 0; b in [0, 1) (default 0.9 "inside", 0.99
+    "outside"); eps > 0 (default 1e-5 "inside", 1e-8 "outside"). Example:
     `RMSProp(0.1, b=0.9, eps=1e-5)`.
     """
 
@@ -270,12 +264,13 @@ class RMSProp(AbstractOptimizer):
     lr: Float[Array, ""]
     b: Float[Array, ""]
     eps: Float[Array, ""]
-    convention: str = eqx.field(static=True, default="paper")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
     @_keyword_only
-    def __init__(self, lr, *, b=None, eps=None, convention: str = "paper"):
-        self.convention = _check_convention(convention, "RMSProp")
-        d = _DEFAULTS[convention]
+    def __init__(self, lr, *, b=None, eps=None, eps_placement=None, convention=None):
+        self.eps_placement = check_eps_placement(eps_placement, "RMSProp", convention,
+                                                 "convention")
+        d = _DEFAULTS[self.eps_placement]
         b = d["rmsprop_b"] if b is None else b
         eps = d["rmsprop_eps"] if eps is None else eps
         self.lr = _check_lr(lr, "RMSProp")
@@ -284,7 +279,7 @@ class RMSProp(AbstractOptimizer):
 
     def transformation(self):
         return optax.rmsprop(self.lr, decay=self.b, eps=self.eps, initial_scale=0.0,
-                             eps_in_sqrt=self.convention == "paper")
+                             eps_in_sqrt=self.eps_placement == "inside")
 
     def second_moment(self, state, w):
         return otu.tree_get(state, "nu")
@@ -299,19 +294,19 @@ class RMSProp(AbstractOptimizer):
 @register("optimizer")
 class Adam(AbstractOptimizer):
     """Adam; b1 = 0 is the paper's "Adam (w/m)": n_k = b2 n_{k-1} + (1 - b2) g_k^2,
-    w_{k+1} = w_k - lr g_k / sqrt(eps + n_k / (1 - b2^{k+1}))   ("pytorch": / (sqrt(.) + eps)).
+    w_{k+1} = w_k - lr g_k / sqrt(eps + n_k / (1 - b2^{k+1}))   ("outside": / (sqrt(.) + eps)).
 
     With b1 > 0 (the momentum Adam of the paper's Fig. 4) g_k is replaced by
     u_k / (1 - b1^{k+1}), u_k = b1 u_{k-1} + (1 - b1) g_k.
-    Built on `optax.adam(lr, b1, b2, eps=0, eps_root=eps)` ("paper") or
-    `optax.adam(lr, b1, b2, eps=eps, eps_root=0)` ("pytorch", = torch.optim.Adam).
+    Built on `optax.adam(lr, b1, b2, eps=0, eps_root=eps)` ("inside") or
+    `optax.adam(lr, b1, b2, eps=eps, eps_root=0)` ("outside", = torch.optim.Adam).
     Matching flow: Adam flow with eta = lr, 1 - b2 = eta (1 - b_flow), same eps, and the
     bias correction 1 - e^{-(1 - b_flow) t} ("ema"), the limit of 1 - b2^{k+1}; with b1 > 0
     also 1 - b1 = eta (1 - b1_flow) (AdamFlow(..., b1=b1_flow)).
 
     Args (all but lr keyword-only, unlike optax.adam(lr, b1, b2, eps)): lr > 0; b2 in
-    [0, 1) (default 0.9 "paper", 0.999 "pytorch"); eps > 0 (default 1e-5 "paper", 1e-8
-    "pytorch"); b1 in [0, 1), default 0. Example: `Adam(1e-3, b2=0.999, eps=1e-8)`.
+    [0, 1) (default 0.9 "inside", 0.999 "outside"); eps > 0 (default 1e-5 "inside", 1e-8
+    "outside"); b1 in [0, 1), default 0. Example: `Adam(1e-3, b2=0.999, eps=1e-8)`.
     """
 
     name: ClassVar[str] = "adam"
@@ -319,12 +314,13 @@ class Adam(AbstractOptimizer):
     b2: Float[Array, ""]
     eps: Float[Array, ""]
     b1: Float[Array, ""]
-    convention: str = eqx.field(static=True, default="paper")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
     @_keyword_only
-    def __init__(self, lr, *, b2=None, eps=None, b1=0.0, convention: str = "paper"):
-        self.convention = _check_convention(convention, "Adam")
-        d = _DEFAULTS[convention]
+    def __init__(self, lr, *, b2=None, eps=None, b1=0.0, eps_placement=None, convention=None):
+        self.eps_placement = check_eps_placement(eps_placement, "Adam", convention,
+                                                 "convention")
+        d = _DEFAULTS[self.eps_placement]
         b2 = d["adam_b2"] if b2 is None else b2
         eps = d["adam_eps"] if eps is None else eps
         self.lr = _check_lr(lr, "Adam")
@@ -334,7 +330,7 @@ class Adam(AbstractOptimizer):
                               "b1 = 0 is the paper's Adam (w/m), 0.9 its momentum Adam")
 
     def transformation(self):
-        if self.convention == "paper":
+        if self.eps_placement == "inside":
             return optax.adam(self.lr, b1=self.b1, b2=self.b2, eps=0.0, eps_root=self.eps)
         return optax.adam(self.lr, b1=self.b1, b2=self.b2, eps=self.eps, eps_root=0.0)
 
@@ -356,7 +352,7 @@ class SGDMomentum(AbstractOptimizer):
     """Heavy-ball SGD (paper Fig. 4): v_k = mu v_{k-1} + g_k, v_{-1} = 0, w_{k+1} = w_k - lr v_k.
 
     Built on `optax.sgd(lr, momentum=mu)` (= torch.optim.SGD with dampening 0; both
-    conventions are the same rule). Matching flow: MomentumFlow(b1) with eta = lr / (1 - mu)
+    placements are the same rule). Matching flow: MomentumFlow(b1) with eta = lr / (1 - mu)
     and 1 - mu = eta (1 - b1) (m1_k = (1 - mu) v_k is the flow's first moment). Its
     Trajectory uses t = k * eta, h = 1 and m = 0.
 
@@ -367,11 +363,12 @@ class SGDMomentum(AbstractOptimizer):
     name: ClassVar[str] = "sgd_momentum"
     lr: Float[Array, ""]
     momentum: Float[Array, ""]
-    convention: str = eqx.field(static=True, default="paper")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
     @_keyword_only
-    def __init__(self, lr, *, momentum=0.9, convention: str = "paper"):
-        self.convention = _check_convention(convention, "SGDMomentum")
+    def __init__(self, lr, *, momentum=0.9, eps_placement=None, convention=None):
+        self.eps_placement = check_eps_placement(eps_placement, "SGDMomentum", convention,
+                                                 "convention")
         self.lr = _check_lr(lr, "SGDMomentum")
         self.momentum = _check_unit(momentum, "momentum", "SGDMomentum",
                                     "the paper's Fig. 4 uses momentum = 0.9")
@@ -391,4 +388,7 @@ class SGDMomentum(AbstractOptimizer):
 def optimizer_from_meta(meta: dict) -> AbstractOptimizer:
     """Rebuild the optimiser of a discrete Trajectory from its metadata."""
     cls = lookup("optimizer", meta.get("optimizer"), "optimiser")
-    return cls(**dict(meta["optimizer_hyper"]), convention=meta["convention"])
+    placement = meta.get("eps_placement")
+    if placement is None:  # a Trajectory saved before eps_placement: "paper" / "pytorch"
+        placement = {"paper": "inside", "pytorch": "outside"}[meta["convention"]]
+    return cls(**dict(meta["optimizer_hyper"]), eps_placement=placement)

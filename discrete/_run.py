@@ -188,9 +188,9 @@ def run(
     - stats {"num_steps"}: steps taken (per member when batched);
     - result "successful" or "nonfinite_loss": a non-finite loss or gradient stops the run,
       which keeps every save before it and, last, the failing iterate;
-    - meta: "kind": "discrete", "optimizer", "optimizer_hyper", "convention", "eta",
+    - meta: "kind": "discrete", "optimizer", "optimizer_hyper", "eps_placement", "eta",
       "steps", "save_every", "batch_size", the model / data / loss keys `simulate`
-      writes, and "flow" / "hyper" / "conditioner" of the matching flow (None where
+      writes, and "flow" / "hyper" / "eps_placement" of the matching flow (None where
       there is none), so `traj.flow()` and `traj.model_at(i)` work.
 
     Args:
@@ -285,7 +285,7 @@ def run(
             args, n_blocks, batch_size, batch, checkpoint, blocks_per_checkpoint, _resume,
             header={
                 "optimizer": given.name, "optimizer_hyper": given.hyperparameters(),
-                "convention": given.convention, "model": objective.model.spec(),
+                "eps_placement": given.eps_placement, "model": objective.model.spec(),
                 "loss": objective.loss.name, "steps": steps, "save_every": save_every,
                 "batch_size": batch_size, "batch": bool(batch),
                 "dtype": jnp.dtype(dtype).name,
@@ -353,14 +353,14 @@ def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> 
     try:
         flow = matching_flow(optimizer)
         flow_meta = {"flow": flow.name, "hyper": flow.hyperparameters(),
-                     "conditioner": flow.conditioner}
+                     "eps_placement": flow.eps_placement}
     except (NotImplementedError, ValueError):
-        flow_meta = {"flow": None, "hyper": None, "conditioner": None}
+        flow_meta = {"flow": None, "hyper": None}
     return {
         "kind": "discrete",
         "optimizer": optimizer.name,
         "optimizer_hyper": optimizer.hyperparameters(),
-        "convention": optimizer.convention,
+        "eps_placement": optimizer.eps_placement,
         "eta": float(optimizer.eta),
         **flow_meta,
         **objective.describe(),

@@ -48,8 +48,9 @@ def _simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-correction", default="paper", choices=["paper", "ema"],
                    help="adam only: the paper's 1 - b^t, or 1 - e^{-(1-b)t}, the limit of "
                    "discrete Adam")
-    p.add_argument("--conditioner", default="eps_inside", choices=["eps_inside", "eps_outside"],
-                   help="h = 1/sqrt(eps + m) (the paper's) or h = 1/(sqrt(m) + eps) (PyTorch's)")
+    p.add_argument("--eps-placement", default="inside", choices=["inside", "outside"],
+                   help="where eps sits in the conditioner: h = 1/sqrt(eps + m) (inside, the "
+                   "paper's) or h = 1/(sqrt(m) + eps) (outside, PyTorch's)")
     p.add_argument("--loss", default="exponential", choices=["exponential", "logistic"],
                    help="the loss of each margin q: exp(-q) or log(1 + exp(-q))")
     p.add_argument("--rtol", type=float, default="1e-8",
@@ -102,13 +103,13 @@ def _build(args):
         "mlp": lambda: MLP(dim, 16, 2, activation=2, key=key),
         "relu-mlp": lambda: MLP(dim, 16, 2, key=key),
     }[args.model]()
-    c = args.conditioner
+    c = args.eps_placement
     flow = {
-        "gd": lambda: GradientFlow(conditioner=c),
-        "adagrad": lambda: AdaGradFlow(args.eps, conditioner=c),
-        "rmsprop": lambda: RMSPropFlow(args.eps, args.b, conditioner=c),
+        "gd": lambda: GradientFlow(eps_placement=c),
+        "adagrad": lambda: AdaGradFlow(args.eps, eps_placement=c),
+        "rmsprop": lambda: RMSPropFlow(args.eps, args.b, eps_placement=c),
         "adam": lambda: AdamFlow(args.eps, args.b, bias_correction=args.bias_correction,
-                                 conditioner=c),
+                                 eps_placement=c),
     }[args.flow]()
     return flow, model, data
 

@@ -33,12 +33,13 @@ def reference_margin(traj, data) -> tuple[float, str] | None:
 
 def conditioner_limit_value(traj) -> tuple[float, str] | None:
     """(h_inf, label) where Theorem 5 gives the conditioner's limit: RMSProp and Adam (w/m)
-    flows and their discrete runs, h -> eps^{-1/2} (eps_outside: 1/eps); None otherwise."""
+    flows and their discrete runs, h -> eps^{-1/2} (eps outside the root: 1/eps); None
+    otherwise."""
     meta = traj.meta
     if meta.get("flow") not in ("rmsprop", "adam"):
         return None
     eps = float(meta["hyper"]["eps"])
-    if meta.get("conditioner") == "eps_outside":
+    if meta.get("eps_placement", meta.get("conditioner")) in ("outside", "eps_outside"):
         return 1.0 / eps, "1/eps (Thm 5)"
     return eps**-0.5, "eps^-1/2 (Thm 5)"
 

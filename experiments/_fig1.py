@@ -8,7 +8,7 @@ normalised margin q_min / ||w||^4 with q_i = Phi_{y_i} - max_{j != y_i} Phi_j.
 Settings (docs/math.md section 6, App. F.1): the authors trained with PyTorch, whose loss is a
 MEAN over the batch and whose RMSprop / Adam / Adagrad put eps outside the root. Our loss
 is a SUM, so the same runs are: SGD-type rules with lr / B (B = batch size), the adaptive
-rules with the "pytorch" convention and eps * B (exact: g_sum = B g_mean, so
+rules with eps outside the root (PyTorch's) and eps * B (exact: g_sum = B g_mean, so
 g_sum / (sqrt(n_sum) + B eps) = g_mean / (sqrt(n_mean) + eps)).
 - fig1: AdaGrad (PyTorch defaults: lr 1e-2, eps 1e-10), RMSProp (lr 1e-3, b 0.9,
   eps 1e-5), Adam (w/m) (lr 1e-4, b2 0.9, b1 0, eps 1e-5).
@@ -53,7 +53,7 @@ def _optimizers(which: str, B: int) -> dict:
     """name -> optimiser at the paper's settings, translated to our sum loss (docstring)."""
     from ..discrete import AdaGrad, Adam, RMSProp, SGDMomentum
 
-    pt = {"convention": "pytorch"}
+    pt = {"eps_placement": "outside"}
     if which == "fig1":
         return {
             "AdaGrad": AdaGrad(1e-2, eps=1e-10 * B, **pt),

@@ -3,8 +3,8 @@ sections 2 and 9).
 
 State (w, m) in R^p x R^p, m(0) = 0, g = grad L(w), all operations elementwise:
 
-    dw/dt = -h * g,    h = 1 / sqrt(eps + psi(m, t))   ("eps_inside", the paper's)
-                       h = 1 / (sqrt(psi(m, t)) + eps)  ("eps_outside", PyTorch's)
+    dw/dt = -h * g,    h = 1 / sqrt(eps + psi(m, t))   (eps_placement="inside", the paper's)
+                       h = 1 / (sqrt(psi(m, t)) + eps)  (eps_placement="outside", PyTorch's)
     dm/dt = phi(m, g)
 
 | flow     | phi(m, g)          | psi(m, t)                                        |
@@ -34,7 +34,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._checks import check_b, check_convention, check_eps
+from .._checks import check_b, check_eps, check_eps_placement
 from .._records import record_repr
 from .._registry import lookup, register
 
@@ -50,12 +50,22 @@ class AbstractFlow(eqx.Module):
     __repr__ = record_repr  # values, not shapes: RMSPropFlow(eps=1e-05, b=0.9, ...)
 
     name: ClassVar[str]
-    conditioner: eqx.AbstractVar[str]
+    eps_placement: eqx.AbstractVar[str]  # "inside" (the paper's) or "outside"
 
     @property
     def n_moments(self) -> int:
         """Blocks of p in the state m: 1 (m), or 2 for momentum flows (m2, then m1)."""
         return 1
+
+    @property
+    def conditioner(self) -> str:
+        """Deprecated: the eps placement under its old name, "eps_inside" / "eps_outside"
+        (use `eps_placement`; `Trajectory.conditioner` is h)."""
+        import warnings
+
+        warnings.warn("flow.conditioner is deprecated: use flow.eps_placement ('inside' or "
+                      "'outside').", DeprecationWarning, stacklevel=2)
+        return "eps_" + self.eps_placement
 
     def split(self, m):
         """(m2, m1) of a momentum flow's state m = (m2, m1); (m, None) otherwise."""
@@ -90,7 +100,7 @@ class AbstractFlow(eqx.Module):
 
     def h_of_psi(self, psi):
         eps = self.eps
-        if self.conditioner == "eps_inside":
+        if self.eps_placement == "inside":
             return 1.0 / jnp.sqrt(eps + psi)
         return 1.0 / (jnp.sqrt(psi) + eps)
 
@@ -110,7 +120,7 @@ class AbstractFlow(eqx.Module):
         sqrt psi1 - sqrt psi0 = (psi1 - psi0) / (sqrt psi1 + sqrt psi0).
         """
         dpsi = psi1 - psi0
-        if self.conditioner == "eps_inside":
+        if self.eps_placement == "inside":
             return 0.25 * jnp.log1p(dpsi / (self.eps + psi0))
         r0, r1 = jnp.sqrt(psi0), jnp.sqrt(psi1)
         s = r0 + r1
@@ -122,7 +132,7 @@ class AbstractFlow(eqx.Module):
         dm = self.phi(t, m, g)
         psi, dpsi = self.psi_and_rate(t, m, dm, g)
         h = self.h_of_psi(psi)
-        if self.conditioner == "eps_inside":
+        if self.eps_placement == "inside":
             dlogh = -0.5 * dpsi / (self.eps + psi)
         else:
             root = jnp.sqrt(psi)
@@ -170,10 +180,11 @@ class GradientFlow(_Unconditioned):
     """
 
     name: ClassVar[str] = "gd"
-    conditioner: str = eqx.field(static=True, default="eps_inside")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
-    def __init__(self, *, conditioner: str = "eps_inside"):
-        self.conditioner = check_convention(conditioner, "GradientFlow")
+    def __init__(self, *, eps_placement=None, conditioner=None):
+        self.eps_placement = check_eps_placement(eps_placement, "GradientFlow", conditioner,
+                                                 "conditioner")
 
     def phi(self, t, m, g):
         return jnp.zeros_like(m)
@@ -185,16 +196,17 @@ class AdaGradFlow(AbstractFlow):
 
     Theorem 4: h is non-increasing and converges to h_inf > 0; the limit direction is a
     KKT point of (PA) min 1/2 ||h_inf^{-1/2} w||^2 s.t. q_i(w) >= 1.
-    Args: eps > 0 (paper: 1e-5); conditioner "eps_inside" (paper) or "eps_outside".
+    Args: eps > 0 (paper: 1e-5); eps_placement "inside" (paper) or "outside".
     """
 
     name: ClassVar[str] = "adagrad"
     eps: Float[Array, ""]
-    conditioner: str = eqx.field(static=True, default="eps_inside")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
-    def __init__(self, eps=1e-5, *, conditioner: str = "eps_inside"):
+    def __init__(self, eps=1e-5, *, eps_placement=None, conditioner=None):
         self.eps = check_eps(eps, "AdaGradFlow")
-        self.conditioner = check_convention(conditioner, "AdaGradFlow")
+        self.eps_placement = check_eps_placement(eps_placement, "AdaGradFlow", conditioner,
+                                                 "conditioner")
 
     def phi(self, t, m, g):
         return g * g
@@ -217,12 +229,13 @@ class RMSPropFlow(AbstractFlow):
     name: ClassVar[str] = "rmsprop"
     eps: Float[Array, ""]
     b: Float[Array, ""]
-    conditioner: str = eqx.field(static=True, default="eps_inside")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
-    def __init__(self, eps=1e-5, b=0.9, *, conditioner: str = "eps_inside"):
+    def __init__(self, eps=1e-5, b=0.9, *, eps_placement=None, conditioner=None):
         self.eps = check_eps(eps, "RMSPropFlow")
         self.b = check_b(b, "RMSPropFlow")
-        self.conditioner = check_convention(conditioner, "RMSPropFlow")
+        self.eps_placement = check_eps_placement(eps_placement, "RMSPropFlow", conditioner,
+                                                 "conditioner")
 
     def phi(self, t, m, g):
         return (1.0 - self.b) * (g * g - m)
@@ -255,7 +268,7 @@ class AdamFlow(AbstractFlow):
     b: Float[Array, ""]
     b1: Float[Array, ""] | None = None
     bias_correction: str = eqx.field(static=True, default="paper")
-    conditioner: str = eqx.field(static=True, default="eps_inside")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
     def __init__(
         self,
@@ -264,7 +277,8 @@ class AdamFlow(AbstractFlow):
         *,
         b1=None,
         bias_correction: str = "paper",
-        conditioner: str = "eps_inside",
+        eps_placement=None,
+        conditioner=None,
     ):
         self.eps = check_eps(eps, "AdamFlow")
         self.b = check_b(b, "AdamFlow")
@@ -275,7 +289,8 @@ class AdamFlow(AbstractFlow):
                 f"(1 - e^{{-(1-b) t}}, the limit of discrete Adam), got {bias_correction!r}."
             )
         self.bias_correction = bias_correction
-        self.conditioner = check_convention(conditioner, "AdamFlow")
+        self.eps_placement = check_eps_placement(eps_placement, "AdamFlow", conditioner,
+                                                 "conditioner")
 
     @property
     def n_moments(self) -> int:
@@ -355,11 +370,12 @@ class MomentumFlow(_Unconditioned):
 
     name: ClassVar[str] = "momentum"
     b1: Float[Array, ""]
-    conditioner: str = eqx.field(static=True, default="eps_inside")
+    eps_placement: str = eqx.field(static=True, default="inside")
 
-    def __init__(self, b1=0.9, *, conditioner: str = "eps_inside"):
+    def __init__(self, b1=0.9, *, eps_placement=None, conditioner=None):
         self.b1 = check_b(b1, "MomentumFlow", "b1")
-        self.conditioner = check_convention(conditioner, "MomentumFlow")
+        self.eps_placement = check_eps_placement(eps_placement, "MomentumFlow", conditioner,
+                                                 "conditioner")
 
     @property
     def n_moments(self) -> int:
@@ -382,6 +398,8 @@ class MomentumFlow(_Unconditioned):
         return jnp.stack([zero, 1.0 - self.b1])
 
 
-def flow_from_meta(name: str, hyper: dict, conditioner: str) -> AbstractFlow:
-    """Rebuild a flow from a Trajectory's or a checkpoint's metadata (its registered name)."""
-    return lookup("flow", name)(**hyper, conditioner=conditioner)
+def flow_from_meta(name: str, hyper: dict, eps_placement: str) -> AbstractFlow:
+    """Rebuild a flow from a Trajectory's or a checkpoint's metadata (its registered name;
+    `eps_placement` may be a name used before, "eps_inside" / "eps_outside")."""
+    old = {"eps_inside": "inside", "eps_outside": "outside"}
+    return lookup("flow", name)(**hyper, eps_placement=old.get(eps_placement, eps_placement))

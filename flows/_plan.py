@@ -207,7 +207,7 @@ class Setup:
         flow, objective = self.flow, self.objective
         return {
             "flow": flow.name, "hyper": flow.hyperparameters(),
-            "conditioner": flow.conditioner, "loss": objective.loss.name,
+            "eps_placement": flow.eps_placement, "loss": objective.loss.name,
             "model": objective.model.spec(), "t0": self.t0, "t1": self.t1, "rtol": self.rtol,
             "atol": self.atol, "max_steps": self.max_steps,
             "dtype": jnp.dtype(self.dtype).name, "batch": self.batch, "shard": self.shard,

@@ -229,7 +229,7 @@ def _meta(flow, objective, t0, t1, rtol, atol, max_steps, solver, dtype, batch) 
         "kind": "flow",
         "flow": flow.name,
         "hyper": flow.hyperparameters(),
-        "conditioner": flow.conditioner,
+        "eps_placement": flow.eps_placement,
         **objective.describe(),
         "t0": t0,
         "t1": t1,
@@ -266,7 +266,7 @@ def _resume(folder, progress, throw: bool) -> Trajectory:
     from ._flow import flow_from_meta
 
     header, arrays, segments = folder.read(repair=True)
-    flow = flow_from_meta(header["flow"], header["hyper"], header["conditioner"])
+    flow = flow_from_meta(header["flow"], header["hyper"], header["eps_placement"])
     data = Dataset(arrays["X"], arrays["y"])
     skeleton = from_spec(header["model"])
     if header["batch"]:

@@ -43,12 +43,12 @@ def make_flow(spec: FlowSpec):
     if spec.kind == "gd":
         return GradientFlow()
     if spec.kind == "adagrad":
-        return AdaGradFlow(spec.eps, conditioner=spec.conditioner)
+        return AdaGradFlow(spec.eps, eps_placement=spec.conditioner.removeprefix("eps_"))
     if spec.kind == "rmsprop":
-        return RMSPropFlow(spec.eps, spec.b, conditioner=spec.conditioner)
+        return RMSPropFlow(spec.eps, spec.b, eps_placement=spec.conditioner.removeprefix("eps_"))
     if spec.kind == "adam":
         return AdamFlow(spec.eps, spec.b, bias_correction=spec.correction,
-                        conditioner=spec.conditioner)
+                        eps_placement=spec.conditioner.removeprefix("eps_"))
     raise ValueError(spec.kind)
 
 
@@ -260,7 +260,7 @@ def row_atol(flow: FlowSpec, rtol: float, f32: bool) -> float:
     cap = 1e-10 if f32 else 1e-14
     if flow.kind == "gd":
         return cap
-    scale = flow.eps if flow.conditioner == "eps_inside" else flow.eps**2
+    scale = flow.eps if flow.eps_placement == "inside" else flow.eps**2
     return min(cap, rtol * scale)
 
 

@@ -57,7 +57,7 @@ def test_only_lr_is_positional(cls):
     assert [p.name for p in params[:2]] == ["self", "lr"]
     assert params[1].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
-    keywords = [p.name for p in params[2:] if p.name != "convention"]
+    keywords = [p.name for p in params[2:] if p.name not in ("eps_placement", "convention")]
     with pytest.raises(TypeError, match=r"^" + cls.__name__) as err:
         cls(0.1, 0.5, 0.5)
     # The message names every keyword, so the fix is in it.
@@ -248,10 +248,10 @@ def test_flows_optimisers_and_trajectories_show_values():
     Trajectory print their values (the record repr of marginflow._records)."""
     from marginflow.flows import AdamFlow, MomentumFlow, RMSPropFlow
 
-    assert repr(RMSPropFlow(1e-5, 0.9)) == "RMSPropFlow(conditioner='eps_inside', eps=1e-05, b=0.9)"
+    assert repr(RMSPropFlow(1e-5, 0.9)) == "RMSPropFlow(eps_placement='inside', eps=1e-05, b=0.9)"
     assert "b1=0.5" in repr(AdamFlow(1e-5, 0.9, b1=0.5)) and "b1=0.9" in repr(MomentumFlow(0.9))
     assert repr(SGDMomentum(0.1, momentum=0.9)) == (
-        "SGDMomentum(lr=0.1, convention='paper', momentum=0.9)")
+        "SGDMomentum(lr=0.1, eps_placement='inside', momentum=0.9)")
     assert "b2=0.999, eps=1e-08" in repr(Adam(1e-3, b2=0.999, eps=1e-8))
     data, model = toy_dataset(0), ToyLeaky(key=jax.random.PRNGKey(0))
     traj = run(GD(0.001), model, data, 20, save_every=10)

@@ -43,17 +43,17 @@ def test_matching_flow_table():
     f = matching_flow(GD(0.1))
     assert isinstance(f, GradientFlow)
     f = matching_flow(AdaGrad(0.1, eps=2e-3))
-    assert isinstance(f, AdaGradFlow) and f.conditioner == "eps_inside"
+    assert isinstance(f, AdaGradFlow) and f.eps_placement == "inside"
     assert math.isclose(float(f.eps), 0.1**2 * 2e-3, rel_tol=1e-15)
-    f = matching_flow(AdaGrad(0.1, eps=2e-3, convention="pytorch"))
-    assert f.conditioner == "eps_outside" and math.isclose(float(f.eps), 0.1 * 2e-3,
+    f = matching_flow(AdaGrad(0.1, eps=2e-3, eps_placement="outside"))
+    assert f.eps_placement == "outside" and math.isclose(float(f.eps), 0.1 * 2e-3,
                                                            rel_tol=1e-15)
     f = matching_flow(RMSProp(0.01, b=0.995, eps=0.3))
     assert isinstance(f, RMSPropFlow)
     assert math.isclose(float(f.b), 0.5, rel_tol=1e-12) and float(f.eps) == 0.3
-    f = matching_flow(Adam(0.01, b2=0.995, eps=0.3, convention="pytorch"))
+    f = matching_flow(Adam(0.01, b2=0.995, eps=0.3, eps_placement="outside"))
     assert isinstance(f, AdamFlow) and f.bias_correction == "ema"
-    assert f.conditioner == "eps_outside" and math.isclose(float(f.b), 0.5, rel_tol=1e-12)
+    assert f.eps_placement == "outside" and math.isclose(float(f.b), 0.5, rel_tol=1e-12)
     # The paper's toy setting: 1 - b = 0.1 = lr exactly, b_flow = 0 (up to rounding).
     assert float(matching_flow(RMSProp(0.1, b=0.9, eps=1e-5)).b) == 0.0
     # Momentum: heavy ball's time step is lr / (1 - mu) = 0.4 here, 1 - mu = 0.4 (1 - b1).
@@ -72,18 +72,18 @@ def test_matching_flow_table():
 
 @pytest.mark.parametrize("flow", [GradientFlow(), AdaGradFlow(0.7), RMSPropFlow(0.7, 0.3),
                                   AdamFlow(0.7, 0.3, bias_correction="ema"),
-                                  AdaGradFlow(0.7, conditioner="eps_outside"),
-                                  RMSPropFlow(0.7, 0.3, conditioner="eps_outside"),
+                                  AdaGradFlow(0.7, eps_placement="outside"),
+                                  RMSPropFlow(0.7, 0.3, eps_placement="outside"),
                                   MomentumFlow(0.3),
                                   AdamFlow(0.7, 0.3, b1=0.6, bias_correction="ema"),
                                   AdamFlow(0.7, 0.3, b1=0.6, bias_correction="ema",
-                                           conditioner="eps_outside")])
+                                           eps_placement="outside")])
 def test_round_trip(flow):
     """matching_flow(matching_optimizer(flow, eta)) == flow, with eta = the optimiser's."""
     opt = matching_optimizer(flow, 0.01)
     assert math.isclose(float(opt.eta), 0.01, rel_tol=1e-14)
     back = matching_flow(opt)
-    assert type(back) is type(flow) and back.conditioner == flow.conditioner
+    assert type(back) is type(flow) and back.eps_placement == flow.eps_placement
     for k, v in flow.hyperparameters().items():
         if isinstance(v, float):
             assert math.isclose(back.hyperparameters()[k], v, rel_tol=1e-12, abs_tol=1e-15)
@@ -224,11 +224,11 @@ class _SlavedRMSPropFlow(AbstractFlow):
 
     name: ClassVar[str] = "slaved_rmsprop"
     eps: jax.Array
-    conditioner: str = eqx.field(static=True)
+    eps_placement: str = eqx.field(static=True)
 
     def __init__(self, eps):
         self.eps = jnp.asarray(eps, dtype=float)
-        self.conditioner = "eps_inside"
+        self.eps_placement = "inside"
 
     def phi(self, t, m, g):
         return jnp.zeros_like(m)

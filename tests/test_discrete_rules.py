@@ -54,7 +54,7 @@ def reference(name, convention, hyper, ws, X, y):
         elif name == "adagrad":
             acc = acc + g * g
             n = acc
-            if convention == "paper":  # h_k^{-1} = sqrt(eps + sum_{s<=k} g_s^2)
+            if convention == "inside":  # h_k^{-1} = sqrt(eps + sum_{s<=k} g_s^2)
                 h = 1.0 / np.sqrt(hyper["eps"] + acc)
             else:  # torch.optim.Adagrad: std = state_sum.sqrt() + eps
                 h = 1.0 / (np.sqrt(acc) + hyper["eps"])
@@ -63,7 +63,7 @@ def reference(name, convention, hyper, ws, X, y):
             b = hyper["b"]
             acc = b * acc + (1 - b) * g * g
             n = acc
-            if convention == "paper":  # h_k^{-1} = sqrt(eps + n_k)
+            if convention == "inside":  # h_k^{-1} = sqrt(eps + n_k)
                 h = 1.0 / np.sqrt(hyper["eps"] + acc)
             else:  # torch.optim.RMSprop: avg = square_avg.sqrt() + eps
                 h = 1.0 / (np.sqrt(acc) + hyper["eps"])
@@ -74,7 +74,7 @@ def reference(name, convention, hyper, ws, X, y):
             acc = b2 * acc + (1 - b2) * g * g
             n = acc
             bc1, bc2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
-            if convention == "paper":  # h_k^{-1} = sqrt(eps + n_k / (1 - b2^{k+1}))
+            if convention == "inside":  # h_k^{-1} = sqrt(eps + n_k / (1 - b2^{k+1}))
                 h = 1.0 / np.sqrt(hyper["eps"] + acc / bc2)
                 step = lr * h * mom / bc1
             else:  # torch.optim.Adam: denom = sqrt(v) / sqrt(bc2) + eps, step lr / bc1
@@ -136,7 +136,7 @@ scales = st.floats(0.2, 1.5)
 lrs = st.floats(1e-3, 0.05)
 bs = st.floats(0.0, 0.999)
 epss = st.floats(1e-6, 1.0)
-conventions = st.sampled_from(["paper", "pytorch"])
+conventions = st.sampled_from(["inside", "outside"])
 SETTINGS = settings(max_examples=6, deadline=None)
 
 
@@ -160,7 +160,7 @@ fractions = st.floats(0.01, 0.99)
 @given(seed=seeds, scale=scales, fraction=fractions, convention=conventions)
 def test_gd_equals_rule(seed, scale, fraction, convention):
     lr = stable_lr(seed, scale, fraction)
-    check(GD(lr, convention=convention), "gd", convention, {"lr": lr}, seed, scale)
+    check(GD(lr, eps_placement=convention), "gd", convention, {"lr": lr}, seed, scale)
 
 
 @SETTINGS
@@ -174,14 +174,14 @@ def test_sgd_momentum_equals_torch_rule(seed, scale, fraction, mu):
 @SETTINGS
 @given(seed=seeds, scale=scales, lr=st.floats(1e-2, 0.5), eps=epss, convention=conventions)
 def test_adagrad_equals_rule(seed, scale, lr, eps, convention):
-    check(AdaGrad(lr, eps=eps, convention=convention), "adagrad", convention,
+    check(AdaGrad(lr, eps=eps, eps_placement=convention), "adagrad", convention,
           {"lr": lr, "eps": eps}, seed, scale)
 
 
 @SETTINGS
 @given(seed=seeds, scale=scales, lr=lrs, b=bs, eps=epss, convention=conventions)
 def test_rmsprop_equals_rule(seed, scale, lr, b, eps, convention):
-    check(RMSProp(lr, b=b, eps=eps, convention=convention), "rmsprop", convention,
+    check(RMSProp(lr, b=b, eps=eps, eps_placement=convention), "rmsprop", convention,
           {"lr": lr, "b": b, "eps": eps}, seed, scale)
 
 
@@ -189,7 +189,7 @@ def test_rmsprop_equals_rule(seed, scale, lr, b, eps, convention):
 @given(seed=seeds, scale=scales, lr=lrs, b2=bs, eps=epss, b1=st.sampled_from([0.0, 0.9]),
        convention=conventions)
 def test_adam_equals_rule(seed, scale, lr, b2, eps, b1, convention):
-    check(Adam(lr, b2=b2, eps=eps, b1=b1, convention=convention), "adam", convention,
+    check(Adam(lr, b2=b2, eps=eps, b1=b1, eps_placement=convention), "adam", convention,
           {"lr": lr, "b2": b2, "eps": eps, "b1": b1}, seed, scale)
 
 
@@ -209,13 +209,13 @@ def test_paper_rule_catches_optax_defaults():
         assert _rel(out[1:], nxt) > 1e-6
 
 
-@pytest.mark.parametrize("convention", ["paper", "pytorch"])
+@pytest.mark.parametrize("convention", ["inside", "outside"])
 def test_defaults_are_documented_values(convention):
     """Defaults: the paper's b = 0.9, eps = 1e-5; torch.optim's alpha/b2 and eps."""
-    paper = convention == "paper"
-    assert float(AdaGrad(0.1, convention=convention).eps) == (1e-5 if paper else 1e-10)
-    r = RMSProp(0.1, convention=convention)
+    paper = convention == "inside"
+    assert float(AdaGrad(0.1, eps_placement=convention).eps) == (1e-5 if paper else 1e-10)
+    r = RMSProp(0.1, eps_placement=convention)
     assert (float(r.b), float(r.eps)) == ((0.9, 1e-5) if paper else (0.99, 1e-8))
-    a = Adam(0.1, convention=convention)
+    a = Adam(0.1, eps_placement=convention)
     assert (float(a.b2), float(a.eps), float(a.b1)) == \
         ((0.9, 1e-5, 0.0) if paper else (0.999, 1e-8, 0.0))

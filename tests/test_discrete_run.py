@@ -41,7 +41,7 @@ def member(models, i):
 
 # ------------------------------------------------------------------ batching
 @pytest.mark.parametrize("opt", [RMSProp(0.1, b=0.9, eps=1e-5), AdaGrad(0.1, eps=1e-5),
-                                 Adam(0.05, b2=0.99, eps=1e-3, b1=0.9, convention="pytorch")])
+                                 Adam(0.05, b2=0.99, eps=1e-3, b1=0.9, eps_placement="outside")])
 def test_vmap_equals_loop(opt):
     """run(batch=True) equals separate runs of each initialisation. Tolerance 1e-12
     relative: the batched program groups the same float64 operations differently (a
@@ -244,7 +244,8 @@ def test_meta_model_at_flow_and_save_load(tmp_path):
         (lambda: Adam(0.1, b2=0.9, eps=0.0), r"`eps` must be a finite number > 0, got 0.0"),
         (lambda: Adam(0.1, b2=0.9, b1=1.5), r"`b1` must be in \[0, 1\), got 1.5"),
         (lambda: SGDMomentum(0.1, momentum=1.0), r"`momentum` must be in \[0, 1\), got 1.0"),
-        (lambda: RMSProp(0.1, convention="torch"), r"`convention` must be 'paper'"),
+        (lambda: RMSProp(0.1, eps_placement="torch"), r"`eps_placement` must be 'inside'"),
+        (lambda: RMSProp(0.1, convention="torch"), r"`convention` must be one of"),
         (lambda: GD("0.1"), r"`lr` must be a real number"),
     ],
 )

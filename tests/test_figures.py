@@ -183,5 +183,5 @@ def test_reference_values_of_the_cli_figure():
                                                  hyper={"eps": 1e-4}))
         assert got[0] == value
     for flow in ("adagrad", "gd"):
-        assert conditioner_limit_value(_meta_only(flow=flow, conditioner="eps_inside",
+        assert conditioner_limit_value(_meta_only(flow=flow, eps_placement="inside",
                                                   hyper={"eps": 1e-4})) is None

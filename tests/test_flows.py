@@ -32,11 +32,12 @@ def reference_field(name, t, m, g, eps, b, correction="paper", conditioner="eps_
 
 
 def make(name, eps, b, correction="paper", conditioner="eps_inside"):
+    placement = conditioner.removeprefix("eps_")
     return {
-        "gd": lambda: GradientFlow(conditioner=conditioner),
-        "adagrad": lambda: AdaGradFlow(eps, conditioner=conditioner),
-        "rmsprop": lambda: RMSPropFlow(eps, b, conditioner=conditioner),
-        "adam": lambda: AdamFlow(eps, b, bias_correction=correction, conditioner=conditioner),
+        "gd": lambda: GradientFlow(eps_placement=placement),
+        "adagrad": lambda: AdaGradFlow(eps, eps_placement=placement),
+        "rmsprop": lambda: RMSPropFlow(eps, b, eps_placement=placement),
+        "adam": lambda: AdamFlow(eps, b, bias_correction=correction, eps_placement=placement),
     }[name]()
 
 
@@ -124,9 +125,32 @@ def test_dlogh_matches_finite_difference(name):
         (lambda: RMSPropFlow(b=1.0), r"`b` must be in \[0, 1\), got 1.0"),
         (lambda: AdamFlow(b=-0.1), r"`b` must be in \[0, 1\), got -0.1"),
         (lambda: AdamFlow(bias_correction="torch"), "bias_correction"),
-        (lambda: RMSPropFlow(conditioner="outside"), "conditioner"),
+        (lambda: RMSPropFlow(eps_placement="eps_outside"), "eps_placement"),
     ],
 )
 def test_flow_validation(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_eps_placement_is_one_name_and_the_old_ones_still_work():
+    """Flows and optimisers name where eps sits `eps_placement` ("inside" / "outside");
+    the old keywords (flows: conditioner="eps_inside"/"eps_outside", optimisers:
+    convention="paper"/"pytorch") map to it with a DeprecationWarning, disagreeing values
+    are refused, and a Trajectory saved with the old meta key still rebuilds its flow."""
+    from marginflow.discrete import RMSProp
+    from marginflow.flows._flow import flow_from_meta
+
+    with pytest.warns(DeprecationWarning, match="eps_placement='outside'"):
+        old = RMSPropFlow(1e-4, 0.5, conditioner="eps_outside")
+    assert old == RMSPropFlow(1e-4, 0.5, eps_placement="outside")
+    with pytest.warns(DeprecationWarning, match="eps_placement='outside'"):
+        opt = RMSProp(0.1, convention="pytorch")
+    # PyTorch's rule comes with torch.optim's defaults (b = 0.99, eps = 1e-8)
+    assert opt == RMSProp(0.1, eps_placement="outside")
+    assert (float(opt.b), float(opt.eps)) == (0.99, 1e-8)
+    with pytest.raises(ValueError, match="disagree"):
+        RMSPropFlow(eps_placement="inside", conditioner="eps_outside")
+    with pytest.warns(DeprecationWarning, match="flow.conditioner is deprecated"):
+        assert old.conditioner == "eps_outside"
+    assert flow_from_meta("rmsprop", {"eps": 1e-4, "b": 0.5}, "eps_outside") == old

@@ -205,7 +205,7 @@ def test_discrete_rmsprop_approaches_the_flow_on_a_relu_mlp():
 # with both binary losses on a ReLU MLP, and cross-entropy on a multi-class one, to 1e100.
 RELU_FLOWS = {
     **FLOWS,
-    "rmsprop_out": RMSPropFlow(1e-4, 0.5, conditioner="eps_outside"),
+    "rmsprop_out": RMSPropFlow(1e-4, 0.5, eps_placement="outside"),
     "adam_ema": AdamFlow(1e-2, 0.5, bias_correction="ema"),
 }
 RELU_CASES = [(f, loss) for f in RELU_FLOWS for loss in ("exponential", "logistic")] + [
