@@ -26,7 +26,7 @@ import os as _os
 
 import jax as _jax
 
-if _os.environ.get("MARGINFLOW_X64", "1") != "0":
+if _os.environ.get("MARGINFLOW_X64", "1").strip().lower() not in ("0", "false", "no", "off"):
     _jax.config.update("jax_enable_x64", True)
 
 __version__ = "0.1.0"

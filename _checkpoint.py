@@ -30,6 +30,7 @@ What `resume` may trust, and how it knows:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -98,11 +99,29 @@ def segment_path(directory: str, k: int) -> str:
 # ------------------------------------------------------------------------------ the lock
 # Folders this process holds, per thread: a run holds its folder for its whole length, and
 # `resume` takes it before reading and keeps it through the `simulate` / `run` it calls.
-_HELD: dict[str, tuple[int, int]] = {}  # real path -> (thread id, depth)
+_HELD: dict[str, tuple[int, int, bool]] = {}  # real path -> (thread, depth, lock held)
 _HELD_GUARD = threading.Lock()
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start(pid: int):
+    """(state, start time in clock ticks since boot) of a process from /proc, or None where
+    there is no /proc (not Linux) or no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int, start=None) -> bool:
+    """Whether process `pid` runs and, where /proc tells, is the one that started at
+    `start` (a pid reused after a restart, e.g. pid 1 in a restarted container, is not);
+    a zombie does not run."""
+    proc = _process_start(pid)
+    if proc is not None:
+        state, started = proc
+        return state != "Z" and (start is None or started == start)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -114,7 +133,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _describe(owner: dict) -> str:
     if not owner:
-        return "an empty or unreadable lock file"
+        return "an empty or unreadable lock file, which says no owner"
     since = owner.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
     return f"process {owner.get('pid', '?')} on host {owner.get('host', '?')} since {when}"
@@ -126,8 +145,10 @@ def _create_lock(path: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
     except FileExistsError:
         return False
+    proc = _process_start(os.getpid())
     with os.fdopen(fd, "w") as fh:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, fh)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                   "start": proc[1] if proc else None}, fh)
     return True
 
 
@@ -160,39 +181,68 @@ def _take_over_stale(path: str, owner: dict) -> None:
 _FILL_SECONDS = 10.0
 
 
-def _acquire(directory: str) -> None:
+def _stale(path: str, owner: dict, key: str) -> bool:
+    """Whether the lock `owner` describes was left by a run that no longer runs."""
+    if not owner:  # unreadable: a writer killed between creating and filling it
+        try:
+            return time.time() - os.stat(path).st_mtime > _FILL_SECONDS
+        except OSError:
+            return False
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False  # another host's process cannot be checked from here
+    if pid == os.getpid():
+        # This process does not hold it (a holding thread is in _HELD): the lock is from an
+        # earlier process that had the same pid (a restarted container's pid 1, say).
+        with _HELD_GUARD:
+            return key not in _HELD
+    return not _pid_alive(pid, owner.get("start"))
+
+
+def _acquire(directory: str, key: str) -> bool:
+    """Take the lock; False (no lock held) for a folder this process may only read."""
     path = os.path.join(directory, LOCK_FILE)
     for _ in range(3):
-        if _create_lock(path):
-            return
+        try:
+            if _create_lock(path):
+                return True
+        except OSError as err:  # a read-only folder: nobody can write to it, so no lock
+            if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                warnings.warn(f"checkpoint folder {directory!r} cannot be written "
+                              f"({err.strerror}): it is read without a lock; a run with "
+                              "segments still to compute cannot continue there.",
+                              stacklevel=5)
+                return False
+            raise
         owner = _read_owner(path)
         if owner is None:
             continue  # released meanwhile
-        dead = (owner.get("host") == socket.gethostname()
-                and isinstance(owner.get("pid"), int) and owner["pid"] != os.getpid()
-                and not _pid_alive(owner["pid"]))
-        if not owner:  # unreadable: a writer killed between creating and filling it
-            with contextlib.suppress(OSError):
-                dead = time.time() - os.stat(path).st_mtime > _FILL_SECONDS
-        if not dead:
+        if not _stale(path, owner, key):
             break
         warnings.warn(f"checkpoint folder {directory!r}: taking over the lock of a process "
                       f"that no longer runs ({_describe(owner)}); its run was killed.",
-                      stacklevel=4)
+                      stacklevel=5)
         _take_over_stale(path, owner)
     owner = _read_owner(path) or {}
+    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        raise ValueError(
+            f"checkpoint folder {directory!r} is in use by another thread of this process; "
+            "two writers would splice their segments: wait for that run to end, or use "
+            "another folder."
+        )
     raise ValueError(
-        f"checkpoint folder {directory!r} is in use: {path} says {_describe(owner)} writes "
-        "to it, and two writers would splice their segments. Wait for that run to end, or "
-        "use another folder; if no run uses the folder (a run killed on another host, or "
-        "this process's own run in another thread), delete the lock file."
+        f"checkpoint folder {directory!r} is in use: {path} names {_describe(owner)} as "
+        "its writer, and two writers would splice their segments. Wait for that run to "
+        "end, or use another folder; if no run uses the folder (a run killed on another "
+        "host, which cannot be checked from here), delete the lock file."
     )
 
 
 @contextlib.contextmanager
 def locked(directory, *, create: bool = True):
     """Hold `directory`'s lock for the block; the folder is made if missing (`create`, for
-    a new run) or must exist (a resume).
+    a new run) or must exist (a resume). A resume of a read-only folder reads it without a
+    lock (with a warning): nothing can write there.
 
     Re-entrant within a thread; `locked(None)` does nothing (a run without checkpoints).
     """
@@ -208,36 +258,40 @@ def locked(directory, *, create: bool = True):
     me = threading.get_ident()
     with _HELD_GUARD:
         holder = _HELD.get(key)
-        if holder is not None and holder[0] == me:
-            _HELD[key] = (me, holder[1] + 1)
-            nested = True
-        else:
-            nested = False
+        nested = holder is not None and holder[0] == me
+        if nested:
+            _HELD[key] = (me, holder[1] + 1, holder[2])
     if not nested:
-        _acquire(directory)
+        held = _acquire(directory, key)
+        if not held and create:
+            raise ValueError(f"checkpoint folder {directory!r} cannot be written; pass a "
+                             "folder you can write to.")
         with _HELD_GUARD:
-            _HELD[key] = (me, 1)
+            _HELD[key] = (me, 1, held)
     try:
         yield
     finally:
         with _HELD_GUARD:
-            tid, depth = _HELD[key]
+            tid, depth, held = _HELD[key]
             if depth > 1:
-                _HELD[key] = (tid, depth - 1)
+                _HELD[key] = (tid, depth - 1, held)
             else:
                 del _HELD[key]
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, LOCK_FILE))
+                if held:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, LOCK_FILE))
 
 
 # ------------------------------------------------------------------------ writing a run
-_HASHES: dict[str, tuple[tuple[int, int], str]] = {}  # path -> ((mtime_ns, size), sha256)
+# path -> ((inode, size, mtime_ns, ctime_ns), sha256): a file rewritten in place, or a
+# folder deleted and made again, changes one of them even on coarse-timestamp file systems.
+_HASHES: dict[str, tuple[tuple[int, int, int, int], str]] = {}
 
 
 def _sha256(path: str) -> str:
-    """SHA-256 of a file's bytes (cached while its mtime and size stay the same)."""
+    """SHA-256 of a file's bytes (cached while its inode, size and times stay the same)."""
     st = os.stat(path)
-    key = (st.st_mtime_ns, st.st_size)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     cached = _HASHES.get(path)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -280,18 +334,20 @@ def write_segment(directory: str, k: int, header: dict, **arrays) -> None:
 def read_checkpoint(directory: str, *, repair: bool = False):
     """(run header, run arrays, [(segment header, segment arrays), ...]) of a folder.
 
-    Only complete files are ever present under their final names; leftover temporary files
-    of a killed writer are deleted here. The segments returned are the intact prefix of
-    the hash chain: a damaged segment ends it (with a warning; `repair=True`, which
-    `resume` passes holding the lock, moves it and the later ones aside as *.damaged). A
-    segment of another run, or one that does not follow the file before it, raises.
+    Only complete files are ever present under their final names; with `repair` (under
+    the lock) leftover temporary files of a killed writer are deleted. The segments
+    returned are the intact prefix of the hash chain: a damaged segment ends it (with a
+    warning; `repair=True`, which `resume` passes holding the lock, moves it and the later
+    ones aside as *.damaged). A segment of another run, or one that does not follow the
+    file before it, raises.
     """
     if not os.path.isdir(directory):
         raise ValueError(f"resume: {directory!r} is not a folder; pass the folder given as "
                          "`checkpoint=` to the run.")
-    for name in os.listdir(directory):
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.unlink(os.path.join(directory, name))
+    if repair:  # only under the lock: a live writer's temporary file is not a leftover
+        for name in os.listdir(directory):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(directory, name))
     run_path = os.path.join(directory, RUN_FILE)
     if not os.path.exists(run_path):
         raise ValueError(f"resume: {directory!r} holds no {RUN_FILE}; it is not a marginflow "
@@ -340,6 +396,12 @@ def read_checkpoint(directory: str, *, repair: bool = False):
     return run_header, run_arrays, segments
 
 
+def read_run(directory: str):
+    """(header, arrays) of a folder's run.npz alone: the run's inputs, without reading (or
+    hashing) its segments."""
+    return _read(os.path.join(os.fspath(directory), RUN_FILE))
+
+
 def _damaged(directory: str, k: int, why: str, repair: bool) -> None:
     later = []
     j = k
@@ -347,8 +409,11 @@ def _damaged(directory: str, k: int, why: str, repair: bool) -> None:
         later.append(segment_path(directory, j))
         j += 1
     if repair:
-        for path in later:
-            os.replace(path, path + ".damaged")
+        for path in later:  # never over an earlier repair's file: nothing is deleted
+            aside, n = path + ".damaged", 1
+            while os.path.exists(aside):
+                aside, n = f"{path}.damaged.{n}", n + 1
+            os.replace(path, aside)
     names = ", ".join(os.path.basename(p) for p in later)
     warnings.warn(
         f"resume: {segment_path(directory, k)} is damaged ({why}); continuing from the last "

@@ -173,7 +173,9 @@ class Trajectory(eqx.Module):
                                      "the file is damaged or was not written by "
                                      "Trajectory.save.")
                 arrays = {k: f[k] for k in _ARRAYS}
-        except (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        except (EOFError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+            # A file that is there but is not a Trajectory file. A missing or unreadable
+            # file raises the OSError itself (FileNotFoundError, PermissionError).
             raise ValueError(f"Trajectory.load: {path} cannot be read as a Trajectory file "
                              f"({type(err).__name__}: {err}).") from err
         found = header.get("format") if isinstance(header, dict) else header
@@ -181,7 +183,8 @@ class Trajectory(eqx.Module):
             raise ValueError(f"Trajectory.load: {path} is not a marginflow Trajectory file "
                              f"(format {found!r}).")
         _check_header(header, path)
-        _check_stats(header, path)
+        if header["format"] != _FORMAT_1:  # files of format 1 may predate some stats keys
+            _check_stats(header, path)
         _check_shapes(arrays, path)
         stats = header["stats"]
         if header["format"] == _FORMAT_1:  # tuples were written as lists

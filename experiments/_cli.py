@@ -229,10 +229,10 @@ def _resume_run(args) -> int:
     except SimulationError as err:
         traj = err.trajectory
     model = traj.model_at(0)
-    from .._checkpoint import read_checkpoint
+    from .._checkpoint import read_run
     from ..models import Dataset
 
-    _, arrays, _ = read_checkpoint(args.checkpoint)
+    _, arrays = read_run(args.checkpoint)  # the data set; the segments were read by resume
     data = Dataset(arrays["X"], arrays["y"])
     return _write_outputs(traj, model, data, args.out, f"marginflow resume: {args.checkpoint}")
 
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in sorted(
-            _SUBCOMMANDS.items(), key=lambda item: ORDER.index(item[0])):
+            _SUBCOMMANDS.items(),
+            key=lambda item: ORDER.index(item[0]) if item[0] in ORDER else len(ORDER)):
         add_arguments(sub.add_parser(name, help=help_text, description=help_text,
                                      formatter_class=HelpFormatter))
     return parser

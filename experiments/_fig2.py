@@ -139,9 +139,19 @@ def _members(traj, keep):
     return Trajectory(
         ts=traj.ts, w=traj.w[keep], m=traj.m[keep], conditioner=traj.conditioner[keep],
         log_loss=traj.log_loss[keep], I=traj.I[keep],
-        stats={k: (np.asarray(v)[keep] if np.ndim(v) else v) for k, v in traj.stats.items()},
+        stats={k: _kept(k, v, keep) for k, v in traj.stats.items()},
         result=traj.result, message=traj.message, meta=traj.meta,
     )
+
+
+def _kept(key: str, value, keep):
+    """A batched run's statistic restricted to the kept members: per-member values (B,)
+    and the per-segment counts (segments, B); shared ones (segment_ends) as they are."""
+    if key == "segment_ends" or np.ndim(value) == 0:
+        return value
+    if key == "num_steps_per_segment":
+        return tuple(tuple(np.asarray(row)[keep].tolist()) for row in value)
+    return tuple(np.asarray(value)[keep].tolist())
 
 
 def _claims(stats, steps, t1) -> list[Claim]:

@@ -9,6 +9,8 @@ call (the first one traces and compiles, or loads the program from the cache),
 
 from __future__ import annotations
 
+import numpy as np
+
 
 class AbstractProgressMeter:
     """The interface; every method does nothing here."""
@@ -62,7 +64,7 @@ def progress_meter(progress) -> AbstractProgressMeter:
     """The meter for `simulate(progress=...)`: a bool, or a meter object."""
     if isinstance(progress, AbstractProgressMeter):
         return progress
-    if isinstance(progress, bool):
+    if progress is None or isinstance(progress, (bool, int, np.bool_, np.integer)):
         return TqdmProgressMeter() if progress else NoProgressMeter()
     raise TypeError(f"simulate: `progress` must be True, False or a progress meter "
                     f"(marginflow.flows.TqdmProgressMeter(), ...), got {progress!r}.")

@@ -138,12 +138,13 @@ def simulate(
                 rtol=rtol, atol=atol, max_steps=max_steps, batch=batch, dtype=dtype,
                 shard=shard, workers=workers, kink_tol=kink_tol, checkpoint=checkpoint)
     plan = SegmentPlan.of(run)
+    meter = progress_meter(progress)  # checked before anything is written
     # One writer per checkpoint folder, for the whole run (marginflow/_checkpoint.py).
     folder = ckpt.checkpoint_folder(checkpoint)
     with folder.locked() if folder is not None else contextlib.nullcontext():
         if folder is not None and _resume is None:
             folder.write_run(run.checkpoint_header(), **run.checkpoint_arrays())
-        engine = Engine(run, plan, meter=progress_meter(progress), checkpoint=folder)
+        engine = Engine(run, plan, meter=meter, checkpoint=folder)
         out = engine.integrate(_resume)
     return raise_if_failed(_trajectory(run, plan, out), "simulate", throw)
 

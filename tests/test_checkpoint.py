@@ -74,9 +74,9 @@ def _run_and_kill(args, directory, target, delay, timeout=120.0):
 
 
 def _assert_only_complete_files(directory, kind):
-    # read_checkpoint opens every final-name file fully (np.load of every array) and
-    # removes hidden temporary files of a killed writer.
-    header, arrays, segments = read_checkpoint(directory)
+    # read_checkpoint opens every final-name file fully (np.load of every array) and, with
+    # repair (the writer is dead), removes hidden temporary files of a killed writer.
+    header, arrays, segments = read_checkpoint(directory, repair=True)
     assert {"w0", "X", "y"} <= set(arrays)
     expected = ({"ts", "w", "m", "I", "log_loss", "h", "y_v", "y_m", "y_I"} if kind == "flow"
                 else {"w", "m", "h", "log_loss", "carry_0"})

@@ -232,3 +232,16 @@ def test_cli_reproduce_without_mlxtend(tmp_path, capsys, monkeypatch):
     code = main(["reproduce", "fig1", "--out", str(tmp_path), "--quick", "--no-progress"])
     assert code == 2
     assert "pip install marginflow[mnist]" in capsys.readouterr().err
+
+
+def test_fig2_keeps_the_statistics_of_the_kept_members():
+    """fig2 drops the members of a batched flow run that failed; their per-member counts
+    (B,) and per-segment counts (segments, B) are cut along the member axis, the segment
+    ends are shared (this used to index the segment axis with the member mask)."""
+    from marginflow.experiments._fig2 import _kept
+
+    keep = np.array([True, False, True])
+    assert _kept("num_steps", (5, 6, 7), keep) == (5, 7)
+    assert _kept("num_steps_per_segment", ((1, 2, 3), (4, 5, 6)), keep) == ((1, 3), (4, 6))
+    assert _kept("segment_ends", (1.0, 10.0), keep) == (1.0, 10.0)
+    assert _kept("num_segments", 2, keep) == 2

@@ -381,3 +381,76 @@ def test_a_checkpoint_folder_object(setup, reference, tmp_path):
     _assert_same(resume(CheckpointFolder(tmp_path / "c")), reference[0])
     with pytest.raises(TypeError, match="`checkpoint` must be a folder"):
         simulate(FLOW, model, data, T1, checkpoint=3)
+
+
+# ------------------------------------------------------------- the review's cases
+def test_a_lock_with_this_pid_but_no_holder_is_stale(setup, tmp_path):
+    """A restarted container gives its process the same pid (often 1) on the same host:
+    a lock naming this pid that no thread of this process holds is an earlier process's.
+    So is a lock naming a live pid whose start time differs (the pid was reused)."""
+    import socket
+
+    model, data = setup
+    for name, owner in (("same-pid", {"pid": os.getpid()}),
+                        ("reused-pid", {"pid": os.getppid(), "start": -1})):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / ckpt.LOCK_FILE).write_text(json.dumps(
+            {"host": socket.gethostname(), "since": 0, **owner}))
+        with pytest.warns(UserWarning, match="no longer runs"):
+            assert simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10).success
+
+
+def test_a_read_only_folder_resumes_a_finished_run(reference, tmp_path, monkeypatch):
+    """Archived checkpoints on a read-only mount: a finished run is read without a lock (a
+    warning says so); a new run there is refused before anything is computed."""
+    import errno
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    directory = _copy(reference, tmp_path)
+    monkeypatch.setattr(ckpt, "_create_lock", read_only)
+    with pytest.warns(UserWarning, match="cannot be written"):
+        _assert_same(resume(directory), reference[0])
+    with pytest.raises(ValueError, match="cannot be written"), pytest.warns(UserWarning):
+        simulate(FLOW, *reference_inputs(), T1, checkpoint=tmp_path / "new", n_save=10)
+
+
+def reference_inputs():
+    return ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0)
+
+
+def test_a_bad_progress_writes_nothing(setup, tmp_path):
+    model, data = setup
+    with pytest.raises(TypeError, match="`progress`"):
+        simulate(FLOW, model, data, T1, n_save=10, checkpoint=tmp_path / "c", progress="yes")
+    assert not (tmp_path / "c" / "run.npz").exists()
+    # None, 0 / 1 and numpy booleans still mean off / on
+    assert simulate(FLOW, model, data, T1, n_save=10, progress=None).success
+
+
+def test_reading_leaves_a_live_writers_temporary_file(reference, tmp_path):
+    directory = _copy(reference, tmp_path)
+    tmp = directory / ".segment_00004.npz.tmp"
+    tmp.write_bytes(b"being written")
+    ckpt.read_checkpoint(str(directory))  # a reader (a monitor, the CLI) leaves it
+    assert tmp.exists()
+    ckpt.read_checkpoint(str(directory), repair=True)  # the locked resume removes it
+    assert not tmp.exists()
+
+
+def test_a_second_repair_keeps_the_first_damaged_file(reference, tmp_path):
+    directory = _copy(reference, tmp_path)
+    path = directory / "segment_00003.npz"
+    for _ in range(2):
+        path.write_bytes(path.read_bytes()[:100])
+        with pytest.warns(UserWarning, match="is damaged"):
+            resume(directory)
+    assert sorted(f for f in os.listdir(directory) if ".damaged" in f) == [
+        "segment_00003.npz.damaged", "segment_00003.npz.damaged.1"]
+
+
+def test_trajectory_load_of_a_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Trajectory.load(tmp_path / "nowhere.npz")
