@@ -99,7 +99,7 @@ def check_eps_placement(eps_placement, where: str, old=None, old_name: str = "")
         warnings.warn(f"{where}: `{old_name}={old!r}` is deprecated, pass "
                       f"eps_placement={new!r} (one name for where eps sits, in the flows and "
                       "the optimisers; 'conditioner' means h).", DeprecationWarning,
-                      stacklevel=4)
+                      stacklevel=_caller_level())
         eps_placement = new
     if eps_placement is None:
         return "inside"
@@ -150,3 +150,17 @@ def check_int(x, name: str, where: str, minimum: int = 1, fix: str = "") -> int:
         raise ValueError(f"{where}: `{name}` must be an integer >= {minimum}, got {x!r}"
                          + (f"; {fix}." if fix else "."))
     return int(x)
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that points a warning at the first frame outside marginflow and
+    equinox (a constructor is reached through equinox's module machinery and wrappers)."""
+    import inspect
+    import os
+
+    ours = (os.path.dirname(os.path.abspath(__file__)), os.sep + "equinox" + os.sep)
+    level, frame = 1, inspect.currentframe()
+    while frame is not None and (frame.f_code.co_filename.startswith(ours[0])
+                                 or ours[1] in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level - 1

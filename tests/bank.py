@@ -260,7 +260,7 @@ def row_atol(flow: FlowSpec, rtol: float, f32: bool) -> float:
     cap = 1e-10 if f32 else 1e-14
     if flow.kind == "gd":
         return cap
-    scale = flow.eps if flow.eps_placement == "inside" else flow.eps**2
+    scale = flow.eps if flow.conditioner == "eps_inside" else flow.eps**2
     return min(cap, rtol * scale)
 
 

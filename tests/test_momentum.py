@@ -101,7 +101,8 @@ def test_adam_flow_with_momentum_against_scipy(problem, kind, conditioner):
         return np.concatenate([-h * m1_hat, (1 - b) * (gw * gw - m2), (1 - b1) * (gw - m1)])
 
     w, m = _oracle(field, p, np.concatenate([w0, np.zeros(2 * p)]))
-    flow = AdamFlow(eps, b, b1=b1, bias_correction=kind, conditioner=conditioner)
+    flow = AdamFlow(eps, b, b1=b1, bias_correction=kind,
+                    eps_placement=conditioner.removeprefix("eps_"))
     traj = simulate(flow, model, data, TS[-1], ts=TS, rtol=1e-10, atol=1e-14)
     _agree(traj, w, m)
 
