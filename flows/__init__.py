@@ -9,9 +9,9 @@ from ._flow import AbstractFlow as AbstractFlow
 from ._flow import AdaGradFlow as AdaGradFlow
 from ._flow import AdamFlow as AdamFlow
 from ._flow import GradientFlow as GradientFlow
-from ._flow import MomentumFlow as MomentumFlow
 from ._flow import RMSPropFlow as RMSPropFlow
 from ._imex import DecayIMEX as DecayIMEX
+from ._momentum import MomentumFlow as MomentumFlow
 from ._progress import AbstractProgressMeter as AbstractProgressMeter
 from ._progress import NoProgressMeter as NoProgressMeter
 from ._progress import TqdmProgressMeter as TqdmProgressMeter

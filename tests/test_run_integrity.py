@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import pytest
 from marginflow import _checkpoint as ckpt
+from marginflow import _lock
 from marginflow.discrete import RMSProp, resume_run, run
 from marginflow.experiments._cli import main
 from marginflow.flows import RMSPropFlow, Trajectory, resume, simulate
@@ -91,7 +92,7 @@ def test_a_folder_held_by_a_live_process_is_refused(setup, tmp_path):
 
 def test_an_empty_lock_file_is_stale_only_when_old(setup, tmp_path):
     """A writer killed between creating the lock and filling it leaves an empty file: in
-    use while fresh (its writer may be about to fill it), stale after ckpt._FILL_SECONDS."""
+    use while fresh (its writer may be about to fill it), stale after _lock._FILL_SECONDS."""
     import time
 
     model, data = setup
@@ -101,7 +102,7 @@ def test_an_empty_lock_file_is_stale_only_when_old(setup, tmp_path):
     lock.write_text("")
     with pytest.raises(ValueError, match="is in use"):
         simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10)
-    old = time.time() - 2 * ckpt._FILL_SECONDS
+    old = time.time() - 2 * _lock._FILL_SECONDS
     os.utime(lock, (old, old))
     with pytest.warns(UserWarning, match="no longer runs"):
         assert simulate(FLOW, model, data, T1, checkpoint=directory, n_save=10).success
@@ -410,7 +411,7 @@ def test_a_read_only_folder_resumes_a_finished_run(reference, tmp_path, monkeypa
         raise OSError(errno.EROFS, "Read-only file system", path)
 
     directory = _copy(reference, tmp_path)
-    monkeypatch.setattr(ckpt, "_create_lock", read_only)
+    monkeypatch.setattr(_lock, "_create_lock", read_only)
     with pytest.warns(UserWarning, match="cannot be written"):
         _assert_same(resume(directory), reference[0])
     with pytest.raises(ValueError, match="cannot be written"), pytest.warns(UserWarning):
