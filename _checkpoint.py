@@ -40,7 +40,7 @@ import zipfile
 import numpy as np
 
 from ._lock import LOCK_FILE as LOCK_FILE
-from ._lock import _umask
+from ._lock import _umask, holds_lock
 from ._lock import locked as locked
 
 RUN_FILE = "run.npz"
@@ -261,6 +261,17 @@ class CheckpointFolder:
 
     def read(self, *, repair: bool = False):
         return read_checkpoint(self.directory, repair=repair)
+
+    def writable(self) -> bool:
+        """Whether this thread holds the folder's lock (not in a read-only resume)."""
+        return holds_lock(self.directory)
+
+    def check_writable(self, what: str) -> None:
+        """ValueError before `what` is computed in a folder that cannot be written."""
+        if not self.writable():
+            raise ValueError(f"checkpoint folder {self.directory!r} cannot be written, and "
+                             f"{what} remains to be computed; copy the folder somewhere "
+                             "writable and resume it there.")
 
 
 def checkpoint_folder(checkpoint) -> CheckpointFolder | None:

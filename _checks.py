@@ -77,20 +77,20 @@ def check_b(b, where: str, name: str = "b"):
 # Where eps sits in the conditioner, one term for the flows and the optimisers:
 # "inside" h = 1/sqrt(eps + psi) (the paper's), "outside" h = 1/(sqrt(psi) + eps) (PyTorch's).
 EPS_PLACEMENTS = ("inside", "outside")
-# The names used before (flows: conditioner=, optimisers: convention=), still accepted.
-_OLD_PLACEMENTS = {"eps_inside": "inside", "eps_outside": "outside", "paper": "inside",
-                   "pytorch": "outside"}
+# The names used before, per keyword (flows: conditioner=, optimisers: convention=).
+_OLD_PLACEMENTS = {"conditioner": {"eps_inside": "inside", "eps_outside": "outside"},
+                   "convention": {"paper": "inside", "pytorch": "outside"}}
 
 
 def check_eps_placement(eps_placement, where: str, old=None, old_name: str = "") -> str:
     """"inside" or "outside"; `old` is the deprecated keyword's value (`old_name`:
     "conditioner" on flows, "convention" on optimisers), mapped with a DeprecationWarning."""
     if old is not None:
-        if old not in _OLD_PLACEMENTS:
-            raise ValueError(f"{where}: `{old_name}` must be one of "
-                             f"{sorted(_OLD_PLACEMENTS)}, got {old!r}; pass "
-                             "eps_placement='inside' or 'outside' instead.")
-        new = _OLD_PLACEMENTS[old]
+        names = _OLD_PLACEMENTS[old_name]
+        if old not in names:
+            raise ValueError(f"{where}: `{old_name}` must be one of {sorted(names)}, got "
+                             f"{old!r}; pass eps_placement='inside' or 'outside' instead.")
+        new = names[old]
         if eps_placement is not None and eps_placement != new:
             raise ValueError(f"{where}: `{old_name}={old!r}` and `eps_placement="
                              f"{eps_placement!r}` disagree; pass eps_placement only.")
@@ -158,7 +158,7 @@ def _caller_level() -> int:
     import inspect
     import os
 
-    ours = (os.path.dirname(os.path.abspath(__file__)), os.sep + "equinox" + os.sep)
+    ours = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.sep + "equinox" + os.sep)
     level, frame = 1, inspect.currentframe()
     while frame is not None and (frame.f_code.co_filename.startswith(ours[0])
                                  or ours[1] in frame.f_code.co_filename):

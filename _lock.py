@@ -122,11 +122,20 @@ def _stale(path: str, owner: dict, key: str) -> bool:
     if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False  # another host's process cannot be checked from here
     if pid == os.getpid():
-        # This process does not hold it (a holding thread is in _HELD): the lock is from an
-        # earlier process that had the same pid (a restarted container's pid 1, say).
+        # No other thread of this process holds it (`locked` reserves the entry of the
+        # thread acquiring it before it calls `_acquire`): the lock is from an earlier
+        # process that had the same pid (a restarted container's pid 1, say).
         with _HELD_GUARD:
-            return key not in _HELD
+            holder = _HELD.get(key)
+        return holder is None or holder[0] == threading.get_ident()
     return not _pid_alive(pid, owner.get("start"))
+
+
+def _read_only(directory: str, err: OSError) -> bool:
+    warnings.warn(f"checkpoint folder {directory!r} cannot be written ({err.strerror}): it "
+                  "is read without a lock; a run with segments still to compute cannot "
+                  "continue there.", stacklevel=6)
+    return False
 
 
 def _acquire(directory: str, key: str) -> bool:
@@ -138,21 +147,22 @@ def _acquire(directory: str, key: str) -> bool:
                 return True
         except OSError as err:  # a read-only folder: nobody can write to it, so no lock
             if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                warnings.warn(f"checkpoint folder {directory!r} cannot be written "
-                              f"({err.strerror}): it is read without a lock; a run with "
-                              "segments still to compute cannot continue there.",
-                              stacklevel=5)
-                return False
+                return _read_only(directory, err)
             raise
         owner = _read_owner(path)
         if owner is None:
             continue  # released meanwhile
         if not _stale(path, owner, key):
             break
-        warnings.warn(f"checkpoint folder {directory!r}: taking over the lock of a process "
+        try:
+            _take_over_stale(path, owner)
+        except OSError as err:  # a read-only archive that kept a killed writer's lock
+            if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return _read_only(directory, err)
+            raise
+        warnings.warn(f"checkpoint folder {directory!r}: took over the lock of a process "
                       f"that no longer runs ({_describe(owner)}); its run was killed.",
                       stacklevel=5)
-        _take_over_stale(path, owner)
     owner = _read_owner(path) or {}
     if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
         raise ValueError(
@@ -191,11 +201,23 @@ def locked(directory, *, create: bool = True):
         nested = holder is not None and holder[0] == me
         if nested:
             _HELD[key] = (me, holder[1] + 1, holder[2])
+        elif holder is not None:
+            raise ValueError(
+                f"checkpoint folder {directory!r} is in use by another thread of this "
+                "process; two writers would splice their segments: wait for that run to "
+                "end, or use another folder.")
+        else:  # reserved before the lock file exists, so no other thread takes it meanwhile
+            _HELD[key] = (me, 1, None)
     if not nested:
-        held = _acquire(directory, key)
-        if not held and create:
-            raise ValueError(f"checkpoint folder {directory!r} cannot be written; pass a "
-                             "folder you can write to.")
+        try:
+            held = _acquire(directory, key)
+            if not held and create:
+                raise ValueError(f"checkpoint folder {directory!r} cannot be written; pass "
+                                 "a folder you can write to.")
+        except BaseException:
+            with _HELD_GUARD:
+                del _HELD[key]
+            raise
         with _HELD_GUARD:
             _HELD[key] = (me, 1, held)
     try:
@@ -210,3 +232,11 @@ def locked(directory, *, create: bool = True):
                 if held:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(directory, LOCK_FILE))
+
+
+def holds_lock(directory) -> bool:
+    """Whether this thread holds `directory`'s lock (False inside a read-only resume): only
+    then may it write there, or clean it up."""
+    with _HELD_GUARD:
+        holder = _HELD.get(os.path.realpath(os.fspath(directory)))
+    return holder is not None and holder[0] == threading.get_ident() and bool(holder[2])

@@ -33,7 +33,7 @@ def conditioner_limit(traj, *, decades: int = 3) -> ConditionerLimit:
     """h_inf estimated as h(t_end), with the change of log h over the last decades of t.
 
     Theorem 4 (AdaGrad): h is non-increasing and converges to h_inf with no zero entry;
-    Theorem 5 (RMSProp, Adam w/m): h -> eps^{-1/2} (eps_outside convention: 1/eps).
+    Theorem 5 (RMSProp, Adam w/m): h -> eps^{-1/2} (eps outside the root: 1/eps).
     Def. 1 asks beta = h/h_inf -> 1 with finite total variation of log h. A finite run can
     only estimate h_inf; `change[k]` = max_i |log h_i(t_end) - log h_i(t_end / 10^(k+1))|
     (using the last save at or before that time) says how much it still moved, and so

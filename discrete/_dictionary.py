@@ -6,8 +6,8 @@ on a fixed interval [0, T]) when its decay rates scale with the step:
 | discrete optimiser              | eta  | flow                                                 |
 |---------------------------------|------|------------------------------------------------------|
 | GD(lr)                          | lr   | GradientFlow()                                       |
-| AdaGrad(lr, eps=eps) "paper"    | lr^2 | AdaGradFlow(eps = lr^2 eps)                          |
-| AdaGrad(lr, eps=eps) "outside"  | lr^2 | AdaGradFlow(eps = lr eps, eps_placement="outside") |
+| AdaGrad(lr, eps=eps) "inside"   | lr^2 | AdaGradFlow(eps = lr^2 eps)                          |
+| AdaGrad(lr, eps=eps) "outside"  | lr^2 | AdaGradFlow(eps = lr eps, eps_placement="outside")   |
 | RMSProp(lr, b=b, eps=eps)       | lr   | RMSPropFlow(eps, b_flow), 1 - b = eta (1 - b_flow)   |
 | Adam(lr, b2=b2, eps=eps), b1 = 0| lr   | AdamFlow(eps, b_flow, bias_correction="ema"), same b |
 | Adam(lr, b2, eps, b1=b1), b1 > 0| lr   | AdamFlow(eps, b_flow, b1=b1_flow, "ema"),            |
@@ -114,7 +114,7 @@ def matching_optimizer(flow: AbstractFlow, eta: float) -> AbstractOptimizer:
 
     GradientFlow -> GD(eta); AdaGradFlow(eps) -> AdaGrad(sqrt(eta), eps=eps / eta)
     (eps inside) or AdaGrad(sqrt(eta), eps=eps / sqrt(eta), eps_placement="outside")
-    (eps_outside); RMSPropFlow(eps, b) -> RMSProp(eta, b=1 - eta (1 - b), eps=eps);
+    (eps outside); RMSPropFlow(eps, b) -> RMSProp(eta, b=1 - eta (1 - b), eps=eps);
     AdamFlow(eps, b, "ema") -> Adam(eta, b2=1 - eta (1 - b), eps=eps). The paper's Adam
     correction 1 - b^t is the limit of no discrete Adam: ValueError. Needs eta (1 - b) <= 1.
     AdamFlow(eps, b, b1=b1, "ema") -> Adam(eta, b2=1 - eta (1 - b), eps=eps,

@@ -145,6 +145,18 @@ class AbstractOptimizer(eqx.Module):
     lr: eqx.AbstractVar[Float[Array, ""]]
     eps_placement: eqx.AbstractVar[str]  # "inside" (the paper's) or "outside" (PyTorch's)
 
+    @property
+    def convention(self) -> str:
+        """Deprecated: the eps placement under its old name, "paper" / "pytorch" (use
+        `eps_placement`)."""
+        import warnings
+
+        from .._checks import _caller_level
+
+        warnings.warn("optimizer.convention is deprecated: use optimizer.eps_placement "
+                      "('inside' or 'outside').", DeprecationWarning, stacklevel=_caller_level())
+        return {"inside": "paper", "outside": "pytorch"}[self.eps_placement]
+
     @abc.abstractmethod
     def transformation(self) -> optax.GradientTransformation:
         """The optax transformation of the rule (updates are the full step -lr h_k g_k)."""

@@ -45,6 +45,7 @@ def _run_chunks(args, n_blocks, batch_size, batch, folder, per_file, resume_segm
             if is_last:
                 last = {name: arrays["last_" + name] for name in ("w", "m", "h", "log_loss")}
             continue
+        folder.check_writable(f"chunk {k}")
         records, last, carry = jax.block_until_ready(_run_compiled(
             *args, count, batch_size, batch, carry0=carry,
             first_block=jnp.asarray(first, jnp.int32), finish=is_last))
@@ -88,7 +89,7 @@ def _resume_run(folder, throw: bool) -> Trajectory:
     from ..models import Dataset, from_spec, unflatten
     from ._optimizers import optimizer_from_meta
 
-    header, arrays, segments = folder.read(repair=True)
+    header, arrays, segments = folder.read(repair=folder.writable())
     if header.get("kind") != "discrete":
         raise ValueError(
             f"resume_run: {folder.directory!r} holds a flow run; continue it with "

@@ -170,6 +170,8 @@ class Engine:
         """Integrate segment k = [lo, hi] (saves, counts and the stop reason into `out`),
         write it to the checkpoint folder, and return the state at its end."""
         run, bounds, slots = self.run, self.plan.bounds, self.plan.slots
+        if self.checkpoint is not None:
+            self.checkpoint.check_writable(f"segment {k} ([{lo:.3g}, {hi:.3g}])")
         batch = run.batch
         axis = 1 if batch else 0  # the saves' time axis
         # t on [t0, 1], log t from t = 1 on (see `_time`).

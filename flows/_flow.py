@@ -34,7 +34,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._checks import check_b, check_eps, check_eps_placement
+from .._checks import _caller_level, check_b, check_eps, check_eps_placement
 from .._records import record_repr
 from .._registry import lookup, register
 
@@ -64,7 +64,7 @@ class AbstractFlow(eqx.Module):
         import warnings
 
         warnings.warn("flow.conditioner is deprecated: use flow.eps_placement ('inside' or "
-                      "'outside').", DeprecationWarning, stacklevel=2)
+                      "'outside').", DeprecationWarning, stacklevel=_caller_level())
         return "eps_" + self.eps_placement
 
     def split(self, m):

@@ -266,8 +266,10 @@ def _resume(folder, progress, throw: bool) -> Trajectory:
     from ..models import Dataset, from_spec, unflatten
     from ._flow import flow_from_meta
 
-    header, arrays, segments = folder.read(repair=True)
-    flow = flow_from_meta(header["flow"], header["hyper"], header["eps_placement"])
+    header, arrays, segments = folder.read(repair=folder.writable())
+    # ("conditioner": the key's name in folders written before eps_placement)
+    flow = flow_from_meta(header["flow"], header["hyper"],
+                          header.get("eps_placement", header.get("conditioner")))
     data = Dataset(arrays["X"], arrays["y"])
     skeleton = from_spec(header["model"])
     if header["batch"]:

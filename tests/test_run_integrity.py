@@ -455,3 +455,89 @@ def test_a_second_repair_keeps_the_first_damaged_file(reference, tmp_path):
 def test_trajectory_load_of_a_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         Trajectory.load(tmp_path / "nowhere.npz")
+
+
+# ------------------------------------------------------------- the second review's cases
+def test_a_thread_cannot_take_over_a_lock_another_thread_is_creating(tmp_path, monkeypatch):
+    """Between a thread creating the lock file and recording itself as its holder, another
+    thread of the process used to see "this pid, no holder" and take the live lock over.
+    The holder is now reserved before the file is created."""
+    create = _lock._create_lock
+    created, tried = threading.Event(), threading.Event()
+    outcome = {}
+
+    def slow_create(path):
+        ok = create(path)
+        if threading.current_thread().name == "A":
+            created.set()
+            tried.wait(10)
+        return ok
+
+    monkeypatch.setattr(_lock, "_create_lock", slow_create)
+
+    def a():
+        with _lock.locked(tmp_path / "c"):
+            outcome["a"] = "held"
+
+    thread = threading.Thread(target=a, name="A")
+    thread.start()
+    assert created.wait(10)
+    try:
+        with _lock.locked(tmp_path / "c"):
+            outcome["b"] = "held"
+    except ValueError as err:
+        outcome["b"] = str(err)
+    tried.set()
+    thread.join()
+    assert outcome["a"] == "held" and "another thread of this process" in outcome["b"]
+    assert not (tmp_path / "c" / ckpt.LOCK_FILE).exists()  # released, no KeyError
+
+
+def test_a_read_only_folder_does_not_compute_or_repair(reference, tmp_path, monkeypatch):
+    import errno
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    directory = _copy(reference, tmp_path)
+    os.remove(directory / "segment_00003.npz")
+    (directory / ".segment_00003.npz.tmp").write_bytes(b"left by a killed writer")
+    monkeypatch.setattr(_lock, "_create_lock", read_only)
+    with pytest.raises(ValueError, match=r"cannot be written, and segment 3 .* remains"), \
+            pytest.warns(UserWarning, match="read without a lock"):
+        resume(directory)
+    assert sorted(os.listdir(directory)) == [
+        ".segment_00003.npz.tmp", "run.npz", "segment_00000.npz", "segment_00001.npz",
+        "segment_00002.npz"]  # nothing written, nothing cleaned up
+
+
+def test_a_checkpoint_written_before_eps_placement_resumes(setup, reference, tmp_path,
+                                                          monkeypatch):
+    """Folders of the first format-5 writers named the eps placement "conditioner"."""
+    from marginflow.flows import _plan
+
+    header = _plan.Setup.checkpoint_header
+
+    def old_header(self):
+        h = header(self)
+        h["conditioner"] = "eps_" + h.pop("eps_placement")
+        return h
+
+    model, data = setup
+    monkeypatch.setattr(_plan.Setup, "checkpoint_header", old_header)
+    simulate(FLOW, model, data, T1, n_save=10, checkpoint=tmp_path / "c")
+    monkeypatch.undo()
+    os.remove(tmp_path / "c" / "segment_00003.npz")
+    _assert_same(resume(tmp_path / "c"), reference[0])
+
+
+def test_the_old_placement_names_stay_apart():
+    from marginflow.discrete import GD
+    from marginflow.flows import GradientFlow
+
+    with pytest.raises(ValueError, match=r"`conditioner` must be one of \['eps_inside'"):
+        GradientFlow(conditioner="paper")
+    with pytest.raises(ValueError, match=r"`convention` must be one of \['paper'"):
+        GD(0.1, convention="eps_outside")
+    with pytest.warns(DeprecationWarning, match="optimizer.convention is deprecated"):
+        assert GD(0.1, eps_placement="outside").convention == "pytorch"
