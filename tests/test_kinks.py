@@ -159,6 +159,33 @@ def test_a_new_kink_tol_reuses_the_compiled_program():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_batch_with_kink_steps_follows_its_members(workers):
+    """batch=True on ReLU MLPs (vmapped, and cut into thread chunks): every member takes
+    its own kink steps (counted per member) and ends where its single run does, within the
+    kink error: each run is within about 10 * kink_tol of the Filippov solution (the bound
+    `test_relu_mlp_agrees_with_a_tighter_kink_tol` asserts), so two runs of one member
+    differ by at most 20 * kink_tol (a batched kernel rounds differently, and a kink step
+    turns a rounding difference into a different step sequence)."""
+    import equinox as eqx
+
+    keys = jax.random.split(jax.random.key(7), 3)
+    models = eqx.filter_vmap(lambda k: MLP(5, 16, 2, key=k))(keys)
+    data = separable_gaussians(100, 5, seed=0)
+    flow = RMSPropFlow(1e-5, 0.9)
+    batch = simulate(flow, models, data, 1e6, n_save=3, batch=True, workers=workers)
+    assert batch.success, batch.message
+    assert len(batch.stats["num_kink_steps"]) == 3 and min(batch.stats["num_kink_steps"]) > 0
+    for i, key in enumerate(keys):
+        one = simulate(flow, MLP(5, 16, 2, key=key), data, 1e6, n_save=3)
+        assert one.success, one.message
+        diff = np.linalg.norm(batch.w[i, -1] - one.w[-1]) / np.linalg.norm(one.w[-1])
+        print(f"member {i}: relative difference {diff:.2e}, kink steps "
+              f"{batch.stats['num_kink_steps'][i]} (batch) / {one.stats['num_kink_steps']}")
+        assert diff < 20 * 1e-3, diff
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flow", list(FLOWS))
 def test_relu_mlp_agrees_with_a_tighter_kink_tol(flow):
     # The default against a run at a 10x tighter kink_tol, at t = 1e10: the difference is
