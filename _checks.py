@@ -34,44 +34,56 @@ def is_concrete(x) -> bool:
         return False
 
 
-def _as_float_array(x, name: str, where: str, example: str):
+def real_array(x, name: str, where: str, example: str, *, scalar: bool = False):
+    """`x` as a float array; TypeError for a bool, a string or a non-number, and with
+    `scalar` a ValueError for a concrete non-scalar (one flow per value: a sweep vmaps the
+    constructor, where the value is a tracer and not checked here)."""
     check_real_type(x, name, where, example)
     try:
-        v = np.asarray(x, dtype=float)
+        arr = jnp.asarray(x, dtype=float)
     except (TypeError, ValueError):
         raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
-    if v.ndim != 0:
-        # One flow per hyper-parameter value; sweeps vmap the constructor, where the value
-        # is a tracer and not checked here: eqx.filter_vmap(lambda e: RMSPropFlow(e, b))(es).
+    if scalar and is_concrete(x) and arr.ndim != 0:
         raise ValueError(
-            f"{where}: `{name}` must be a scalar, got shape {v.shape}; to sweep values build "
+            f"{where}: `{name}` must be a scalar, got shape {arr.shape}; to sweep values build "
             f"the flows with eqx.filter_vmap over the constructor."
         )
-    return v
+    return arr
+
+
+def check_positive(x, name: str, where: str, hint: str, example: str, *,
+                   scalar: bool = False):
+    """`x` as a float array, checked finite and > 0 where it is concrete."""
+    arr = real_array(x, name, where, example, scalar=scalar)
+    if is_concrete(x):
+        v = np.asarray(x, dtype=float)
+        if not np.all(np.isfinite(v)) or np.any(v <= 0):
+            raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {x!r}; {hint}.")
+    return arr
+
+
+def check_unit(x, name: str, where: str, hint: str, example: str = "0.9", *,
+               scalar: bool = False):
+    """`x` as a float array, checked in [0, 1) where it is concrete (a decay factor b)."""
+    arr = real_array(x, name, where, example, scalar=scalar)
+    if is_concrete(x):
+        v = np.asarray(x, dtype=float)
+        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
+            raise ValueError(f"{where}: `{name}` must be in [0, 1), got {x!r}; {hint}.")
+    return arr
 
 
 def check_eps(eps, where: str):
-    if is_concrete(eps):
-        e = _as_float_array(eps, "eps", where, "1e-5")
-        if not np.all(np.isfinite(e)) or np.any(e <= 0):
-            raise ValueError(
-                f"{where}: `eps` must be a finite number > 0, got {eps!r}; the paper uses "
-                "eps = 1e-5 (try 1e-8 .. 1)."
-            )
-    return jnp.asarray(eps, dtype=float)
+    """A flow's eps (> 0, a scalar)."""
+    return check_positive(eps, "eps", where, "the paper uses eps = 1e-5 (try 1e-8 .. 1)",
+                          "1e-5", scalar=True)
 
 
 def check_b(b, where: str, name: str = "b"):
-    if is_concrete(b):
-        v = _as_float_array(b, name, where, "0.9")
-        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
-            what = ("the m-equation decays at rate 1 - b" if name == "b" else
-                    "the first moment m1 decays at rate 1 - b1")
-            raise ValueError(
-                f"{where}: `{name}` must be in [0, 1), got {b!r}; the paper uses {name} = 0.9 "
-                f"({what})."
-            )
-    return jnp.asarray(b, dtype=float)
+    """A flow's decay factor b or b1 (in [0, 1), a scalar)."""
+    what = ("the m-equation decays at rate 1 - b" if name == "b" else
+            "the first moment m1 decays at rate 1 - b1")
+    return check_unit(b, name, where, f"the paper uses {name} = 0.9 ({what})", scalar=True)
 
 
 # Where eps sits in the conditioner, one term for the flows and the optimisers:

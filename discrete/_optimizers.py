@@ -33,12 +33,11 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 import optax
 import optax.tree_utils as otu
 from jaxtyping import Array, Float
 
-from .._checks import check_eps_placement, check_real_type, is_concrete
+from .._checks import check_eps_placement, check_positive, check_unit, is_concrete
 from .._records import record_repr
 from .._registry import lookup, register
 from ._transforms import _scale_by_rss_eps_outside
@@ -59,39 +58,17 @@ _EXAMPLES = {"lr": "0.1", "eps": "1e-5", "b": "0.9", "b2": "0.9", "b1": "0.9",
              "momentum": "0.9"}
 
 
-def _real(x, name: str, where: str):
-    check_real_type(x, name, where, _EXAMPLES.get(name, "0.1"))
-    try:
-        return jnp.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
-
-
-def _check_positive(x, name: str, where: str, hint: str):
-    arr = _real(x, name, where)
-    if is_concrete(x):
-        v = np.asarray(x, dtype=float)
-        if not np.all(np.isfinite(v)) or np.any(v <= 0):
-            raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {x!r}; {hint}.")
-    return arr
-
-
 def _check_lr(lr, where: str):
-    return _check_positive(lr, "lr", where, "the paper's toy runs use lr = 0.1")
+    return check_positive(lr, "lr", where, "the paper's toy runs use lr = 0.1", "0.1")
 
 
 def _check_eps(eps, where: str):
-    return _check_positive(eps, "eps", where,
-                           "the paper uses eps = 1e-5 (PyTorch: 1e-8, AdaGrad 1e-10)")
+    return check_positive(eps, "eps", where,
+                          "the paper uses eps = 1e-5 (PyTorch: 1e-8, AdaGrad 1e-10)", "1e-5")
 
 
 def _check_unit(b, name: str, where: str, hint: str):
-    arr = _real(b, name, where)
-    if is_concrete(b):
-        v = np.asarray(b, dtype=float)
-        if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):
-            raise ValueError(f"{where}: `{name}` must be in [0, 1), got {b!r}; {hint}.")
-    return arr
+    return check_unit(b, name, where, hint, _EXAMPLES[name])
 
 
 def _keyword_only(init):

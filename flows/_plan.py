@@ -177,7 +177,6 @@ class Setup:
     w0: Any  # (p,) or (B, p) in `dtype`, as given (the checkpoint's initial point)
     dtype: Any
     solver: Any
-    solver_is_default: bool
     controller: Any
     kink_tol: float | None  # None: every kink resolved at rtol
     t0: float
@@ -254,20 +253,18 @@ def setup(flow, model, data, t1, *, loss, t0, n_save, ts, solver, rtol, atol, ma
 
     w0 = jnp.asarray(w0, dtype=dtype)
     flow = jax.tree.map(lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, flow)
-    solver_is_default = solver is None
-    if solver is None:
-        solver = default_solver(flow, int(w0.shape[-1]), rtol=rtol, atol=atol)
-    if checkpoint is not None and not solver_is_default:
+    if checkpoint is not None and solver is not None:
         raise ValueError(
             "simulate: `checkpoint` needs solver=None (the default solver), so that "
             "`resume` can rebuild it; got a custom solver."
         )
+    if solver is None:
+        solver = default_solver(flow, int(w0.shape[-1]), rtol=rtol, atol=atol)
     kink_tol = _kink_tol(kink_tol, objective.model, rtol)
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
     threads = n_workers(workers, n_batch if len(devices) == 1 else 1, "simulate")
     return Setup(flow=flow, objective=objective, w0=w0, dtype=dtype, solver=solver,
-                 solver_is_default=solver_is_default,
                  controller=default_controller(rtol, atol, kink_tol), kink_tol=kink_tol,
                  t0=t0, t1=t1, save_ts=save_ts, rtol=rtol, atol=atol, max_steps=max_steps,
                  batch=bool(batch), n_batch=n_batch, shard=shard, devices=devices,

@@ -58,7 +58,7 @@ class Stop(enum.Enum):
 
 
 STOPS = tuple(Stop)
-# diffrax's result of each Stop (unknown_failure: any other, e.g. a singular linear solve).
+# diffrax's result of each Stop (unknown_failure: any other, e.g. event_occurred).
 _DIFFRAX = {Stop.successful: "successful", Stop.max_steps_reached: "max_steps_reached",
             Stop.nonfinite_state: "nonfinite", Stop.dt_min_reached: "dt_min_reached",
             Stop.nonlinear_divergence: "nonlinear_divergence",
