@@ -6,12 +6,14 @@ paper (eq. 3, 6, 7) or of torch.optim's source. marginflow's side is the public 
 the whole path (optax transformation, scan, read-back of h_k and n_k) is covered.
 """
 
+import math
+
 import jax
 import marginflow  # noqa: F401
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from marginflow.discrete import GD, AdaGrad, Adam, RMSProp, SGDMomentum, run
 from marginflow.models import Dataset, Linear, unflatten
@@ -189,6 +191,12 @@ def test_rmsprop_equals_rule(seed, scale, lr, b, eps, convention):
 @given(seed=seeds, scale=scales, lr=lrs, b2=bs, eps=epss, b1=st.sampled_from([0.0, 0.9]),
        convention=conventions)
 def test_adam_equals_rule(seed, scale, lr, b2, eps, b1, convention):
+    # With momentum the adaptive step is bounded only when b1 < sqrt(b2) (then
+    # |m1_hat| / sqrt(n_hat) stays bounded, Kingma & Ba's condition); otherwise the first
+    # moment outlives the second and a run can overflow, which `check` refuses. Measured on
+    # these problems with b1 = 0.9: 11 of 1500 runs overflowed with b2 <= b1^2, 0 of 1500
+    # with b2 > b1^2 (a hypothesis draw hit b2 = 0, eps = 0.25 and failed at step 56).
+    assume(b1 == 0.0 or b1 < math.sqrt(b2))
     check(Adam(lr, b2=b2, eps=eps, b1=b1, eps_placement=convention), "adam", convention,
           {"lr": lr, "b2": b2, "eps": eps, "b1": b1}, seed, scale)
 
