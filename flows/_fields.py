@@ -200,9 +200,18 @@ def _psi(u, y, args, start: bool):
     return flow.psi_and_rate(t, m, jnp.zeros_like(m), g)[0]
 
 
-def _rise(args, psi0, psi1):
-    """sum_i (-1/2 log h_i(psi1) + 1/2 log h_i(psi0))_+: Lemma 3's I over one step."""
-    return jnp.sum(jnp.maximum(args[0].log_h_drop(psi0, psi1), 0.0))
+def _drop(args, psi0, psi1):
+    """phi_i(psi1) - phi_i(psi0), phi = -1/2 log h: Lemma 3's I accumulates its rises."""
+    return args[0].log_h_drop(psi0, psi1)
+
+
+def _psi_scale(u, args, psi):
+    """psi_i at m = 1 (psi is linear in m: 1, or Adam's 1 / c(t)): atol's size in psi, for
+    the dead band of I (`_penalty._width`). psi gives the shape."""
+    flow, _, _, log_time = args
+    t, _ = _time(u, log_time)
+    ones = jnp.ones(psi.shape[:-1] + (flow.n_moments * psi.shape[-1],), psi.dtype)
+    return flow.psi_and_rate(t, ones, jnp.zeros_like(ones), jnp.zeros_like(psi))[0]
 
 
 def _decay_over(u0, u1, args):

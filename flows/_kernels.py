@@ -11,15 +11,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._fields import _decay_over, _psi, _rise, _save_fn, _terms
+from ._fields import _decay_over, _drop, _psi, _psi_scale, _save_fn, _terms
 from ._penalty import PenaltyIntegral
 from ._saves import SavedAt
 from ._solvers import decay_rate
 from ._stops import stop_code
 
 
-def _wrap(solver):
-    return PenaltyIntegral(solver, _psi, _rise, _decay_over)
+def _wrap(solver, controller=None):
+    """The solver inside `PenaltyIntegral` (Lemma 3's I), whose dead band the controller's
+    tolerances set (init, all a restart needs, does not use them)."""
+    rtol, atol = (0.0, 0.0) if controller is None else (controller.rtol, controller.atol)
+    return PenaltyIntegral(solver, _psi, _drop, _decay_over, _psi_scale, rtol, atol)
 
 
 def _args(flow, objective, u, log_time):
@@ -36,7 +39,7 @@ def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
     error_order = solver.error_order(terms)
     tnext, cstate = controller.init(terms, u_start, u_end, y0, None, args, solver.func, error_order)
     tnext = jnp.minimum(tnext, u_end)
-    sstate = _wrap(solver).init(terms, u_start, tnext, y0, args)
+    sstate = _wrap(solver, controller).init(terms, u_start, tnext, y0, args)
     return cstate, sstate
 
 
@@ -45,11 +48,13 @@ def _restart(flow, objective, y, u_start, log_time, solver, state):
     """`state` with the solver's own state made anew for `solver` at y (a new state: a
     momentum flow's m1 turned into its lag at t = 1, see `_fields`).
 
-    The controller's state (error history, proposed step) carries over unchanged."""
+    The controller's state (error history, proposed step) carries over unchanged, and so
+    does the dead band of Lemma 3's I (psi, its argument, is the same function of t)."""
     args = _args(flow, objective, u_start, log_time)
-    controller_state, _ = state
+    controller_state, (_, band) = state
     u_next = u_start + controller_state[1]
-    return controller_state, _wrap(solver).init(_terms(solver), u_start, u_next, y, args)
+    inner, _ = _wrap(solver).init(_terms(solver), u_start, u_next, y, args)
+    return controller_state, (inner, band.moved_to(u_start))
 
 
 def _segment_traced(
@@ -62,7 +67,7 @@ def _segment_traced(
     code and the number of saves made are checked on the host afterwards."""
     controller_state, solver_state = state
     args = _args(flow, objective, u_start, log_time)
-    saving = SavedAt(_wrap(solver), save_us, _save_fn)
+    saving = SavedAt(_wrap(solver, controller), save_us, _save_fn)
     sol = dfx.diffeqsolve(
         _terms(solver),
         saving,
