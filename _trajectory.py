@@ -201,6 +201,7 @@ STATS_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
               "num_steps_per_segment", "segment_ends"),
              ("num_kink_steps", "kink_log_time")),
     "discrete": (("num_steps",), ()),
+    "sde": (("num_steps",), ()),
 }
 _FORMAT = "marginflow.Trajectory/2"  # /2: tuples in stats and meta are tagged
 _FORMAT_1 = "marginflow.Trajectory/1"

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._threads import map_chunks
-from ._run import _run_compiled
+from ._run import _key_batch, _run_compiled
 
 # Batched runs of at least this many save blocks are run in two stages (`_run_batch`).
 _STAGE_MIN_BLOCKS = 8
@@ -28,21 +28,29 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
     """
     optimizer, objective, w0, steps, save_every, key = args
     w0 = np.asarray(w0)
+    # One key per member (run(key=split keys, batch=True)) goes with the members.
+    # Chunked as raw key data (numpy cannot hold typed keys), wrapped again per chunk.
+    keys = key if key is not None and _key_batch(key) is not None else None
+    typed = keys is not None and jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if typed:
+        keys = np.asarray(jax.random.key_data(keys))
     full = math.ceil(w0.shape[0] / n_workers)
 
-    def chunked(w, carry, first_block, count):
+    def chunked(w, carry, first_block, count, keys=keys):
         # Chunk sizes of a smaller (surviving) batch are rounded up to a multiple of 1/8 of
         # a full chunk: dropping members compiles at most 8 more shapes.
         quantum = max(1, math.ceil(full / 8))
         size = min(full, math.ceil(math.ceil(w.shape[0] / n_workers) / quantum) * quantum)
 
-        def call(w_part, carry_part):
+        def call(w_part, carry_part, key_part):
             return _run_compiled(
-                optimizer, objective, w_part, steps, save_every, key, count, batch_size,
+                optimizer, objective, w_part, steps, save_every,
+                key if keys is None else (jax.random.wrap_key_data(key_part) if typed
+                                          else key_part), count, batch_size,
                 True, carry0=carry_part, first_block=jnp.asarray(first_block, jnp.int32),
                 finish=True)
 
-        return map_chunks(call, (w, carry), n_workers, size=size)
+        return map_chunks(call, (w, carry, keys), n_workers, size=size)
 
     if n_blocks < _STAGE_MIN_BLOCKS:
         return chunked(w0, None, 0, n_blocks)
@@ -59,7 +67,7 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
         last, carry = jax.tree.map(np.array, (last_a, carry_a))
         if live.size:
             parts = chunked(w0[live], jax.tree.map(lambda x: x[live], carry_a), 1,
-                            n_blocks - 1)
+                            n_blocks - 1, None if keys is None else keys[live])
             for whole, part in zip((rec_b, last, carry), parts, strict=True):
                 for f, q in zip(jax.tree.leaves(whole), jax.tree.leaves(part), strict=True):
                     f[live] = q

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -32,7 +33,20 @@ _HINT_NONFINITE = (
 )
 
 
-def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data):
+class Minibatches(NamedTuple):
+    """How a minibatch run draws its batches (static: part of the compiled program).
+    independent=False: epochs of a fresh permutation, the partial last batch dropped;
+    True: B of the N samples without replacement, drawn afresh at every step."""
+
+    size: int
+    independent: bool = False
+
+
+_SAMPLINGS = ("epochs", "independent")
+
+
+def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data, sampling="epochs",
+                    n_batch=None):
     if not isinstance(optimizer, AbstractOptimizer):
         raise TypeError(
             "run: `optimizer` must be a marginflow.discrete optimiser (GD(lr), AdaGrad(lr, "
@@ -64,7 +78,24 @@ def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data):
                 "run: minibatches (batch_size given) need a PRNG key for the shuffling: "
                 "pass key=jax.random.key(0)."
             )
+        if sampling not in _SAMPLINGS:
+            raise ValueError(f"run: `sampling` must be one of {_SAMPLINGS}, got {sampling!r}.")
+        if _key_batch(key) is not None and _key_batch(key) != n_batch:
+            raise ValueError(
+                f"run: a batch of keys gives each member its own minibatches, so it needs "
+                f"batch=True and one key per member ({n_batch} here), got "
+                f"{_key_batch(key)} keys; pass one key to share the minibatches.")
+        batch_size = Minibatches(batch_size, sampling == "independent")
     return steps, save_every, batch_size
+
+
+def _key_batch(key) -> int | None:
+    """The number of keys in a batch of PRNG keys (one per member), or None for one key."""
+    shape = jnp.shape(key)
+    typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+    if (typed and len(shape) == 1) or (not typed and len(shape) == 2):
+        return int(shape[0])
+    return None
 
 
 def _check_batched(model):
@@ -87,13 +118,19 @@ def _check_batched(model):
         )
 
 
-def _minibatch(objective: Objective, key, k, batch_size: int) -> Objective:
+def _minibatch(objective: Objective, key, k, batches: Minibatches) -> Objective:
     """The objective on minibatch k: epochs of a fresh permutation, the last partial
-    batch of each epoch dropped (torch DataLoader(shuffle=True, drop_last=True))."""
+    batch of each epoch dropped (torch DataLoader(shuffle=True, drop_last=True)); or, with
+    independent sampling, B samples without replacement drawn afresh for step k."""
     n = objective.data.X.shape[0]
-    per_epoch = n // batch_size
-    perm = jax.random.permutation(jax.random.fold_in(key, k // per_epoch), n)
-    idx = jax.lax.dynamic_slice(perm, ((k % per_epoch) * batch_size,), (batch_size,))
+    size = batches.size
+    if batches.independent:
+        perm = jax.random.permutation(jax.random.fold_in(key, k), n)
+        idx = perm[:size]
+    else:
+        per_epoch = n // size
+        perm = jax.random.permutation(jax.random.fold_in(key, k // per_epoch), n)
+        idx = jax.lax.dynamic_slice(perm, ((k % per_epoch) * size,), (size,))
     return eqx.tree_at(lambda o: (o.data.X, o.data.y), objective,
                        (objective.data.X[idx], objective.data.y[idx]))
 
@@ -108,7 +145,7 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
     """
     tx = optimizer.transformation()
 
-    def step(carry):
+    def step(carry, key):
         w, state, k, alive = carry
         obj = objective if batch_size is None else _minibatch(objective, key, k, batch_size)
         log_l, g = obj.log_loss_and_grad(w)
@@ -127,27 +164,28 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
         }
         return (w_next, state_next, k + ok.astype(k.dtype), ok), record
 
-    def advance(n, carry):
-        return jax.lax.fori_loop(0, n, lambda _, c: step(c)[0], carry)
+    def one(w_init, carry, key):
+        def advance(n, carry):
+            return jax.lax.fori_loop(0, n, lambda _, c: step(c, key)[0], carry)
 
-    def block(carry, j):
-        carry, record = step(carry)
-        # the last block may be shorter: it ends at k = steps
-        return advance(jnp.minimum(save_every, steps - j * save_every) - 1, carry), record
+        def block(carry, j):
+            carry, record = step(carry, key)
+            # the last block may be shorter: it ends at k = steps
+            return advance(jnp.minimum(save_every, steps - j * save_every) - 1, carry), record
 
-    def one(w_init, carry):
         if carry is None:
             carry = (w_init, tx.init(w_init), jnp.zeros((), jnp.int32), jnp.array(True))
         blocks = first_block + jnp.arange(n_blocks, dtype=jnp.int32)
         carry, records = jax.lax.scan(block, carry, blocks)
         # The last point: w at k = steps (or at the failing step), with the h_k and n_k its
         # step would use; the state it would move to is not needed.
-        last = step(carry)[1] if finish else None
+        last = step(carry, key)[1] if finish else None
         return records, last, carry
 
-    if batched:
-        return jax.vmap(one)(w0, carry0)
-    return one(w0, carry0)
+    if batched:  # a batch of keys (one per member) is mapped with the members
+        keyed = key is not None and _key_batch(key) is not None
+        return jax.vmap(one, in_axes=(0, 0, 0 if keyed else None))(w0, carry0, key)
+    return one(w0, carry0, key)
 
 
 # The trace counter (eqx.debug.get_num_traces(_run_counted)) lets the tests check that
@@ -166,6 +204,7 @@ def run(
     save_every: int | None = None,
     batch_size: int | None = None,
     key=None,
+    sampling: str = "epochs",
     batch: bool = False,
     throw: bool = True,
     dtype=jnp.float64,
@@ -204,7 +243,12 @@ def run(
         batch_size: minibatch size (a fresh permutation per epoch, partial last batch
             dropped; the loss is the SUM over the minibatch); None: full batch.
         key: PRNG key for the minibatches (required with batch_size; every member of a
-            batched run sees the same minibatches).
+            batched run sees the same minibatches), or with batch=True one key per member
+            (`jax.random.split(key, B)`): independent runs, e.g. to estimate the statistics
+            a stochastic flow (`flows.simulate_sde`) predicts.
+        sampling: "epochs" (default: a fresh permutation per epoch, as PyTorch's
+            DataLoader) or "independent" (B of the N samples without replacement, drawn
+            afresh at every step: the sampling `simulate_sde`'s noise models).
         batch: many initialisations in one call (vmap).
         throw: raise SimulationError (holding the partial Trajectory) on a non-finite loss;
             with throw=False the Trajectory is returned and `result` / `message` say why.
@@ -246,8 +290,9 @@ def run(
     template, w0 = initial_point(model, batch)
     objective = Objective(template, data, loss, where="run")
     n_data = int(objective.data.X.shape[0])
-    steps, save_every, batch_size = _check_run_args(optimizer, steps, save_every, batch_size,
-                                                    key, n_data)
+    steps, save_every, batch_size = _check_run_args(
+        optimizer, steps, save_every, batch_size, key, n_data, sampling,
+        int(w0.shape[0]) if batch and w0.ndim == 2 else None)
     if batch and w0.ndim != 2:
         raise ValueError("run: batch=True needs parameters with a leading batch axis.")
     check_finite_params(w0, "run")
@@ -287,7 +332,8 @@ def run(
                 "optimizer": given.name, "optimizer_hyper": given.hyperparameters(),
                 "eps_placement": given.eps_placement, "model": objective.model.spec(),
                 "loss": objective.loss.name, "steps": steps, "save_every": save_every,
-                "batch_size": batch_size, "batch": bool(batch),
+                "batch_size": None if batch_size is None else batch_size.size,
+                "batch": bool(batch),
                 "dtype": jnp.dtype(dtype).name,
                 "blocks_per_checkpoint": blocks_per_checkpoint,
             },
@@ -368,7 +414,9 @@ def _meta(optimizer, objective, steps, save_every, batch_size, dtype, batch) -> 
         "t1": float(steps * optimizer.eta),
         "steps": int(steps),
         "save_every": int(save_every),
-        "batch_size": batch_size,
+        "batch_size": None if batch_size is None else batch_size.size,
+        "sampling": None if batch_size is None else (
+            "independent" if batch_size.independent else "epochs"),
         "dtype": jnp.dtype(dtype).name,
         "batch": bool(batch),
     }

@@ -15,6 +15,7 @@ from ._momentum import MomentumFlow as MomentumFlow
 from ._progress import AbstractProgressMeter as AbstractProgressMeter
 from ._progress import NoProgressMeter as NoProgressMeter
 from ._progress import TqdmProgressMeter as TqdmProgressMeter
+from ._sde import simulate_sde as simulate_sde
 from ._simulate import default_save_times as default_save_times
 from ._simulate import resume as resume
 from ._simulate import simulate as simulate

@@ -203,6 +203,54 @@ def test_minibatch_gd_matches_hand_written_sgd():
     np.testing.assert_allclose(traj.log_loss, full_log_l, rtol=1e-12)
 
 
+
+def test_independent_sampling_matches_hand_written_sgd():
+    """sampling="independent": B of the N samples without replacement, afresh at every step
+    (the first B of a permutation from fold_in(key, k)), against numpy SGD."""
+    d = separable_gaussians(10, 3, seed=2)
+    X, y = np.asarray(d.X) * 0.5, np.asarray(d.y)
+    data = Dataset(X, y)
+    w0 = np.array([0.2, -0.1, 0.3])
+    model = unflatten(Linear(3, key=jax.random.PRNGKey(0)), jnp.asarray(w0))
+    key = jax.random.PRNGKey(7)
+    traj = run(GD(0.05), model, data, 12, save_every=1, batch_size=4, key=key,
+               sampling="independent")
+    w, ws = w0.copy(), []
+    for k in range(12 + 1):
+        ws.append(w.copy())
+        idx = np.asarray(jax.random.permutation(jax.random.fold_in(key, k), 10))[:4]
+        assert len(set(idx.tolist())) == 4  # without replacement
+        e = np.exp(-y[idx] * (X[idx] @ w))
+        w = w + 0.05 * (e * y[idx]) @ X[idx]
+    ws = np.array(ws)
+    assert np.max(np.abs(traj.w - ws)) <= 1e-12 * np.max(np.abs(ws))
+    assert traj.meta["sampling"] == "independent"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_batch_of_keys_gives_each_member_its_own_minibatches(workers):
+    """run(batch=True, key=keys): member j is the single run with keys[j] (threads or not);
+    one shared key gives every member the same minibatches."""
+    data = toy_dataset(1)
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=jax.random.PRNGKey(2)))(keys)
+    opt = GD(0.05)
+    kw = dict(save_every=10, batch_size=20, sampling="independent")
+    batch = run(opt, models, data, 40, key=jax.random.split(jax.random.key(9), 3), batch=True,
+                workers=workers, **kw)
+    for j, k in enumerate(jax.random.split(jax.random.key(9), 3)):
+        single = run(opt, ToyLeaky(key=jax.random.PRNGKey(2)), data, 40, key=k, **kw)
+        np.testing.assert_allclose(batch.w[j], single.w, rtol=1e-13, atol=1e-15)
+    assert np.max(np.abs(batch.w[0] - batch.w[1])) > 1e-3  # other batches, other paths
+    shared = run(opt, models, data, 40, key=jax.random.key(9), batch=True, **kw)
+    np.testing.assert_array_equal(shared.w[0], shared.w[1])
+    with pytest.raises(ValueError, match="one key per member"):
+        run(opt, models, data, 40, key=jax.random.split(jax.random.key(9), 2), batch=True,
+            **kw)
+    with pytest.raises(ValueError, match="`sampling` must be one of"):
+        run(opt, models, data, 40, key=jax.random.key(9), batch=True, batch_size=20,
+            sampling="with_replacement")
+
 # ------------------------------------------------------------------ metadata
 def test_meta_model_at_flow_and_save_load(tmp_path):
     data = toy_dataset(0)

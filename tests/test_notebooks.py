@@ -26,7 +26,7 @@ def test_all_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["01_flows_on_toy", "02_flow_vs_discrete", "03_checking_the_lemmas",
                      "04_mnist_margins", "05_eps_crossover", "06_your_own_model",
-                     "07_momentum"]
+                     "07_momentum", "08_minibatch_noise"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

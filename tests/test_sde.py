@@ -1,0 +1,182 @@
+"""`flows.simulate_sde`: the SDE minibatch SGD follows, against exact enumeration and against
+minibatch runs.
+
+The problem: a 2-parameter linear model on 16 separable Gaussian points, the logistic
+loss (its per-sample gradients are bounded: with the exponential loss a Gaussian increment
+that pushes a margin far below 0 meets an exponentially growing gradient, and 1 of 4096
+Euler-Maruyama paths at eta = 0.2 overflowed), batches of B = 4 drawn without replacement
+afresh at each step (`run(..., sampling="independent")`), flow time t = k eta B / N,
+compared at T = 5.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import marginflow  # noqa: F401  (float64)
+import numpy as np
+import pytest
+from marginflow.discrete import GD, run
+from marginflow.flows import GradientFlow, RMSPropFlow, simulate, simulate_sde
+from marginflow.flows._sde import _diffusion, _noise, _noise_scale
+from marginflow.models import Linear, Objective, separable_gaussians
+
+N, B, T = 16, 4, 5.0
+# Monte Carlo: 4096 paths and runs put the standard error of a mean of log L at ~3e-4 and
+# of a variance at sqrt(2 / 4096) = 2.2% relative, below the effects measured here (weak
+# errors 4e-3 to 2e-2 over eta = 0.05..0.2); the default run's variance check uses 1024
+# (4.4%), the slope and the scaling rule (-m slow) 4096.
+P = 4096
+P_QUICK = 1024
+ETAS = (0.2, 0.1, 0.05)
+
+
+def problem():
+    return Linear(2, key=jax.random.key(0)), separable_gaussians(N, 2, seed=0)
+
+
+@functools.cache
+def statistics(eta: float, batch: int = B, T: float = T, P: int = P,
+               brownian: str = "increments"):
+    """(SDE, minibatch runs, flow): each (log L(T), ||w(T)||) per path / run. The many
+    paths of the slow checks use independent increments (6x cheaper than the tree)."""
+    model, data = problem()
+    sde = simulate_sde(GradientFlow(), model, data, T, batch_size=batch, eta=eta,
+                       key=jax.random.key(1), n_paths=P, ts=[T], loss="logistic",
+                       brownian=brownian)
+    assert sde.success, sde.message
+    steps = round(T * N / (eta * batch))
+    assert abs(steps * eta * batch / N - T) < 1e-9  # the runs end exactly at T
+    models = eqx.filter_vmap(lambda k: problem()[0])(jax.random.split(jax.random.key(0), P))
+    disc = run(GD(eta), models, data, steps, batch_size=batch, sampling="independent",
+               key=jax.random.split(jax.random.key(2), P), batch=True, save_every=steps,
+               loss="logistic")
+    flow = simulate(GradientFlow(), model, data, T, ts=[T], loss="logistic")
+
+    def stats(log_loss, w):
+        return np.asarray(log_loss)[:, -1], np.linalg.norm(np.asarray(w)[:, -1], axis=-1)
+
+    return (stats(sde.log_loss, sde.w), stats(disc.log_loss, disc.w),
+            (float(flow.log_loss[-1]), float(np.linalg.norm(flow.w[-1]))))
+
+
+def test_the_noise_is_the_covariance_of_one_minibatch_step_by_enumeration():
+    # sigma sigma^T dt (dt = eta B / N, sigma the diffusion operator as a p x N matrix)
+    # against eta^2 Cov(g_B) over all C(N, B) batches, listed: Cochran's formula and the
+    # VJP form of G^T dW, checked exactly (to rounding).
+    model, data = Linear(3, key=jax.random.key(3)), separable_gaussians(7, 3, seed=4)
+    obj = Objective(model, data)
+    w, eta, b = obj.w0(), 0.3, 2
+    per_sample = np.asarray(jax.jacrev(lambda v: jnp.exp(obj.log_terms(v)))(w))  # (N, p)
+    batches = [np.sum(per_sample[list(c)], axis=0) for c in itertools.combinations(range(7), b)]
+    exact = eta**2 * np.cov(np.array(batches).T, bias=True)
+    args = (obj, _noise_scale(7, b, eta), jnp.asarray(False))
+    sigma = np.stack([np.asarray(_noise(0.0, w, args, e)) for e in np.eye(7)], axis=1)
+    # and the operator over paths applies it path by path
+    op = _diffusion(0.0, jnp.stack([w, 2 * w]), args)
+    dW = jax.random.normal(jax.random.key(6), (2, 7))
+    np.testing.assert_allclose(op.mv(dW)[1], _noise(0.0, 2 * w, args, dW[1]), rtol=1e-14)
+    np.testing.assert_allclose(sigma @ sigma.T * (eta * b / 7), exact, rtol=1e-12, atol=1e-15)
+
+
+def test_in_log_time_the_noise_is_rescaled_by_sqrt_t():
+    # dW_t = sqrt(t) dW_u and dt = t du: the u-form's operator is e^{u/2} times the t-form's.
+    model, data = problem()
+    obj = Objective(model, data)
+    w, u = obj.w0() * 3.0, 2.5
+    dW = jax.random.normal(jax.random.key(5), (N,))
+    in_t = _noise(np.exp(u), w, (obj, 0.7, jnp.asarray(False)), dW)
+    in_u = _noise(u, w, (obj, 0.7, jnp.asarray(True)), dW)
+    np.testing.assert_allclose(in_u, np.exp(u / 2) * in_t, rtol=1e-13)
+
+
+@pytest.mark.parametrize("eta", [0.2, pytest.param(0.05, marks=pytest.mark.slow)])
+def test_paths_have_the_variance_of_minibatch_runs_which_the_flow_lacks(eta):
+    # The flow has no spread: its error on Var is Var itself. The SDE's is O(eta) relative:
+    # bounded here by 1.5 eta (measured 0.5-0.9 eta at P = 4096) plus 4 Monte Carlo
+    # standard errors of the ratio of two variance estimates (4 sqrt(2 * 2 / P): 0.25).
+    (l_s, n_s), (l_d, n_d), _ = statistics(eta, P=P_QUICK, brownian="tree")
+    for s, d in ((l_s, l_d), (n_s, n_d)):
+        rel = abs(s.var() / d.var() - 1.0)
+        assert rel <= 1.5 * eta + 4 * np.sqrt(4 / P_QUICK), (eta, s.var(), d.var())
+
+
+@pytest.mark.slow
+def test_the_weak_error_falls_at_first_order():
+    # |E_sde f - E_runs f| for f = log L(T) and ||w(T)||, over eta = 0.2, 0.1, 0.05: the
+    # fitted log-log slope must lie in [0.8, 1.2] (first order, Li, Tai and E). The Monte
+    # Carlo error of each difference (~4e-4, measured weak errors 4e-3 and up) moves the
+    # slope by ~0.05.
+    for k in (0, 1):
+        errs = []
+        for eta in ETAS:
+            s, d, _ = statistics(eta)
+            errs.append(abs(s[k].mean() - d[k].mean()))
+        slope = np.polyfit(np.log(ETAS), np.log(errs), 1)[0]
+        assert 0.8 <= slope <= 1.2, (k, errs, slope)
+
+
+@pytest.mark.slow
+def test_the_scaling_rule_keeps_the_sde_and_the_statistics():
+    # On the sum loss, runs at (B, eta) and (kappa B, eta') with eta' (N - kappa B) =
+    # eta (N - B) have the same SDE: drift -grad L in t = k eta B / N, noise
+    # eta (N - B) / (N - 1) G^T G (the mean-loss linear scaling rule, lr proportional to B,
+    # with Cochran's finite-population factor). So their statistics at T agree up to the
+    # weak error O(eta): the variances within 1.5 eta' + 4 MC errors, as above.
+    eta, kappa, T_ = 0.05, 2, 4.5  # 360 and 120 steps
+    eta2 = eta * (N - B) / (N - kappa * B)
+    assert _noise_scale(N, B, eta) == pytest.approx(_noise_scale(N, kappa * B, eta2))
+    (l_1, n_1), (l_d1, n_d1), _ = statistics(eta, B, T_)
+    (l_2, n_2), (l_d2, n_d2), _ = statistics(eta2, kappa * B, T_)
+    for a, b in ((l_d1, l_d2), (n_d1, n_d2), (l_1, l_2)):
+        assert abs(a.var() / b.var() - 1.0) <= 1.5 * eta2 + 4 * np.sqrt(4 / P), (a.var(),
+                                                                                  b.var())
+
+
+def test_a_full_batch_has_no_noise_and_follows_the_flow():
+    model, data = problem()
+    sde = simulate_sde(GradientFlow(), model, data, 20.0, batch_size=N, eta=0.01,
+                       key=jax.random.key(0), n_paths=3, ts=[0.5, 20.0])
+    flow = simulate(GradientFlow(), model, data, 20.0, ts=[0.5, 20.0])
+    assert np.all(sde.w == sde.w[:1])  # no noise: the paths are one
+    # Euler-Maruyama at dt = eta / 4 (weak order 1): within 5 dt relative of the flow
+    np.testing.assert_allclose(sde.w[0], flow.w, rtol=5 * 0.01 / 4)
+
+
+def test_paths_are_fixed_by_the_key_and_a_finer_grid_refines_them():
+    # The Brownian tree is a function of the key: the same call gives the same paths, and
+    # a 4x finer grid (substeps 16) gives nearly the same paths (Euler-Maruyama converges
+    # pathwise), much closer to them than paths of another key are.
+    model, data = problem()
+    kw = dict(batch_size=2, eta=0.1, ts=[1.0, 3.0], n_paths=16)
+    a = simulate_sde(GradientFlow(), model, data, 3.0, key=jax.random.key(7), **kw)
+    b = simulate_sde(GradientFlow(), model, data, 3.0, key=jax.random.key(7), **kw)
+    np.testing.assert_array_equal(a.w, b.w)
+    assert a.meta["kind"] == "sde" and a.w.shape == (16, 2, 2) and a.log_loss.shape == (16, 2)
+    fine = simulate_sde(GradientFlow(), model, data, 3.0, key=jax.random.key(7), substeps=16,
+                        **kw)
+    other = simulate_sde(GradientFlow(), model, data, 3.0, key=jax.random.key(8), **kw)
+    refined = np.mean(np.linalg.norm(fine.w[:, -1] - a.w[:, -1], axis=-1))
+    apart = np.mean(np.linalg.norm(other.w[:, -1] - a.w[:, -1], axis=-1))
+    assert refined < 0.3 * apart, (refined, apart)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    ({"flow": RMSPropFlow()}, NotImplementedError, "only GradientFlow"),
+    ({"batch_size": N + 1}, ValueError, "at most the number of samples"),
+    ({"eta": True}, TypeError, "`eta` must be a number"),
+    ({"eta": -0.1}, ValueError, "`eta` must be a finite number > 0"),
+    ({"t1": "5"}, TypeError, "`t1` must be a number"),
+    ({"ts": [0.0, 1.0]}, ValueError, "save times in"),
+    ({"brownian": "fast"}, ValueError, "`brownian` must be"),
+])
+def test_bad_input_is_refused_by_name(bad, err, match):
+    model, data = problem()
+    kw = dict(flow=GradientFlow(), t1=1.0, batch_size=2, eta=0.1, key=jax.random.key(0),
+              n_paths=2) | bad
+    with pytest.raises(err, match=match):
+        simulate_sde(kw.pop("flow"), model, data, kw.pop("t1"), **kw)
