@@ -345,15 +345,18 @@ def reference_solution(flow: FlowSpec, problem: Problem, w0: np.ndarray, ts, *, 
         atol[p:] = rtol * flow.eps**2 / 100.0 if flow.conditioner == "eps_inside" else 1e-40
     out = np.full((len(ts), y.shape[0]), np.nan)
     # For I: the conditioner's exponent ell(t) (penalty_integral) on a fine grid: 4000
-    # points per decade of t in (1e-12, 1], 100 per unit of u = log t after. The early
-    # transient needs the dense grid: on the toy (a leaky-ReLU net) a coordinate's ell
-    # wiggles by ~1e-5 around a plateau, with turns 3e-4 apart near t = 0.41
-    # (toy-logistic-adam_ema_out); 400 per decade missed 4e-6 of I there.
+    # points per decade of t in (1e-12, 1], 1000 per unit of u = log t up to u = 5, 100
+    # after. The transient needs the dense grid: a coordinate's ell can wiggle by ~1e-5
+    # around a plateau with turns closer than a coarser grid's step; 400 per decade missed
+    # 4e-6 of I near t = 0.41 on toy-logistic-adam_ema_out (a leaky-ReLU net, turns 3e-4
+    # apart), 100 per unit of u missed 3.5e-6 in t in [1, 10] on mlp-logistic-adam_ema_out.
     early_sel, late_sel = ts <= 1.0, ts > 1.0
     u1 = np.log(max(ts[-1], 1.0))
     grid_t = np.unique(np.concatenate([[0.0], np.geomspace(1e-12, 1.0, 48000 * density + 1),
                                        ts[early_sel]]))
-    grid_u = np.unique(np.concatenate([np.linspace(0.0, u1, 1 + int(100 * density * u1)),
+    u_dense = min(u1, 5.0)  # up to t = e^5: turns still come close together there
+    grid_u = np.unique(np.concatenate([np.linspace(0.0, u_dense, 1 + int(1000 * density * u_dense)),
+                                       np.linspace(0.0, u1, 1 + int(100 * density * u1)),
                                        np.log(ts[late_sel])]))
     sol = _solve(early, 0.0, 1.0, y, ts[early_sel], out, early_sel, "LSODA", rtol, atol)
     pieces = [(grid_t, sol.sol)]
