@@ -32,6 +32,7 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
     # Chunked as raw key data (numpy cannot hold typed keys), wrapped again per chunk.
     keys = key if key is not None and _key_batch(key) is not None else None
     typed = keys is not None and jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    impl = jax.random.key_impl(keys) if typed else None
     if typed:
         keys = np.asarray(jax.random.key_data(keys))
     full = math.ceil(w0.shape[0] / n_workers)
@@ -45,8 +46,8 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
         def call(w_part, carry_part, key_part):
             return _run_compiled(
                 optimizer, objective, w_part, steps, save_every,
-                key if keys is None else (jax.random.wrap_key_data(key_part) if typed
-                                          else key_part), count, batch_size,
+                key if keys is None else (jax.random.wrap_key_data(key_part, impl=impl)
+                                          if typed else key_part), count, batch_size,
                 True, carry0=carry_part, first_block=jnp.asarray(first_block, jnp.int32),
                 finish=True)
 

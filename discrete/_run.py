@@ -60,6 +60,10 @@ def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data, sampl
     save_every = check_int(save_every, "save_every", "run", 1,
                             "pass how many steps lie between two saves, e.g. 10")
     if batch_size is None:
+        if sampling != "epochs":
+            raise ValueError(
+                f"run: `sampling` chooses how minibatches are drawn, got sampling = "
+                f"{sampling!r} but batch_size = None (full batch); pass batch_size too.")
         if key is not None:
             raise ValueError(
                 "run: `key` is only used for minibatches, got a key but batch_size = None; "

@@ -20,7 +20,7 @@ from .. import _checkpoint as ckpt
 from .._cache import CompileClock
 from .._threads import map_chunks
 from ._fields import _initial_moments, _to_lag, _v_of_w, _w_of_v
-from ._kernels import _restart, _segment, _start
+from ._kernels import _band_to_log_time, _restart, _segment, _start
 from ._plan import SegmentPlan, Setup
 from ._progress import AbstractProgressMeter
 from ._stops import STOPS, Stop
@@ -183,6 +183,11 @@ class Engine:
             y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
             state = self.restart_fn(run.flow, objective, y, jnp.asarray(0.0, run.dtype),
                                     jnp.asarray(True), run.solver, state)
+        elif k and log_time and bounds[k - 1] < 1.0:
+            # The other flows keep their solver state across the switch (at t = 1,
+            # dy/du = t dy/dt = dy/dt), but the band of Lemma 3's I holds sample times,
+            # which move from t to u = log t.
+            state = _band_to_log_time(state)
         # At most `slots` saves per call (the slots are part of the compiled program's
         # shape): a segment with more is integrated in pieces, each ending at its last save.
         wanted = self.plan.saves[k]

@@ -57,6 +57,13 @@ def _restart(flow, objective, y, u_start, log_time, solver, state):
     return controller_state, (inner, band.moved_to(u_start))
 
 
+@eqx.filter_jit
+def _band_to_log_time(state):
+    """`state` with the band of Lemma 3's I in u = log t from u = 0 (t = 1) on."""
+    controller_state, (inner, band) = state
+    return controller_state, (inner, band.moved_to(0.0))
+
+
 def _segment_traced(
     flow, objective, y0, u_start, u_end, log_time, save_us, solver, controller, max_steps, state
 ):

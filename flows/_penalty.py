@@ -91,10 +91,12 @@ class Band(NamedTuple):
     def moved_to(self, u):
         """This band in a new time variable (t -> log t) from u on: the extrema and the
         direction are kept, their neighbours' times dropped (no vertex correction for a
-        turn at the switch)."""
+        turn at the switch). Any leading batch axes are kept."""
         u = jnp.asarray(u, self.level.dtype)
-        us = jnp.full(self.level.shape, u)
-        return self._replace(u_ext=us, u_prev=us, u_next=us, u_last=u)
+        return self._replace(u_ext=jnp.full_like(self.u_ext, u),
+                             u_prev=jnp.full_like(self.u_prev, u),
+                             u_next=jnp.full_like(self.u_next, u),
+                             u_last=jnp.full_like(self.u_last, u))
 
 
 def _vertex(drop, b: Band):
@@ -112,8 +114,10 @@ def _vertex(drop, b: Band):
     ok = ok & jnp.where(b.rising, curv < 0, curv > 0)  # a maximum bends down
     slope = s1 + curv * h1
     beyond = jnp.abs(slope * slope / (4 * jnp.where(ok, curv, 1.0)))
-    # The vertex lies between the neighbours, so beyond <= max(|a|, |c|); kept to it
-    # against rounding in nearly flat stretches.
+    # Kept to max(|a|, |c|): with even spacing the vertex lies between the neighbours and
+    # never exceeds it; where the spacing ratio is large (h2 / h1 above ~5, after a jump
+    # in step size) the clip can bind and the correction is partial (back to O(h^2)), and
+    # it stops a noisy, nearly flat triple from adding a large vertex.
     return jnp.where(ok, jnp.minimum(beyond, jnp.maximum(jnp.abs(a), jnp.abs(c))), 0.0)
 
 

@@ -213,7 +213,9 @@ def steps_until(traj, t: float) -> int:
 def band_width(row: Problem, t: float, psi):
     """The dead band of -1/2 log h_i at psi_i (flows/_penalty.py, `_width`), restated: phi's
     change when psi moves by its noise level k (rtol psi + atol psi(m = 1)), k = sqrt(n)
-    with n = 2p the components of the controller's norm (w and m)."""
+    with n = 2p the components of the controller's norm (w and m: the bank's flows have
+    one moment per parameter). One band per turn bounds what a turn may lose, min(its
+    excursion, the band), from above."""
     f = row.flow
     psi = np.asarray(psi, np.float64)
     p = len(row.w0())

@@ -250,6 +250,27 @@ def test_a_batch_of_keys_gives_each_member_its_own_minibatches(workers):
     with pytest.raises(ValueError, match="`sampling` must be one of"):
         run(opt, models, data, 40, key=jax.random.key(9), batch=True, batch_size=20,
             sampling="with_replacement")
+    with pytest.raises(ValueError, match="batch_size = None"):
+        run(opt, models, data, 40, batch=True, sampling="independent")
+
+
+def test_per_member_keys_follow_their_members_when_some_fail():
+    # >= 8 save blocks: the batch runs in two stages and drops the members that failed in
+    # the first (discrete/_batch.py); the survivors' keys must go with them. Member 1's
+    # output layer is flipped and scaled by 1000: every margin is hugely negative and the
+    # exponential loss overflows at once. Raw PRNGKey splits as the keys.
+    data = toy_dataset(1)
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)
+    models = eqx.tree_at(lambda m: m.v, models, models.v.at[1].multiply(-1000.0))
+    opt, kw = GD(0.05), dict(save_every=5, batch_size=30, sampling="independent", throw=False)
+    run_keys = jax.random.split(jax.random.PRNGKey(11), 3)
+    batch = run(opt, models, data, 60, key=run_keys, batch=True, workers=2, **kw)
+    assert batch.stats["num_steps"][1] < 60 and batch.stats["num_steps"][0] == 60
+    for j in (0, 2):
+        member = jax.tree.map(lambda a, j=j: a[j] if eqx.is_array(a) else a, models)
+        single = run(opt, member, data, 60, key=run_keys[j], **kw)
+        np.testing.assert_allclose(batch.w[j], single.w, rtol=1e-13, atol=1e-15)
 
 # ------------------------------------------------------------------ metadata
 def test_meta_model_at_flow_and_save_load(tmp_path):
