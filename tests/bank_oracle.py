@@ -301,9 +301,10 @@ def reference_solution(flow: FlowSpec, problem: Problem, w0: np.ndarray, ts, *, 
     log space (L reaches e^{-230} at t = 1e100; t g stays O(1)).
 
     Returns (w, m, I), each (len(ts), ...): I is Lemma 3's integral (see `penalty_integral`),
-    computed only with penalty=True (else None); then `turns`, if given, receives a
-    (t, i, psi_i) for every turning point of -1/2 log h_i. `density` multiplies the grid's
-    density (a check of the oracle's own convergence).
+    computed only with penalty=True (else None); then `turns`, if given, receives
+    (t, i, psi_i, excursion, ell_i there, is a minimum) for every turning point of
+    ell_i = -1/2 log h_i. `density` multiplies the grid's density (a check of the
+    oracle's own convergence).
     """
     ts = np.asarray(ts, float)
     p = w0.shape[0]
@@ -412,7 +413,8 @@ def penalty_integral(flow: FlowSpec, problem: Problem, pieces, ts, turns=None) -
     ell_i's extremum between the neighbouring grid points, located on the dense solution
     (scipy's bounded Brent to 1e-10 of the interval; the value is then exact to rounding).
     I is then exact up to the dense solution's error and to turning points closer together
-    than a grid step. `turns` (a list), if given, receives (t, i, psi_i) at each of them.
+    than a grid step. `turns` (a list), if given, receives (t, i, psi_i, excursion,
+    ell_i there, is a minimum) at each of them.
     """
     if not flow.has_m:
         return np.zeros(len(ts))
@@ -430,7 +432,8 @@ def penalty_integral(flow: FlowSpec, problem: Problem, pieces, ts, turns=None) -
 
 def _refine_turns(flow, problem, grid, dense, values, turns=None) -> None:
     """Where ell_i turns at grid point k, replace values[k, i] by ell_i's extremum on
-    [grid[k - 1], grid[k + 1]] (in place); append (t, i, psi_i) there to `turns`."""
+    [grid[k - 1], grid[k + 1]] (in place); append (t, i, psi_i, excursion, ell_i there,
+    is a minimum) to `turns`."""
     d = np.diff(values, axis=0)
     minima = (d[:-1] < 0) & (d[1:] > 0)
     maxima = (d[:-1] > 0) & (d[1:] < 0)
@@ -446,7 +449,10 @@ def _refine_turns(flow, problem, grid, dense, values, turns=None) -> None:
             y = dense(res.x)
             n = y.shape[0] // 2
             g = problem.loss_and_grad(y[:n])[1] if res.x == 0 else np.zeros(n)
-            turns.append((float(res.x), int(i), float(flow.psi(res.x, y[n:], g)[i])))
+            # the turn's excursion: the smaller rise or fall next to it on the grid
+            excursion = min(abs(d[k, i]), abs(d[k + 1, i]))
+            turns.append((float(res.x), int(i), float(flow.psi(res.x, y[n:], g)[i]),
+                          float(excursion), float(values[k + 1, i]), bool(minima[k, i])))
 
 
 def _solve(fun, lo, hi, y, evals, out, sel, method, rtol, atol):
