@@ -145,6 +145,7 @@ class AbstractFlow(eqx.Module):
 
     # What the solvers ask of a flow (flows/_solvers.py), instead of switching on its class.
     has_decay: ClassVar[bool] = False  # does dm/dt = ... - a m decay (a stiff part)?
+    has_conditioner: ClassVar[bool] = True  # False: h = 1, Lemma 3's I stays 0
 
     def decay_rate(self):
         """The rate a of the linear decay dm/dt = ... - a m of the m-equation: 0 here (GD,
@@ -156,6 +157,8 @@ class AbstractFlow(eqx.Module):
 class _Unconditioned(AbstractFlow):
     """A flow without a conditioner: h = 1, the second moment m2 stays 0, dw/dt = -direction
     (g for GD, m1 for the momentum flow), and Lemma 3's penalty is 0."""
+
+    has_conditioner: ClassVar[bool] = False
 
     def psi_and_rate(self, t, m, dm, g):
         m2, _ = self.split(m)

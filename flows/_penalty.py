@@ -170,6 +170,8 @@ def _rise_along(interp, fns, args, tols, t0, t1, s, band, psi_s):
     step, over the sub-points t0 + k (t1 - t0) / _SUB before s, and psi_s; returns
     (its increase, the band at s). fns = (psi, drop, decay, scale) of `PenaltyIntegral`."""
     psi, drop, decay, scale = fns
+    if not args[0].has_conditioner:  # h = 1: nothing to walk (GD, the momentum flow)
+        return jnp.zeros((), psi_s.dtype), band
     us = t0 + jnp.arange(1, _SUB) * ((t1 - t0) / _SUB)
     psis = jax.vmap(lambda u: psi(u, interp.evaluate(u), args, False))(us)
     before = (us < s) & (decay(t0, t1, args) < 1.0)

@@ -62,6 +62,9 @@ _SHARD_SCRIPT = textwrap.dedent(
 )
 
 
+
+# A subprocess with 8 host devices (40 s of the default run on 2 cores): -m slow.
+@pytest.mark.slow
 def test_batch_is_sharded_over_all_local_devices():
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
