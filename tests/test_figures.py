@@ -86,7 +86,12 @@ def check_saved(result, tmp_path) -> dict:
     return figs
 
 
-@pytest.fixture(scope="module", params=list(EXPERIMENTS))
+# fig2's figure checks (22 s: its own quick run) are -m slow; the default run still saves
+# and opens its PNG in test_experiments.py::test_fig2_saves.
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.slow) if name == "fig2" else name
+    for name in EXPERIMENTS
+])
 def experiment(request):
     return EXPERIMENTS[request.param]()
 
