@@ -180,50 +180,47 @@ def test_minibatch_of_everything_is_full_batch():
     assert mini.meta["batch_size"] == 100
 
 
-def test_minibatch_gd_matches_hand_written_sgd():
-    """Minibatch GD against numpy SGD on the documented sampling (a permutation per epoch
-    from fold_in(key, epoch), partial last batch dropped); log L saved on the full data."""
+def _hand_sgd(sampling: str, indices):
+    """GD(0.05) with batches of 4 of 10 points against numpy SGD whose step k uses the
+    points indices(key, k); returns (the run, the numpy iterates)."""
     d = separable_gaussians(10, 3, seed=2)
     X, y = np.asarray(d.X) * 0.5, np.asarray(d.y)
-    data = Dataset(X, y)
     w0 = np.array([0.2, -0.1, 0.3])
     model = unflatten(Linear(3, key=jax.random.PRNGKey(0)), jnp.asarray(w0))
     key = jax.random.PRNGKey(7)
-    traj = run(GD(0.05), model, data, 12, save_every=1, batch_size=4, key=key)
+    traj = run(GD(0.05), model, Dataset(X, y), 12, save_every=1, batch_size=4, key=key,
+               sampling=sampling)
     w, ws = w0.copy(), []
     for k in range(12 + 1):
         ws.append(w.copy())
-        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, k // 2), 10))
-        idx = perm[(k % 2) * 4:(k % 2) * 4 + 4]
-        e = np.exp(-y[idx] * (X[idx] @ w))
-        w = w + 0.05 * (e * y[idx]) @ X[idx]
-    ws = np.array(ws)
-    assert np.max(np.abs(traj.w - ws)) <= 1e-12 * np.max(np.abs(ws))
-    full_log_l = np.log(np.sum(np.exp(-y[None] * (ws @ X.T)), axis=1))
-    np.testing.assert_allclose(traj.log_loss, full_log_l, rtol=1e-12)
-
-
-
-def test_independent_sampling_matches_hand_written_sgd():
-    """sampling="independent": B of the N samples without replacement, afresh at every step
-    (the first B of a permutation from fold_in(key, k)), against numpy SGD."""
-    d = separable_gaussians(10, 3, seed=2)
-    X, y = np.asarray(d.X) * 0.5, np.asarray(d.y)
-    data = Dataset(X, y)
-    w0 = np.array([0.2, -0.1, 0.3])
-    model = unflatten(Linear(3, key=jax.random.PRNGKey(0)), jnp.asarray(w0))
-    key = jax.random.PRNGKey(7)
-    traj = run(GD(0.05), model, data, 12, save_every=1, batch_size=4, key=key,
-               sampling="independent")
-    w, ws = w0.copy(), []
-    for k in range(12 + 1):
-        ws.append(w.copy())
-        idx = np.asarray(jax.random.permutation(jax.random.fold_in(key, k), 10))[:4]
+        idx = indices(key, k)
         assert len(set(idx.tolist())) == 4  # without replacement
         e = np.exp(-y[idx] * (X[idx] @ w))
         w = w + 0.05 * (e * y[idx]) @ X[idx]
     ws = np.array(ws)
     assert np.max(np.abs(traj.w - ws)) <= 1e-12 * np.max(np.abs(ws))
+    return traj, ws, X, y
+
+
+def test_minibatch_gd_matches_hand_written_sgd():
+    """Minibatch GD against numpy SGD on the documented sampling (a permutation per epoch
+    from fold_in(key, epoch), partial last batch dropped); log L saved on the full data."""
+    def epochs(key, k):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, k // 2), 10))
+        return perm[(k % 2) * 4:(k % 2) * 4 + 4]
+
+    traj, ws, X, y = _hand_sgd("epochs", epochs)
+    full_log_l = np.log(np.sum(np.exp(-y[None] * (ws @ X.T)), axis=1))
+    np.testing.assert_allclose(traj.log_loss, full_log_l, rtol=1e-12)
+
+
+def test_independent_sampling_matches_hand_written_sgd():
+    """sampling="independent": B of the N samples without replacement, afresh at every step
+    (the first B of a permutation from fold_in(key, k)), against numpy SGD."""
+    def independent(key, k):
+        return np.asarray(jax.random.permutation(jax.random.fold_in(key, k), 10))[:4]
+
+    traj, _, _, _ = _hand_sgd("independent", independent)
     assert traj.meta["sampling"] == "independent"
 
 
