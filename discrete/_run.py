@@ -84,11 +84,12 @@ def _check_run_args(optimizer, steps, save_every, batch_size, key, n_data, sampl
             )
         if sampling not in _SAMPLINGS:
             raise ValueError(f"run: `sampling` must be one of {_SAMPLINGS}, got {sampling!r}.")
-        if _key_batch(key) is not None and _key_batch(key) != n_batch:
+        n_keys = _key_batch(key)
+        if n_keys is not None and n_keys != n_batch:
             raise ValueError(
                 f"run: a batch of keys gives each member its own minibatches, so it needs "
                 f"batch=True and one key per member ({n_batch} here), got "
-                f"{_key_batch(key)} keys; pass one key to share the minibatches.")
+                f"{n_keys} keys; pass one key to share the minibatches.")
         batch_size = Minibatches(batch_size, sampling == "independent")
     return steps, save_every, batch_size
 
@@ -128,13 +129,10 @@ def _minibatch(objective: Objective, key, k, batches: Minibatches) -> Objective:
     independent sampling, B samples without replacement drawn afresh for step k."""
     n = objective.data.X.shape[0]
     size = batches.size
-    if batches.independent:
-        perm = jax.random.permutation(jax.random.fold_in(key, k), n)
-        idx = perm[:size]
-    else:
-        per_epoch = n // size
-        perm = jax.random.permutation(jax.random.fold_in(key, k // per_epoch), n)
-        idx = jax.lax.dynamic_slice(perm, ((k % per_epoch) * size,), (size,))
+    # Independent sampling is an "epoch" of one batch: a fresh permutation at every step.
+    per_epoch = 1 if batches.independent else n // size
+    perm = jax.random.permutation(jax.random.fold_in(key, k // per_epoch), n)
+    idx = jax.lax.dynamic_slice(perm, ((k % per_epoch) * size,), (size,))
     return eqx.tree_at(lambda o: (o.data.X, o.data.y), objective,
                        (objective.data.X[idx], objective.data.y[idx]))
 

@@ -176,18 +176,18 @@ class Engine:
         axis = 1 if batch else 0  # the saves' time axis
         # t on [t0, 1], log t from t = 1 on (see `_time`).
         log_time = lo >= 1.0
-        if k and log_time and bounds[k - 1] < 1.0 and run.flow.n_moments == 2:
-            # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on (see
-            # `_fields`): a new state, so the solver's own state is made anew at it.
-            objective = run.objective
-            y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
-            state = self.restart_fn(run.flow, objective, y, jnp.asarray(0.0, run.dtype),
-                                    jnp.asarray(True), run.solver, state)
-        elif k and log_time and bounds[k - 1] < 1.0:
-            # The other flows keep their solver state across the switch (at t = 1,
-            # dy/du = t dy/dt = dy/dt), but the band of Lemma 3's I holds sample times,
-            # which move from t to u = log t.
-            state = _band_to_log_time(state)
+        if k and log_time and bounds[k - 1] < 1.0:  # the switch from t to u = log t
+            if run.flow.n_moments == 2:
+                # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on
+                # (see `_fields`): a new state, so the solver's own state is made anew.
+                objective = run.objective
+                y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
+                state = self.restart_fn(run.flow, objective, y, jnp.asarray(0.0, run.dtype),
+                                        jnp.asarray(True), run.solver, state)
+            else:
+                # The other flows keep their solver state (at t = 1, dy/du = t dy/dt =
+                # dy/dt), but the band of Lemma 3's I holds sample times, which move to u.
+                state = _band_to_log_time(state)
         # At most `slots` saves per call (the slots are part of the compiled program's
         # shape): a segment with more is integrated in pieces, each ending at its last save.
         wanted = self.plan.saves[k]

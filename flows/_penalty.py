@@ -240,10 +240,11 @@ class PenaltyIntegral(Wrapped):
             start False it must not use args[1] (the objective).
         drop: drop(args, psi0, psi1) -> phi_i(psi1) - phi_i(psi0) per coordinate.
         decay: decay(u0, u1, args) -> lambda du, how far m's linear decay goes in the step.
-        scale: scale(u, args) -> psi_i at m = 1 (psi is linear in m): atol's size in psi.
+        scale: scale(u, args, psi) -> psi_i at m = 1 (psi is linear in m; psi gives the
+            shape): atol's size in psi.
         rtol, atol: the controller's tolerances, which set the dead band (`_width`).
-    The solver state is (the inner state, the band (level, rising) per coordinate), so
-    each step evaluates psi once, at its new end.
+    The solver state is (the inner state, the `Band`), so each step evaluates psi once, at
+    its new end.
     """
 
     psi: Callable = eqx.field(static=True)

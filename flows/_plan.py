@@ -75,14 +75,14 @@ def default_save_times(t0: float, t1: float, n_save: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- validation
-def _check_number(x, name: str, rule: str, ok, example: str) -> float:
-    check_real_type(x, name, "simulate", example)
+def _check_number(x, name: str, rule: str, ok, example: str, where: str = "simulate") -> float:
+    check_real_type(x, name, where, example)
     try:
         v = float(x)
     except (TypeError, ValueError):
-        raise TypeError(f"simulate: `{name}` must be a real number, got {x!r}.") from None
+        raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
     if not ok(v):
-        raise ValueError(f"simulate: `{name}` {rule}, got {x!r}.")
+        raise ValueError(f"{where}: `{name}` {rule}, got {x!r}.")
     return v
 
 

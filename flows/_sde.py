@@ -55,6 +55,7 @@ from .._checks import check_int, require_x64
 from .._trajectory import Trajectory
 from ..models._objective import Objective
 from ._flow import GradientFlow
+from ._plan import _check_number
 
 _DU_MAX = 0.01  # the largest step in log t: the late drift is O(1) per unit of u
 
@@ -134,14 +135,10 @@ def _grid(lo: float, hi: float, step: float, saves: np.ndarray):
     return grid, saves
 
 
-def _positive(x, name: str) -> float:
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer,
-                                                            np.floating)):
-        raise TypeError(f"simulate_sde: `{name}` must be a number, got {x!r}.")
-    v = float(x)
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"simulate_sde: `{name}` must be a finite number > 0, got {x!r}.")
-    return v
+def _positive(x, name: str, example: str) -> float:
+    """A finite real number > 0 (not a bool or a string), as for `simulate`'s numbers."""
+    return _check_number(x, name, "must be a finite number > 0",
+                         lambda v: math.isfinite(v) and v > 0, example, where="simulate_sde")
 
 
 def _save_times(ts, n_save: int, t1: float) -> np.ndarray:
@@ -176,7 +173,7 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
         eta: the discrete run's learning rate (> 0).
         key: a PRNG key: the paths are fixed by (key, n_paths), and a finer grid
             (substeps, du) refines the same Brownian paths.
-        n_paths: number of paths (vmapped).
+        n_paths: number of paths (integrated together: one state of shape (paths, p)).
         ts / n_save: save times in (0, t1] (default: n_save log-spaced times from
             min(t1, 1) / 100 to t1, plus t1).
         substeps: Euler-Maruyama steps per minibatch step in t (weak error O(dt)).
@@ -194,7 +191,7 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
         >>> traj = simulate_sde(GradientFlow(), Linear(2, key=k), soudry_dataset(), 10.0,
         ...                     batch_size=1, eta=0.05, key=jax.random.key(1), n_paths=256)
     """
-    if not isinstance(flow, GradientFlow) or type(flow) is not GradientFlow:
+    if type(flow) is not GradientFlow:  # a subclass may change the field: no SDE for it
         raise NotImplementedError(
             f"simulate_sde: only GradientFlow (SGD) has its SDE so far, got "
             f"{type(flow).__name__}; the adaptive flows need the noise of their second-moment "
@@ -210,15 +207,15 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
                          f"{n}, got {b}.")
     n_paths = check_int(n_paths, "n_paths", "simulate_sde", 1, "pass e.g. n_paths=256")
     substeps = check_int(substeps, "substeps", "simulate_sde", 1, "pass e.g. substeps=4")
-    eta = _positive(eta, "eta")
-    t1 = _positive(t1, "t1")
+    eta = _positive(eta, "eta", "0.1")
+    t1 = _positive(t1, "t1", "10.0")
     save = _save_times(ts, n_save, t1)
     if brownian not in ("tree", "increments"):
         raise ValueError(f"simulate_sde: `brownian` must be 'tree' or 'increments', got "
                          f"{brownian!r}.")
     tree = brownian == "tree"
     dt = eta * b / (n * substeps)
-    du = min(dt, _DU_MAX) if du is None else _positive(du, "du")
+    du = min(dt, _DU_MAX) if du is None else _positive(du, "du", "0.01")
     start = time.perf_counter()
     obj = eqx.tree_at(lambda o: o.data.X, objective, objective.data.X.astype(dtype))
     w = jnp.broadcast_to(objective.w0().astype(dtype), (n_paths, objective.w0().shape[0]))

@@ -181,9 +181,9 @@ def test_paths_are_fixed_by_the_key_and_a_finer_grid_refines_them():
 @pytest.mark.parametrize("bad, err, match", [
     ({"flow": RMSPropFlow()}, NotImplementedError, "only GradientFlow"),
     ({"batch_size": N + 1}, ValueError, "at most the number of samples"),
-    ({"eta": True}, TypeError, "`eta` must be a number"),
+    ({"eta": True}, TypeError, "`eta` must be a real number"),
     ({"eta": -0.1}, ValueError, "`eta` must be a finite number > 0"),
-    ({"t1": "5"}, TypeError, "`t1` must be a number"),
+    ({"t1": "5"}, TypeError, "`t1` must be a real number"),
     ({"ts": [0.0, 1.0]}, ValueError, "save times in"),
     ({"brownian": "fast"}, ValueError, "`brownian` must be"),
 ])
