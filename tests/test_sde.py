@@ -21,7 +21,7 @@ import marginflow  # noqa: F401  (float64)
 import numpy as np
 import pytest
 from marginflow.discrete import GD, run
-from marginflow.flows import GradientFlow, RMSPropFlow, simulate, simulate_sde
+from marginflow.flows import AdamFlow, GradientFlow, RMSPropFlow, simulate, simulate_sde
 from marginflow.flows._sde import _diffusion, _noise, _noise_scale
 from marginflow.models import Linear, Objective, separable_gaussians
 
@@ -179,7 +179,11 @@ def test_paths_are_fixed_by_the_key_and_a_finer_grid_refines_them():
 
 
 @pytest.mark.parametrize("bad, err, match", [
-    ({"flow": RMSPropFlow()}, NotImplementedError, "only GradientFlow"),
+    ({"flow": AdamFlow(bias_correction="paper")}, ValueError, "bias_correction='paper'"),
+    ({"flow": "gd"}, TypeError, "`flow` must be a marginflow flow"),
+    ({"exact_steps": 4}, ValueError, "`exact_steps` is for the adaptive flows"),
+    ({"flow": RMSPropFlow(), "exact_steps": -1}, ValueError, "exact_steps"),
+    ({"flow": RMSPropFlow(), "ts": [0.05]}, ValueError, "must be multiples of eta"),
     ({"batch_size": N + 1}, ValueError, "at most the number of samples"),
     ({"eta": True}, TypeError, "`eta` must be a real number"),
     ({"eta": -0.1}, ValueError, "`eta` must be a finite number > 0"),
