@@ -128,19 +128,23 @@ def _diffusion(u, w, args):
         jax.ShapeDtypeStruct((w.shape[0], n), w.dtype))
 
 
+def _brownian(grid, shape, key, tree: bool):
+    """(Brownian motion of `shape` over the grid, the adjoint diffrax pairs with it): a
+    VirtualBrownianTree resolving the smallest step (refinable), or independent increments."""
+    if tree:
+        return (dfx.VirtualBrownianTree(grid[0], grid[-1], shape=shape, key=key,
+                                        tol=jnp.min(jnp.diff(grid)) / 2),
+                dfx.RecursiveCheckpointAdjoint())
+    # (ForwardMode: diffrax's rule for this path; nothing is differentiated)
+    return dfx.UnsafeBrownianPath(shape=shape, key=key), dfx.ForwardMode()
+
+
 @eqx.filter_jit
 def _paths(objective, scale, w0, grid, save_at, log_time, key, tree: bool):
     """All paths (w0: (paths, p)) on one grid (t, or u = log t), saving at save_at (points
     of the grid). One Brownian motion of shape (paths, N): one tree traversal per step for
     all paths (tree), or independent increments (not tree)."""
-    shape = (w0.shape[0], objective.data.X.shape[0])
-    if tree:
-        brownian = dfx.VirtualBrownianTree(grid[0], grid[-1], shape=shape, key=key,
-                                           tol=jnp.min(jnp.diff(grid)) / 2)
-        adjoint = dfx.RecursiveCheckpointAdjoint()
-    else:
-        brownian = dfx.UnsafeBrownianPath(shape=shape, key=key)
-        adjoint = dfx.ForwardMode()  # (diffrax's rule for this path; nothing is differentiated)
+    brownian, adjoint = _brownian(grid, (w0.shape[0], objective.data.X.shape[0]), key, tree)
     terms = dfx.MultiTerm(dfx.ODETerm(_drift), dfx.ControlTerm(_diffusion, brownian))
     sol = dfx.diffeqsolve(terms, dfx.Euler(), grid[0], grid[-1], None, w0,
                           args=(objective, scale, log_time),
@@ -257,13 +261,7 @@ def _adaptive_paths(flow, objective, sampling, w0, m0, grid, save_at, key, tree:
     N)]), as a tree (refinable) or independent increments."""
     y0 = (w0, m0, jnp.zeros(w0.shape[0], w0.dtype))
     shapes = _adaptive_diffusion(grid[0], y0, (flow, objective, sampling)).in_structure()
-    if tree:
-        brownian = dfx.VirtualBrownianTree(grid[0], grid[-1], shape=shapes, key=key,
-                                           tol=jnp.min(jnp.diff(grid)) / 2)
-        adjoint = dfx.RecursiveCheckpointAdjoint()
-    else:
-        brownian = dfx.UnsafeBrownianPath(shape=shapes, key=key)
-        adjoint = dfx.ForwardMode()
+    brownian, adjoint = _brownian(grid, shapes, key, tree)
     terms = dfx.MultiTerm(dfx.ODETerm(_adaptive_drift),
                           dfx.ControlTerm(_adaptive_diffusion, brownian))
 
@@ -373,13 +371,6 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
         raise TypeError(f"simulate_sde: `flow` must be a marginflow flow, got "
                         f"{type(flow).__name__}.")
     gd = type(flow) is GradientFlow
-    if not gd:
-        from ..discrete import matching_optimizer  # refuses Adam's "paper" correction, by name
-
-        try:
-            matching_optimizer(flow, eta)
-        except ValueError as err:  # the run this SDE would model does not exist
-            raise ValueError(f"simulate_sde: no minibatch run to model: {err}") from None
     require_x64(dtype, "simulate_sde")
     objective = Objective(model, data, loss, where="simulate_sde")
     n = int(objective.data.X.shape[0])
@@ -391,7 +382,14 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
     substeps = check_int(substeps, "substeps", "simulate_sde", 1, "pass e.g. substeps=4")
     eta = _positive(eta, "eta", "0.1")
     t1 = _positive(t1, "t1", "10.0")
-    if exact_steps is None:  # AdaGrad's m2 (a sum, no decay) needed more (_EXACT_STEPS)
+    if not gd:
+        from ..discrete import matching_optimizer  # refuses Adam's "paper" correction, by name
+
+        try:
+            matching_optimizer(flow, eta)
+        except ValueError as err:  # the run this SDE would model does not exist
+            raise ValueError(f"simulate_sde: no minibatch run to model: {err}") from None
+    if exact_steps is None:  # AdaGrad's m2 (a sum, no decay) needs more: _EXACT_STEPS_SUM
         exact_steps = 0 if not flow.has_conditioner else (
             _EXACT_STEPS if flow.has_decay else _EXACT_STEPS_SUM)
     k = check_int(exact_steps, "exact_steps", "simulate_sde", 0, "pass e.g. exact_steps=16")

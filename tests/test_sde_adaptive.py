@@ -281,3 +281,20 @@ def test_the_square_root_scaling_rule():
         assert abs(s.var() / d.var() - 1.0) <= _variance_bound(eta, P)
         out.append(d.var())
     assert abs(out[1] / out[0] - 1.0) <= 0.08 + 4 * np.sqrt(4 / P), out
+
+
+def test_a_second_moment_that_crosses_zero_is_counted_and_reported():
+    # 1 - b_d = eta (1 - b) = 0.5: m2 averages ~2 squared batch gradients, whose Gaussian
+    # model crosses 0 on many paths. The clock of that time counts them and the user is
+    # told (with the cure), instead of getting clipped conditioners silently.
+    model, data = problem()
+    with pytest.warns(UserWarning, match="m2 went below 0 on"):
+        sde = simulate_sde(RMSPropFlow(1e-5, 0.0), model, data, 2.0, batch_size=2, eta=0.5,
+                           key=jax.random.key(0), n_paths=16, ts=[2.0], exact_steps=0,
+                           loss="logistic")
+    assert sde.stats["paths_m2_negative"] > 0 and sde.stats["max_time_m2_negative"] > 0
+    assert "lower eta" in sde.message and sde.result == "successful"
+    # and the paths of the default test do not cross
+    quiet = simulate_sde(FLOWS["rmsprop"], model, data, 1.0, batch_size=B, eta=0.1,
+                         key=jax.random.key(0), n_paths=16, ts=[1.0], loss="logistic")
+    assert quiet.stats["paths_m2_negative"] == 0 and quiet.message == ""
