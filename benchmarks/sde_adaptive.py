@@ -162,7 +162,8 @@ def main() -> None:
         record("sde_adaptive", cols, rows, command=cmd, notes=[
             f"Linear(2), separable_gaussians({N}, 2, seed=0), {LOSS} loss, batch {B} drawn "
             f"afresh each step, T = {T:g}, {P} paths (independent increments, 4 "
-            "Euler-Maruyama steps per step, the first 16 steps exact) against "
+            "Euler-Maruyama steps per step, the first 16 steps exact, 64 for AdaGrad, none "
+            "for heavy ball) against "
             f"{P} runs of matching_optimizer(flow, eta)."])
         record("sde_adaptive_cost", ccols, crows, command=cmd, notes=[
             f"The same problem, eta = 0.05, T = {T:g}; compiled, median of {args.repeats}."])
