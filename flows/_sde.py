@@ -56,7 +56,8 @@ k steps, an average of k squared batch gradients (relative spread 1/sqrt(k)); a 
 then crosses 0 on many paths, whose h jumps to eps^{-1/2} (1/eps outside) where the run's
 stays moderate: the variance of Adam's paths came out 1.6-1.9x the runs' at eta = 0.1-0.025.
 So the first `exact_steps` (16) steps are the run's own, in flow variables, and the SDE
-starts at t0 = 16 eta (-> 0 with eta: the order is kept). Later, m2's relative noise is
+starts at t0 = 16 eta (-> 0 with eta; the first SDE steps err by O(eta / t), which may cost
+a log(1/eta) factor). Later, m2's relative noise is
 about sqrt(eta (1 - b) / 2) times that of g_B^2; where that is not small, m2 still crosses
 0, and `stats["paths_m2_negative"]` counts the paths (with a warning). These SDEs run in t
 up to t1 (no log time: the m-equation's decay makes a fixed step in log t unstable past
@@ -144,7 +145,8 @@ def _paths(objective, scale, w0, grid, save_at, log_time, key, tree: bool):
     """All paths (w0: (paths, p)) on one grid (t, or u = log t), saving at save_at (points
     of the grid). One Brownian motion of shape (paths, N): one tree traversal per step for
     all paths (tree), or independent increments (not tree)."""
-    brownian, adjoint = _brownian(grid, (w0.shape[0], objective.data.X.shape[0]), key, tree)
+    shape = jax.ShapeDtypeStruct((w0.shape[0], objective.data.X.shape[0]), w0.dtype)
+    brownian, adjoint = _brownian(grid, shape, key, tree)
     terms = dfx.MultiTerm(dfx.ODETerm(_drift), dfx.ControlTerm(_diffusion, brownian))
     sol = dfx.diffeqsolve(terms, dfx.Euler(), grid[0], grid[-1], None, w0,
                           args=(objective, scale, log_time),
@@ -229,10 +231,19 @@ def _adaptive_diffusion(t, y, args):
 def _exact_steps(flow, objective, sampling, eta, batch: int, w0, m0, key, steps: int):
     """The first `steps` minibatch steps themselves, in flow variables, per path: a batch
     S of B drawn afresh, g_B = sum_{i in S} grad l_i, then m += eta phi(t_k, m, g_B) and
-    w -= eta h(t_{k+1}, m) direction(t_{k+1}, m, g_B): the run of matching_optimizer(flow,
-    eta) (Adam's corrections 1 - b^{k+1} as c(t_{k+1}), equal to first order). Returns
+    w -= eta h(m) direction(m, g_B): the run of matching_optimizer(flow, eta), Adam's
+    corrections 1 - b^{k+1} included (at the t where c(t) equals them). Returns
     (w, m, h) after 0..steps steps, each (paths, steps + 1, ...)."""
-    n = objective.data.X.shape[0]
+    n, p = objective.data.X.shape[0], w0.shape[-1]
+    zero = jnp.zeros_like(m0[0])
+    rates = flow.phi(0.0, zero, jnp.ones_like(w0[0])) - flow.phi(0.0, zero, jnp.zeros_like(w0[0]))
+
+    def corrected(k, at):
+        """The time t at which Adam's c(t) = 1 - e^{-a t} equals the run's 1 - (1 - eta a)^{k+1}
+        (a = rates[at]: m2's or m1's); the other flows do not read t there."""
+        a = rates[at] if at < rates.shape[0] else 0.0
+        safe = jnp.where(a > 0, a, 1.0)
+        return jnp.where(a > 0, -(k + 1) * jnp.log1p(-eta * safe) / safe, (k + 1) * eta)
 
     def one(w, m, key):
         def step(carry, k):
@@ -241,10 +252,10 @@ def _exact_steps(flow, objective, sampling, eta, batch: int, w0, m0, key, steps:
             weights = jnp.zeros(n, w.dtype).at[chosen].set(1.0)
             log_terms, vjp = jax.vjp(objective.log_terms, w)
             g_b = vjp(weights * jnp.exp(log_terms).astype(w.dtype))[0]  # sum_S l_i grad log l_i
-            t, t_next = k * eta, (k + 1) * eta
+            t = k * eta
             m = m + eta * flow.phi(t, m, g_b)
-            h = flow.h(t_next, flow.nonnegative(m), g_b)
-            w = w - eta * h * flow.direction(t_next, m, g_b)
+            h = flow.h(corrected(k, 0), flow.nonnegative(m), g_b)
+            w = w - eta * h * flow.direction(corrected(k, p), m, g_b)
             return (w, m), (w, m, h)
 
         _, (ws, ms, hs) = jax.lax.scan(step, (w, m), jnp.arange(steps))
@@ -302,11 +313,15 @@ def _positive(x, name: str, example: str) -> float:
                          lambda v: math.isfinite(v) and v > 0, example, where="simulate_sde")
 
 
-def _save_times(ts, n_save: int, t1: float, t0: float = 0.0) -> np.ndarray:
+def _save_times(ts, n_save: int, t1: float, t0: float = 0.0, eta: float = 1.0) -> np.ndarray:
+    """The save times: `ts` checked, or n_save log-spaced from min(t1, 1) / 100 to t1, those
+    before t0 (inside the exact steps) moved to the nearest step k eta, k >= 1."""
     if ts is None:
         n_save = check_int(n_save, "n_save", "simulate_sde", 1, "pass e.g. n_save=40")
-        lo = max(min(t1, 1.0) / 100, t0)
-        return np.unique(np.append(np.geomspace(lo, t1, n_save), t1))
+        save = np.append(np.geomspace(min(t1, 1.0) / 100, t1, n_save), t1)
+        early = save < t0
+        save[early] = np.maximum(np.rint(save[early] / eta), 1) * eta
+        return np.unique(np.round(save, 12))
     save = np.asarray(ts, np.float64).ravel()
     if save.size == 0 or not np.all(np.isfinite(save)) or save.min() <= 0 or save.max() > t1:
         raise ValueError(f"simulate_sde: `ts` must be finite save times in (0, t1 = {t1:g}], "
@@ -361,7 +376,9 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
     Returns:
         a Trajectory with a leading path axis: w (P, n, p), m (P, n, k p), conditioner h
         (P, n, p), log_loss (P, n) of the full loss L; I = 0 (Lemma 3's penalty is not
-        tracked on paths); meta["kind"] = "sde" with eta, batch_size, n_paths.
+        tracked on paths); meta["kind"] = "sde" with eta, batch_size, n_paths. m and h at
+        t = k eta are the state after k steps (`run` records at step k the state after
+        k + 1: its n and h have taken in step k's gradient).
 
     Example:
         >>> traj = simulate_sde(GradientFlow(), Linear(2, key=k), soudry_dataset(), 10.0,
@@ -397,7 +414,7 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
         raise ValueError("simulate_sde: `exact_steps` is for the adaptive flows (GradientFlow "
                          f"has no second moment to start), got {k}; leave it unset.")
     k = min(k, math.floor(t1 / eta + 1e-9))
-    save = _save_times(ts, n_save, t1, k * eta)
+    save = _save_times(ts, n_save, t1, min(k * eta, t1), eta)
     if brownian not in ("tree", "increments"):
         raise ValueError(f"simulate_sde: `brownian` must be 'tree' or 'increments', got "
                          f"{brownian!r}.")
@@ -405,7 +422,8 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
     dt = (eta * b / n if gd else eta) / substeps
     du = min(dt, _DU_MAX) if du is None else _positive(du, "du", "0.01")
     start = time.perf_counter()
-    obj = eqx.tree_at(lambda o: o.data.X, objective, objective.data.X.astype(dtype))
+    obj = eqx.tree_at(lambda o: (o.data.X, o.data.y), objective,
+                      (objective.data.X.astype(dtype), objective.data.y.astype(dtype)))
     w0 = jnp.broadcast_to(objective.w0().astype(dtype), (n_paths, objective.w0().shape[0]))
     devices = jax.local_devices() if shard else jax.local_devices()[:1]
     if len(devices) > 1 and n_paths % len(devices) == 0:  # split the paths over the devices
@@ -437,8 +455,8 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
         "substeps.")
     if stats.get("paths_m2_negative"):  # the SDE's Gaussian m2 is outside its validity
         message = (message + " " if message else "") + (
-            f"m2 went below 0 on {stats['paths_m2_negative']} of {n_paths} paths (for up to "
-            f"t = {stats['max_time_m2_negative']:.3g} on one), where h was clipped: the "
+            f"m2 went below 0 on {stats['paths_m2_negative']} of {n_paths} paths (one spent a "
+            f"time {stats['max_time_m2_negative']:.3g} there), where h was clipped: the "
             "second moment's relative noise, about sqrt(eta (1 - b) / 2) times the relative "
             "spread of g_B^2, is too large for a Gaussian model; lower eta.")
         warnings.warn(f"simulate_sde: {message}", stacklevel=2)
@@ -495,7 +513,7 @@ def _adaptive(flow, obj, sampling, eta, b, w0, k, t1, dt, save, key, tree, dtype
     late = save[save > t0 * (1 + 1e-12)]
     if late.size == 0:
         return w, m, h, np.asarray(ok), np.zeros(w.shape[0]), k
-    grid, at = _grid(t0, t1, dt, late)
+    grid, at = _grid(t0, late[-1], dt, late)  # (nothing to save after the last save)
     wl, ml, hl, below, fine = _adaptive_paths(flow, obj, sampling, ws[:, -1], ms[:, -1],
                                               jnp.asarray(grid, dtype), jnp.asarray(at, dtype),
                                               key_sde, tree)

@@ -21,6 +21,7 @@ from marginflow.discrete import matching_optimizer, run
 from marginflow.flows import (
     AdaGradFlow,
     AdamFlow,
+    GradientFlow,
     MomentumFlow,
     RMSPropFlow,
     simulate,
@@ -123,10 +124,12 @@ def test_drift_and_diffusion_are_the_mean_and_covariance_of_one_step(name):
                                atol=1e-12 * np.abs(exact).max())
 
 
-@pytest.mark.parametrize("name", ["rmsprop", "momentum"])
+@pytest.mark.parametrize("name", ["rmsprop", "momentum", "adam-b1",
+                                  pytest.param("adagrad", marks=pytest.mark.slow)])
 def test_the_exact_steps_are_the_minibatch_run(name):
-    # The first steps are the run's own, in flow variables: with a full batch (no draw to
-    # match) they must equal run(matching_optimizer(flow, eta)) to rounding.
+    # The first steps are the run's own, in flow variables (Adam's 1 - b^{k+1} included):
+    # with a full batch (no draw to match) they must equal run(matching_optimizer(flow,
+    # eta)) to rounding.
     model, data = problem()
     flow, eta = FLOWS[name], 0.05
     sde = simulate_sde(flow, model, data, 0.5, batch_size=N, eta=eta, key=jax.random.key(0),
@@ -182,9 +185,10 @@ def _variance_bound(eta, P):
 @pytest.mark.parametrize("name", ["rmsprop-paper", pytest.param("adam", marks=pytest.mark.slow),
                                   pytest.param("momentum", marks=pytest.mark.slow)])
 def test_paths_have_the_variance_of_minibatch_runs(name):
-    # Measured |ratio - 1| <= 0.05 for every flow at P = 4096, eta = 0.1..0.025. The
-    # second moment's noise carries a large part of it: without it RMSProp's ratio is 0.6,
-    # outside this bound (0.28 at P = 1024, eta = 0.1).
+    # Measured |ratio - 1| <= 0.07 for every flow at P = 4096, eta = 0.05..0.0125
+    # (benchmarks/sde_adaptive.py). The flow's error is 100%. The second moment's noise is
+    # checked exactly by the enumeration above; at this bound (0.28 at P = 1024) dropping
+    # it is not detected (it moves the paper's RMSProp by 1-2%).
     eta, P = 0.1, 1024
     (l_s, n_s), (l_d, n_d) = statistics(name, eta, P)
     for s, d in ((l_s, l_d), (n_s, n_d)):
@@ -229,20 +233,23 @@ SLOW_ETAS = (0.05, 0.025, 0.0125)
 @pytest.mark.parametrize("name", list(FLOWS))
 def test_the_weak_error_falls_at_first_order(name):
     # |E_sde f - E_runs f| for f = log L(T) and ||w(T)|| over eta = 0.05..0.0125 (the
-    # exact steps cover t <= 0.8 of T = 5 at most): it must fall at least at first order,
-    # fitted log-log slope >= 0.8. Measured 0.90-1.21 where the O(eta) term dominates
-    # (the paper's RMSProp, Adam with b1, heavy ball) and up to 2.6 where it nearly
-    # cancels at this T (the errors at eta = 0.0125 then reach the Monte Carlo floor,
-    # ~4e-4 at P = 4096, which only raises the slope). And the variances within the bound
-    # of the default test at every eta.
+    # exact steps cover t <= 0.8 of T = 5, 3.2 for AdaGrad's 64): it must fall at least at
+    # first order, fitted log-log slope >= 0.8, unless every error is within 4 Monte Carlo
+    # standard errors of 0 (AdaGrad: 1.2e-3 +- 8e-4 down to 2.9e-4 +- 4e-4; no slope to
+    # fit). Measured 0.90-1.21 where the O(eta) term dominates (the paper's RMSProp, Adam
+    # with b1, heavy ball) and up to 2.6 where it nearly cancels at this T. And the
+    # variances within the bound of the default test at every eta.
     P = 4096
-    errs = [[], []]
+    errs, noise = [[], []], [[], []]
     for eta in SLOW_ETAS:
         s, d = statistics(name, eta, P)
         for k in (0, 1):
             errs[k].append(abs(s[k].mean() - d[k].mean()))
+            noise[k].append(np.sqrt((s[k].var() + d[k].var()) / P))
             assert abs(s[k].var() / d[k].var() - 1.0) <= _variance_bound(eta, P)
-    for e in errs:
+    for e, se in zip(errs, noise, strict=True):
+        if np.all(np.array(e) <= 4 * np.array(se)):
+            continue
         slope = np.polyfit(np.log(SLOW_ETAS), np.log(e), 1)[0]
         assert slope >= 0.8, (errs, slope)
 
@@ -259,7 +266,9 @@ def noisy_problem():
 def test_the_square_root_scaling_rule():
     # Where the noise dominates the second moment, (B, eta, 1 - b, eps) and (4B, 2 eta,
     # 2 (1 - b), 4 eps) have the same SDE at t' = t / 2, up to the finite-population
-    # factors (N - B) / (N - 1), 0.97 and 0.89 at N = 64: an 8% change of the noise. So
+    # factors (N - B) / (N - 1), 0.97 and 0.89 at N = 64 (an 8% change of the noise), and
+    # up to m2's own noise, which the rule doubles relative to m2 (negligible here:
+    # eta (1 - b) <= 0.008). So
     # the variances at the same number of samples seen agree within 8% + 4 Monte Carlo
     # errors (0.125) for the runs, and the SDE matches the runs in each setting within
     # the usual bound. (The linear rule, eta -> 4 eta with b and eps kept, measured 1.86x.)
@@ -298,3 +307,18 @@ def test_a_second_moment_that_crosses_zero_is_counted_and_reported():
     quiet = simulate_sde(FLOWS["rmsprop"], model, data, 1.0, batch_size=B, eta=0.1,
                          key=jax.random.key(0), n_paths=16, ts=[1.0], loss="logistic")
     assert quiet.stats["paths_m2_negative"] == 0 and quiet.message == ""
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "gd"])
+def test_float32_paths_follow_the_float64_ones(name):
+    # A full batch has no noise: the same Euler(-Maruyama) scheme in float32 and float64
+    # must agree to float32 rounding accumulated over the steps (40 steps x 1.2e-7 x |w|,
+    # times a stability margin of 10: 5e-5 relative).
+    model, data = problem()
+    flow = GradientFlow() if name == "gd" else FLOWS[name]
+    kw = dict(batch_size=N, eta=0.1, key=jax.random.key(1), n_paths=2, ts=[0.5, 1.0],
+              loss="logistic")
+    a = simulate_sde(flow, model, data, 1.0, dtype=jnp.float32, **kw)
+    b = simulate_sde(flow, model, data, 1.0, **kw)
+    assert a.w.dtype == np.float32 and a.success
+    np.testing.assert_allclose(a.w, b.w, rtol=5e-5, atol=5e-5 * np.abs(b.w).max())
