@@ -166,6 +166,13 @@ class _Sampling(eqx.Module):
     scale: jax.Array
 
 
+def _rates(flow, t, w, m):
+    """(a2, a1) per coordinate: phi is affine in g^2 (m2) and in g (m1); these are its slopes,
+    the rates at which m takes them in (1 - b, 1 - b1; 1 for AdaGrad; 0 where unused)."""
+    zero = jnp.zeros_like(m)
+    return flow.phi(t, zero, jnp.ones_like(w)) - flow.phi(t, zero, jnp.zeros_like(w))
+
+
 def _moments(flow, objective, sampling, t, w, m):
     """Per path: (mean batch gradient (B/N) grad L, centred per-sample gradients c (N, p),
     E delta^2 = kappa sum_i c_i^2, h, the rates (a2, a1) at which m takes in g^2 and g)."""
@@ -177,8 +184,7 @@ def _moments(flow, objective, sampling, t, w, m):
     shift = sampling.kappa * jnp.sum(c * c, axis=0)
     # h sees E g_B^2 only through Adam's t = 0 limit psi(0) = g^2; m2 clipped at 0 (docstring)
     h = flow.h(t, flow.nonnegative(m), jnp.sqrt(mean * mean + shift))
-    zero = jnp.zeros_like(m)  # phi is affine in g^2 (m2) and in g (m1): its slopes
-    rates = flow.phi(t, zero, jnp.ones_like(w)) - flow.phi(t, zero, jnp.zeros_like(w))
+    rates = _rates(flow, t, w, m)
     return mean, c, shift, h, rates
 
 
@@ -235,8 +241,7 @@ def _exact_steps(flow, objective, sampling, eta, batch: int, w0, m0, key, steps:
     corrections 1 - b^{k+1} included (at the t where c(t) equals them). Returns
     (w, m, h) after 0..steps steps, each (paths, steps + 1, ...)."""
     n, p = objective.data.X.shape[0], w0.shape[-1]
-    zero = jnp.zeros_like(m0[0])
-    rates = flow.phi(0.0, zero, jnp.ones_like(w0[0])) - flow.phi(0.0, zero, jnp.zeros_like(w0[0]))
+    rates = _rates(flow, 0.0, w0[0], m0[0])
 
     def corrected(k, at):
         """The time t at which Adam's c(t) = 1 - e^{-a t} equals the run's 1 - (1 - eta a)^{k+1}
