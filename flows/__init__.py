@@ -11,6 +11,7 @@ from ._flow import AdamFlow as AdamFlow
 from ._flow import GradientFlow as GradientFlow
 from ._flow import RMSPropFlow as RMSPropFlow
 from ._imex import DecayIMEX as DecayIMEX
+from ._imex import DecayIMEX2 as DecayIMEX2
 from ._momentum import MomentumFlow as MomentumFlow
 from ._progress import AbstractProgressMeter as AbstractProgressMeter
 from ._progress import NoProgressMeter as NoProgressMeter

@@ -74,23 +74,20 @@ def _axpy(a, x, y):
     return jtu.tree_map(lambda xi, yi: yi + a * xi, x, y)
 
 
-class DecayIMEX(dfx.AbstractAdaptiveSolver):
-    """KenCarp5's IMEX pair for dy/du = F(u, y) - lambda(u, y) * y, lambda diagonal (module doc).
+class _DiagonalIMEX(dfx.AbstractAdaptiveSolver):
+    """An additive Runge-Kutta pair (explicit F, diagonally implicit decay) for
+    dy/du = F(u, y) - lambda(u, y) * y with lambda diagonal, as tables (class attributes):
+    the stages' nodes C, the explicit rows AE and implicit rows AI (strictly lower parts,
+    stage 0 is y0), the common implicit diagonal GAMMA, the solution's explicit weights
+    B_SOL (applied after the last stage: y1 = Y_last + du sum_j B_SOL_j kE_j; all zero
+    when the last stage is the solution, whose F is then the next step's first stage),
+    and the error weights ERR_E, ERR_I on the explicit and implicit stage derivatives.
 
     Call with terms = MultiTerm(ODETerm(F), ODETerm(lambda)): the second term's vector
-    field returns the decay rates lambda >= 0, a pytree like y (constant in y), not a
-    field. Cost per step: 8 evaluations of F (7 stages and the first-same-as-last value at
-    the new state), O(p) memory and time besides.
+    field returns the decay rates lambda >= 0, a pytree like y (constant in y), not a field.
     """
 
     term_structure: ClassVar = dfx.MultiTerm[tuple[dfx.AbstractTerm, dfx.AbstractTerm]]
-    interpolation_cls: ClassVar = _Interpolation
-
-    def order(self, terms):
-        return 5
-
-    def error_order(self, terms):
-        return 5
 
     def init(self, terms, t0, t1, y0, args):
         explicit, _ = terms.terms
@@ -102,6 +99,9 @@ class DecayIMEX(dfx.AbstractAdaptiveSolver):
         lam = rates.vf(t0, y0, args)
         return jtu.tree_map(lambda fi, li, yi: fi - li * yi, f, lam, y0)
 
+    def _dense(self, y0, y1, kE, kI, du) -> dict:
+        raise NotImplementedError
+
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         explicit, rates = terms.terms
         du = t1 - t0
@@ -110,27 +110,38 @@ class DecayIMEX(dfx.AbstractAdaptiveSolver):
         # and a lax.cond on it would evaluate both branches under vmap.
         del made_jump
         f0 = solver_state
+        n_stages = len(self.C)
+        last_is_solution = not np.any(self.B_SOL)
         lam0 = rates.vf(t0, y0, args)
         kE = [f0]
         kI = [jtu.tree_map(lambda li, yi: -li * yi, lam0, y0)]
         Y = y0
-        for i in range(1, _S):
-            ui = t0 + float(_C[i]) * du
-            partial = _axpy(du, _dot(_AE[i - 1], kE), y0)
-            partial = _axpy(du, _dot(_AI[i - 1], kI), partial)
+        for i in range(1, n_stages):
+            ui = t0 + float(self.C[i]) * du
+            partial = _axpy(du, _dot(self.AE[i - 1], kE), y0)
+            partial = _axpy(du, _dot(self.AI[i - 1], kI), partial)
             lam = rates.vf(ui, partial, args)
             # Y = partial - gamma du lam Y, solved exactly (the implicit part is diagonal).
-            Y = jtu.tree_map(lambda p, li: p / (1.0 + _GAMMA * du * li), partial, lam)
+            Y = jtu.tree_map(lambda p, li: p / (1.0 + self.GAMMA * du * li), partial, lam)
             kI.append(jtu.tree_map(lambda li, yi: -li * yi, lam, Y))
-            kE.append(explicit.vf(ui, Y, args))
-        # Stiffly accurate update (module doc, point 2): b_8 - aE_88 = b_8 = gamma.
-        corr = np.concatenate([_B[:-1] - _AE[-1], [_B[-1]]])
-        y1 = _axpy(du, _dot(corr, kE), Y)
-        f1 = explicit.vf(t1, y1, args)
+            if i < n_stages - 1 or not last_is_solution:
+                kE.append(explicit.vf(ui, Y, args))
+        if last_is_solution:
+            y1 = Y
+            f1 = explicit.vf(t1, y1, args)
+            kE.append(f1)
+        else:
+            y1 = _axpy(du, _dot(self.B_SOL, kE), Y)
+            f1 = explicit.vf(t1, y1, args)
         lam1 = rates.vf(t1, y1, args)
-        k_sum = [jtu.tree_map(jnp.add, a, b) for a, b in zip(kE, kI, strict=True)]
-        raw = jtu.tree_map(lambda x: du * x, _dot(_B_ERR, k_sum))
-        y_error = jtu.tree_map(lambda e, li: e / (1.0 + _GAMMA * du * li), raw, lam1)
+        if np.array_equal(self.ERR_E, self.ERR_I):
+            k_sum = [jtu.tree_map(jnp.add, a, b) for a, b in zip(kE, kI, strict=True)]
+            raw = jtu.tree_map(lambda x: du * x, _dot(self.ERR_E, k_sum))
+        else:
+            raw = jtu.tree_map(lambda a, b: du * (a + b), _dot(self.ERR_E, kE),
+                               _dot(self.ERR_I, kI))
+        # Shampine's filter (module doc, point 3).
+        y_error = jtu.tree_map(lambda e, li: e / (1.0 + self.GAMMA * du * li), raw, lam1)
         # A step too long for the fields (e.g. exp overflowing in the loss) gives NaN/inf:
         # report an infinite error so the controller shrinks the step (a NaN error would
         # make its next step size NaN and stall the run) ...
@@ -147,6 +158,82 @@ class DecayIMEX(dfx.AbstractAdaptiveSolver):
         # diffrax drops the result of a rejected step: report a zero error (accepted, with
         # y1 = y0 finite) so that the run stops here with that result.
         y_error = jtu.tree_map(lambda e: jnp.where(stuck, 0.0, e), y_error)
+        return y1, y_error, self._dense(y0, y1, kE, kI, du), f1, result
+
+
+class DecayIMEX(_DiagonalIMEX):
+    """KenCarp5's IMEX pair for dy/du = F(u, y) - lambda(u, y) * y, lambda diagonal (module doc).
+
+    Call with terms = MultiTerm(ODETerm(F), ODETerm(lambda)): the second term's vector
+    field returns the decay rates lambda >= 0, a pytree like y (constant in y), not a
+    field. Cost per step: 8 evaluations of F (7 stages and the first-same-as-last value at
+    the new state), O(p) memory and time besides.
+    """
+
+    interpolation_cls: ClassVar = _Interpolation
+    C: ClassVar = _C
+    AE: ClassVar = _AE
+    AI: ClassVar = _AI
+    GAMMA: ClassVar = _GAMMA
+    # Stiffly accurate update (module doc, point 2): b_8 - aE_88 = b_8 = gamma.
+    B_SOL: ClassVar = np.concatenate([_B[:-1] - _AE[-1], [_B[-1]]])
+    ERR_E: ClassVar = _B_ERR
+    ERR_I: ClassVar = _B_ERR
+
+    def order(self, terms):
+        return 5
+
+    def error_order(self, terms):
+        return 5
+
+    def _dense(self, y0, y1, kE, kI, du):
         stack = lambda ks: jtu.tree_map(lambda *xs: du * jnp.stack(xs), *ks)  # noqa: E731
-        dense_info = dict(y0=y0, y1=y1, k=(stack(kE), stack(kI)))
-        return y1, y_error, dense_info, f1, result
+        return dict(y0=y0, y1=y1, k=(stack(kE), stack(kI)))
+
+
+class _Linear(dfx.LocalLinearInterpolation):
+    """Linear dense output, in the state's dtype."""
+
+    def evaluate(self, t0, t1=None, left=True):
+        out = super().evaluate(t0, t1, left)
+        return jtu.tree_map(lambda o, y: o.astype(y.dtype), out, self.y0)
+
+
+# Ascher, Ruuth & Spiteri (1997), the L-stable, stiffly accurate IMEX pair (2,2,2).
+_G2 = 1.0 - 1.0 / np.sqrt(2.0)
+_D2 = 1.0 - 1.0 / (2.0 * _G2)
+
+
+class DecayIMEX2(_DiagonalIMEX):
+    """Ascher-Ruuth-Spiteri's IMEX pair (2,2,2) on the same split as `DecayIMEX`: second
+    order, 2 evaluations of F per step (one stage and the new state's, first same as last).
+
+    For models whose kinks are so dense that nearly every step crosses one (the CNN: a
+    ReLU or max-pool switch per image, channel and pixel), where the kink steps of
+    `CarriedPID` are first order whatever the solver: a step then buys about the same
+    progress from 2 evaluations as `DecayIMEX`'s from 8 (docs/solvers.md, "Dense kinks").
+    Tableau (gamma = 1 - 1/sqrt 2, delta = 1 - 1/(2 gamma)): explicit rows
+    Y1 = y0 + du gamma kE0, Y2 = y0 + du (delta kE0 + (1 - delta) kE1); implicit diagonal
+    gamma with Y2's implicit part (1 - gamma) kI1; the solution is Y2 (stiffly accurate,
+    L-stable: a decay with du lambda -> infinity is damped to 0). The error estimate is
+    y1 - y_hat against the first-order IMEX Euler step y_hat = y0 + du (kE0 + kI2)
+    (weights below), filtered like `DecayIMEX`'s. Dense output is linear.
+    """
+
+    interpolation_cls: ClassVar = _Linear
+    C: ClassVar = np.array([0.0, _G2, 1.0])
+    AE: ClassVar = [np.array([_G2]), np.array([_D2, 1.0 - _D2])]
+    AI: ClassVar = [np.array([0.0]), np.array([0.0, 1.0 - _G2])]
+    GAMMA: ClassVar = float(_G2)
+    B_SOL: ClassVar = np.zeros(3)
+    ERR_E: ClassVar = np.array([_D2 - 1.0, 1.0 - _D2, 0.0])
+    ERR_I: ClassVar = np.array([0.0, 1.0 - _G2, _G2 - 1.0])
+
+    def order(self, terms):
+        return 2
+
+    def error_order(self, terms):
+        return 2
+
+    def _dense(self, y0, y1, kE, kI, du):
+        return dict(y0=y0, y1=y1)

@@ -258,9 +258,10 @@ def setup(flow, model, data, t1, *, loss, t0, n_save, ts, solver, rtol, atol, ma
             "simulate: `checkpoint` needs solver=None (the default solver), so that "
             "`resume` can rebuild it; got a custom solver."
         )
-    if solver is None:
-        solver = default_solver(flow, int(w0.shape[-1]), rtol=rtol, atol=atol)
     kink_tol = _kink_tol(kink_tol, objective.model, rtol)
+    if solver is None:
+        solver = default_solver(flow, int(w0.shape[-1]), rtol=rtol, atol=atol,
+                                dense_kinks=kink_tol is not None and objective.model.dense_kinks)
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
     threads = n_workers(workers, n_batch if len(devices) == 1 else 1, "simulate")

@@ -18,6 +18,8 @@ class AbstractModel(eqx.Module):
 
     `piecewise_linear`: True when grad Phi jumps on switching surfaces (ReLU and leaky-ReLU
     units, max-pooling); `simulate` then steps across those kinks (its `kink_tol`).
+    `dense_kinks`: True when those surfaces are so many (the CNN: one per image, channel
+    and pixel) that nearly every step crosses one; `simulate` then picks `DecayIMEX2`.
     """
 
     degree: eqx.AbstractVar[int]
@@ -26,6 +28,13 @@ class AbstractModel(eqx.Module):
     @property
     def piecewise_linear(self) -> bool:
         """Whether grad Phi has kinks (ReLU, leaky ReLU, max-pool); False: smooth."""
+        return False
+
+    @property
+    def dense_kinks(self) -> bool:
+        """Whether the kinks are dense enough that most solver steps cross one (the CNN's
+        switches per image, channel and pixel): `simulate` then defaults to `DecayIMEX2`,
+        as a kink step is first order whatever the solver (docs/solvers.md, "Dense kinks")."""
         return False
 
     @property

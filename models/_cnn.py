@@ -117,6 +117,11 @@ class CNN(AbstractModel):
         """ReLU units and max-pool ties: grad Phi jumps."""
         return True
 
+    @property
+    def dense_kinks(self) -> bool:
+        """A ReLU switch per image, channel and pixel: nearly every step crosses one."""
+        return True
+
     def spec(self):
         kwargs = {"out_dim": self.out_dim}
         if self.widths != (32, 64, 1024):
