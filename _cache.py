@@ -90,13 +90,18 @@ class CompileClock:
     with CompileClock() as clock: ...; clock.seconds. Used by `simulate` to split its wall
     time into compilation and integration (Trajectory.meta["compile_time_s"])."""
 
-    def __init__(self):
+    def __init__(self, on_compiled=None):
         self.spans: list[tuple[float, float]] = []
         self.open = False
+        # Called after each program is compiled or loaded (XLA's step, the last of the three;
+        # a progress meter then knows that the call now integrates).
+        self.on_compiled = on_compiled
 
     def _listen(self, event, start, end, **kwargs):
         if self.open and event in _COMPILE_EVENTS:
             self.spans.append((start, end))
+            if self.on_compiled is not None and event == _COMPILE_EVENTS[-1]:
+                self.on_compiled()
 
     def __enter__(self):
         self.open = True

@@ -52,7 +52,8 @@ class Engine:
     def __init__(self, run: Setup, plan: SegmentPlan, *, meter: AbstractProgressMeter,
                  checkpoint):
         self.run, self.plan, self.checkpoint, self.meter = run, plan, checkpoint, meter
-        self.clock = CompileClock()  # the part of the wall time spent making programs
+        # The part of the wall time spent making programs; the meter hears when one is made.
+        self.clock = CompileClock(on_compiled=self.meter.compiled)
         self.calls = 0  # segment calls made (see `_phase`)
         self.seg, self.start_fn, self.restart_fn = self._programs()
 

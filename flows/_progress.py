@@ -5,7 +5,8 @@
 A meter hears about segments (decades of t up to 1e10, ten decades after), the unit the
 theory's log scale makes natural: `start(total)`, `calling(first)` before each compiled
 call (the first one traces and compiles, or loads the program from the cache),
-`done(t, steps, compile_seconds, count)` after each segment, and `close()`."""
+`compiled()` when a program is made (the call then integrates), `done(t, steps,
+compile_seconds, count)` after each segment, and `close()`."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class AbstractProgressMeter:
     def calling(self, first: bool) -> None:
         """A compiled segment call is about to run (`first`: the run's first)."""
 
+    def compiled(self) -> None:
+        """A program was compiled or loaded from the cache; the call goes on integrating."""
+
     def done(self, t: float, steps: int, compile_seconds: float, count: int = 1) -> None:
         """`count` more segments are done (several at once for a resumed run's restored
         ones); the run is at time t after `steps` solver steps in all."""
@@ -34,8 +38,9 @@ class NoProgressMeter(AbstractProgressMeter):
 
 
 class TqdmProgressMeter(AbstractProgressMeter):
-    """A tqdm bar over the segments; it says "compiling" before the first segment call and
-    shows t, the steps and the compile time so far."""
+    """A tqdm bar over the segments; it says "compiling" from the first segment call until
+    its program is made, then "integrating", and shows t, the steps and the compile time
+    so far."""
 
     def __init__(self):
         self.bar = None
@@ -48,6 +53,11 @@ class TqdmProgressMeter(AbstractProgressMeter):
     def calling(self, first: bool) -> None:
         self.bar.set_description("simulate (compiling)" if first else "simulate")
         self.bar.refresh()
+
+    def compiled(self) -> None:
+        if self.bar is not None:
+            self.bar.set_description("simulate (integrating)")
+            self.bar.refresh()
 
     def done(self, t: float, steps: int, compile_seconds: float, count: int = 1) -> None:
         self.bar.set_description("simulate")

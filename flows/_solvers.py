@@ -184,19 +184,18 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     """The solver `simulate(..., solver=None)` uses: `DecayIMEX` for the flows whose moments
     decay (RMSProp, Adam, the momentum flows), diffrax's Dopri8 for GD and AdaGrad, each
     for the whole run (`late_solver` is the same choice); with `dense_kinks` (a model
-    whose `dense_kinks` is True, kink steps on) `DecayIMEX2` for every flow.
+    whose `dense_kinks` is True, kink steps on) diffrax's Heun for GD and AdaGrad.
 
-    Why `DecayIMEX2` where kinks are dense (docs/solvers.md, "Dense kinks"). A step across
-    a kink errs at first order whatever the solver's order, so where most steps cross one
-    (the CNN: a ReLU or max-pool switch per image, channel and pixel) the steps are set by
-    `kink_tol`, not by the order, and a step's cost is what counts: 2 gradient
-    evaluations against 8 (`DecayIMEX`) or 13 (Dopri8). Only the CNN declares it. On
-    MLP(5, 16, 2), ReLU, 100 points, to 1e10 at kink_tol 1e-3 `DecayIMEX2` took 2-4x less
-    wall time for each of GD, AdaGrad, RMSProp and Adam, but on MLPs with few kinks
-    (MLP(2, 4, 2) on 8 points) 8-25x more: between kinks a second-order step at rtol 1e-8
-    is short, and GD took 9023 steps against Dopri8's 47. An MLP's kink density depends
-    on its data, so MLPs keep the high-order pairs; pass `solver=DecayIMEX2()` for a
-    dense one.
+    Why Heun where kinks are dense (docs/solvers.md, "Dense kinks"). A step across a kink
+    errs at first order whatever the solver's order, so where most steps cross one (the
+    CNN: a ReLU or max-pool switch per image, channel and pixel) a step's cost counts more
+    than its order: Heun takes 2 gradient evaluations against Dopri8's 13. Its weights
+    are convex (1/2, 1/2), so a step across a jump of the field averages the two sides. On
+    the narrowed CNN (AdaGrad, kink_tol 1e-2, to t = 1) Heun took 945 steps and 33 s.
+    `DecayIMEX2`, whose explicit weights extrapolate (-0.71, 1.71), was stopped after
+    400 s, short of t = 1: at t = 0.01 it had taken 3000 steps where Heun took 427. The
+    flows with a decay keep `DecayIMEX` (an explicit step is unstable on their decay in log
+    time). Only the CNN declares dense kinks: an MLP's density depends on its data.
 
     Chosen by wall time (`benchmarks/solver_choice.py`, docs/performance.md): for GD and
     AdaGrad, Dopri8 throughout against `DecayIMEX` then Dopri8 from 1e10 (the previous
@@ -227,13 +226,11 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     Args:
         flow: the flow; p: unused today (one O(p) solver fits every size).
         rtol, atol: unused (the implicit stages are solved exactly).
-        dense_kinks: pick `DecayIMEX2` (above).
+        dense_kinks: pick Heun for GD and AdaGrad (above).
     """
     del p, rtol, atol
-    if dense_kinks:
-        from ._imex import DecayIMEX2
-
-        return DecayIMEX2()
+    if dense_kinks and not has_decay(flow):
+        return dfx.Heun()
     return late_solver(flow, 0)
 
 

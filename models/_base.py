@@ -19,7 +19,8 @@ class AbstractModel(eqx.Module):
     `piecewise_linear`: True when grad Phi jumps on switching surfaces (ReLU and leaky-ReLU
     units, max-pooling); `simulate` then steps across those kinks (its `kink_tol`).
     `dense_kinks`: True when those surfaces are so many (the CNN: one per image, channel
-    and pixel) that nearly every step crosses one; `simulate` then picks `DecayIMEX2`.
+    and pixel) that nearly every step crosses one; `simulate` then picks Heun for GD and
+    AdaGrad.
     """
 
     degree: eqx.AbstractVar[int]
@@ -33,8 +34,9 @@ class AbstractModel(eqx.Module):
     @property
     def dense_kinks(self) -> bool:
         """Whether the kinks are dense enough that most solver steps cross one (the CNN's
-        switches per image, channel and pixel): `simulate` then defaults to `DecayIMEX2`,
-        as a kink step is first order whatever the solver (docs/solvers.md, "Dense kinks")."""
+        switches per image, channel and pixel): `simulate` then defaults to the 2-stage
+        Heun for GD and AdaGrad, as a kink step is first order whatever the solver
+        (docs/solvers.md, "Dense kinks")."""
         return False
 
     @property

@@ -84,6 +84,20 @@ def _segments(folder):
     return sorted(f for f in os.listdir(folder) if f.startswith("jit__segment"))
 
 
+def test_the_clock_says_when_a_program_is_made():
+    """`CompileClock(on_compiled=...)` is called once per program, after XLA compiled (or
+    loaded) it: what the progress meter turns from "compiling" to "integrating" on."""
+    from marginflow._cache import CompileClock
+
+    made = []
+    clock = CompileClock(on_compiled=lambda: made.append(clock.seconds))
+    fresh = jax.jit(lambda x: x * 3.0 + 1.0)  # a new function: traced and compiled here
+    with clock:
+        fresh(np.ones(3))
+        fresh(np.ones(3))  # compiled already: nothing more
+    assert len(made) == 1 and 0 < made[0] == clock.seconds
+
+
 def test_compiled_segment_persists_across_processes(tmp_path):
     """The segment holds no host callback, so JAX writes it to the cache folder, and a
     second process loads it from there instead of compiling it again."""

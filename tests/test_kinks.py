@@ -45,6 +45,30 @@ def test_models_declare_kinks():
     assert not MLP(3, 4, 1, key=key).piecewise_linear
     assert not Linear(3, key=key).piecewise_linear
     assert not DeepLinear((3, 3, 1), key=key).piecewise_linear
+    # Dense kinks (most steps cross one, whatever the data): the CNN only. An MLP's density
+    # depends on its data (docs/solvers.md, "Dense kinks").
+    assert CNN(widths=(2, 2, 4), key=key).dense_kinks
+    assert not MLP(3, 4, 2, key=key).dense_kinks
+    assert not ToyLeaky(key=key).dense_kinks
+    assert not Linear(3, key=key).dense_kinks
+
+
+@pytest.mark.parametrize("flow, kink_tol, expected", [
+    (AdaGradFlow(1e-5), None, "Heun"), (GradientFlow(), None, "Heun"),
+    (AdaGradFlow(1e-5), 0, "Dopri8"), (RMSPropFlow(1e-5, 0.9), None, "DecayIMEX")])
+def test_dense_kinks_pick_heun_while_kink_steps_are_on(flow, kink_tol, expected):
+    # `setup` is what `simulate` runs before it compiles: the solver it picks for the CNN.
+    from marginflow.flows._plan import setup
+    from marginflow.models import Dataset
+
+    model = CNN(out_dim=3, widths=(2, 2, 4), key=jax.random.key(0))
+    X = jax.random.uniform(jax.random.key(1), (4, 784), jnp.float64)
+    data = Dataset(X, jnp.asarray([0, 1, 2, 0]))
+    run = setup(flow, model, data, 1e3, loss="cross_entropy", t0=0.0,
+                n_save=5, ts=None, solver=None, rtol=1e-8, atol=1e-12, max_steps=100,
+                batch=False, dtype=jnp.float64, shard=None, workers=None,
+                kink_tol=kink_tol, checkpoint=None)
+    assert type(run.solver).__name__ == expected
 
 
 def test_smooth_models_keep_their_solver_bit_for_bit():
