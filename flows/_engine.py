@@ -43,6 +43,7 @@ class Outcome:
     wall_time: float
     compile_time: float
     state: object  # the controller's and solver's state at the end (kink counts inside)
+    t_stopped: float | None = None  # where a failed segment stopped (None: none failed)
 
 
 class Engine:
@@ -132,7 +133,9 @@ class Engine:
             if k < done or out.result != "successful":
                 continue
             y, state = self._segment_k(k, lo, hi, y, state, out)
-            self.meter.done(hi, int(np.sum(out.steps)), self.clock.seconds)
+            # A failed segment reports where it stopped, not the end it aimed at.
+            t = hi if out.t_stopped is None else out.t_stopped
+            self.meter.done(t, int(np.sum(out.steps)), self.clock.seconds)
             if out.result != "successful":
                 break
         out.state = state
@@ -257,6 +260,7 @@ class Engine:
                 if len(kept_ts)
                 else lo
             )
+            out.t_stopped = reached_t
             out.message = (
                 f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
                 f"{bad.text} Fix: {bad.hint}."

@@ -368,6 +368,12 @@ def test_a_progress_meter_object_hears_every_segment(setup, reference, tmp_path)
     log.events = [e for e in log.events if e != ("compiled",)]
     assert log.events == [("start", 4), ("done", 1000.0 / 10, 3), ("call", True),
                           ("done", 1000.0, 1), ("close",)]
+    # A segment that fails reports where it stopped (the message's t), not its end.
+    log = Log()
+    traj = simulate(FLOW, model, data, T1, n_save=10, progress=log, max_steps=3, throw=False)
+    stopped = [e for e in log.events if e[0] == "done"][-1][1]
+    assert traj.result == "max_steps_reached" and stopped < 1.0, log.events
+    assert f"at t = {stopped:.6g}:" in traj.message
     with pytest.raises(TypeError, match="`progress` must be True, False or a progress meter"):
         simulate(FLOW, model, data, T1, n_save=10, progress="yes")
 
