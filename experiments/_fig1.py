@@ -24,6 +24,16 @@ same architecture and degree, 128 training and 128 test digits, full batch, 30 e
 Quick runs show the start of training only (at the paper's small learning rates they do
 not reach 100% training accuracy, so the margin claims, which are about the separated
 phase, are marked undecided there); they are not the paper's runs.
+
+Flow curves (`flow=True`, full batch only). A run is drawn beside the flow it follows as
+its step goes to 0 (`discrete.matching_flow`), where the dictionary has one: fig1's
+AdaGrad, whose flow is AdaGradFlow(lr eps) at t = k lr^2 (`flows.simulate` with kink
+steps: the CNN is piecewise linear). It is off by default because it costs minutes: at
+the paper's eps (1e-10 B) the flow starts at the speed g / eps and then moves like
+sign(g) / sqrt(t), so the first 0.01 of t takes thousands of steps (measured: 5,759 Heun
+steps and 111 s for 1 epoch on 32 digits; 7,068 steps and 164 s for 4 epochs on 64). The paper's RMSProp and Adam settings (b = 0.9 at lr 1e-3 and 1e-4)
+have no flow: 1 - b_d = lr (1 - b_flow) gives b_flow < 0. Nor have fig4's momentum rules
+(1 - momentum > lr) or fig5's RMSProp runs; they stay discrete (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -44,9 +54,9 @@ QUICK_WIDTHS = (4, 8, 32)
 def _settings(quick: bool) -> dict:
     if quick:
         return {"widths": QUICK_WIDTHS, "n_train": 128, "n_test": 128, "batch_size": None,
-                "epochs": 30, "save_every_epochs": 1}
+                "epochs": 30, "save_every_epochs": 1, "flow": False}
     return {"widths": PAPER_WIDTHS, "n_train": 4000, "n_test": 1000, "batch_size": 1000,
-            "epochs": 100, "save_every_epochs": 1}
+            "epochs": 100, "save_every_epochs": 1, "flow": False}
 
 
 def _optimizers(which: str, B: int) -> dict:
@@ -88,13 +98,19 @@ def _train_all(which: str, quick: bool, progress: bool, seed: int, overrides: di
             f"{sorted(_settings(quick))}."
         )
     s = _settings(quick) | overrides
+    if s["flow"] and s["batch_size"] is not None:
+        raise ValueError(
+            f"{which}: flow=True needs full-batch runs (batch_size=None), got batch_size="
+            f"{s['batch_size']}: a minibatch run follows an SDE, not a flow; pass "
+            "batch_size=None (the quick mode's setting) or flow=False."
+        )
     train, test = mnist_5k(s["n_train"], s["n_test"], seed=seed)
     model = CNN(widths=tuple(s["widths"]), key=jax.random.PRNGKey(seed))
     B = s["n_train"] if s["batch_size"] is None else s["batch_size"]
     steps_per_epoch = 1 if s["batch_size"] is None else s["n_train"] // s["batch_size"]
     steps = s["epochs"] * steps_per_epoch
     obj_train, obj_test = Objective(model, train), Objective(model, test)
-    runs = {}
+    runs, flows = {}, {}
     opts = _optimizers(which, B)
     for name, opt in progress_bar(opts.items(), enabled=progress, desc=f"{which} training",
                                   total=len(opts)):
@@ -110,12 +126,58 @@ def _train_all(which: str, quick: bool, progress: bool, seed: int, overrides: di
             "test_acc": _accuracy(obj_test, W),
             "loss": np.exp(np.asarray(traj.log_loss)) / len(train),  # mean, as PyTorch
             "margin": np.asarray(normalized_margin(model, train, W)),
+            "W": W,
         }
-    return s, runs
+        if name in _WITH_FLOW and s["flow"]:
+            flows[f"{name} flow"] = _flow_curve(opt, model, train, obj_train, obj_test, s,
+                                                steps, progress)
+    return s, runs, flows
 
 
-def _result(which: str, quick, s, runs, claims_fn, seed) -> ExperimentResult:
+# The runs drawn beside their flow (module docstring, "Flow curves").
+_WITH_FLOW = ("AdaGrad",)
+
+
+def _flow_curve(opt, model, train, obj_train, obj_test, s, steps, progress) -> dict:
+    """The flow a full-batch run of `opt` follows, saved at the run's epochs (t = k eta)."""
+    from ..analysis import normalized_margin
+    from ..discrete import matching_flow
+    from ..flows import simulate
+
+    eta = float(opt.eta)
+    epochs = np.arange(0, s["epochs"] + 1, s["save_every_epochs"])
+    # kink_tol 1e-2, not the default 1e-3: the run differs from its flow at O(lr) = 1e-2
+    # anyway, and the tighter tolerance took 1.7x longer (281 s against 164 s, 64 digits).
+    traj = simulate(matching_flow(opt), model, train, steps * eta, ts=epochs * eta,
+                    throw=False, progress=progress, kink_tol=1e-2)
+    W = np.asarray(traj.w)
+    return {"result": traj.result, "epoch": epochs[:len(W)],
+            "train_acc": _accuracy(obj_train, W), "test_acc": _accuracy(obj_test, W),
+            "loss": np.exp(np.asarray(traj.log_loss)) / len(train),
+            "margin": np.asarray(normalized_margin(model, train, W)),
+            "kink_steps": int(traj.stats.get("num_kink_steps", 0)),
+            "steps": int(traj.stats["num_steps"]), "W": W}
+
+
+def _result(which: str, quick, s, runs, flows, claims_fn, seed) -> ExperimentResult:
     data, numbers = {}, {}
+    for name, r in flows.items():
+        k = name.replace(" ", "_")
+        for f in ("epoch", "train_acc", "test_acc", "loss", "margin"):
+            data[f"{k}_{f}"] = r[f]
+        run = runs[name.removesuffix(" flow")]
+        n = min(len(r["W"]), len(run["W"]))
+        gap = np.linalg.norm(run["W"][:n] - r["W"][:n], axis=-1) / np.linalg.norm(r["W"][:n],
+                                                                                  axis=-1)
+        numbers[f"{name}: result"] = r["result"]
+        numbers[f"{name}: steps (kink steps)"] = f"{r['steps']} ({r['kink_steps']})"
+        numbers[f"{name}: final train acc"] = float(r["train_acc"][-1])
+        numbers[f"{name}: max |w_run - w_flow| / |w_flow| over the epochs"] = float(gap.max())
+        # The gap at the last epoch against how far the run moved (< 1: the flow ends
+        # nearer the run than the start is).
+        moved = np.linalg.norm(run["W"][n - 1] - run["W"][0])
+        numbers[f"{name}: |w_run - w_flow| / |w_run - w_0| at the end"] = float(
+            np.linalg.norm(run["W"][n - 1] - r["W"][n - 1]) / moved)
     for name, r in runs.items():
         k = name.replace(" ", "_")
         for f in ("epoch", "train_acc", "test_acc", "loss", "margin"):
@@ -131,7 +193,7 @@ def _result(which: str, quick, s, runs, claims_fn, seed) -> ExperimentResult:
                  "optimizers": list(runs)}
     return ExperimentResult(name=which, quick=quick, settings=settings, numbers=numbers,
                             claims=claims_fn(runs), data=data,
-                            plot=lambda res: _plot(res, list(runs)))
+                            plot=lambda res: _plot(res, list(runs), list(flows)))
 
 
 def _lower_bounded(runs) -> list[Claim]:
@@ -211,30 +273,31 @@ def fig1(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
     """Paper Fig. 1: AdaGrad, RMSProp, Adam (w/m) on the MNIST CNN (module docstring).
 
     `overrides` replace settings: widths, n_train, n_test, batch_size, epochs,
-    save_every_epochs.
+    save_every_epochs, flow (True: draw the AdaGrad flow beside the AdaGrad run, dashed;
+    full batch only; minutes, module docstring "Flow curves").
     """
     quick = quick_from_env(quick)
-    s, runs = _train_all("fig1", quick, progress, seed, overrides)
-    return _result("fig1", quick, s, runs, _claims_fig1, seed)
+    s, runs, flows = _train_all("fig1", quick, progress, seed, overrides)
+    return _result("fig1", quick, s, runs, flows, _claims_fig1, seed)
 
 
 def fig4(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
          **overrides) -> ExperimentResult:
     """Paper Fig. 4: SGD with momentum and Adam with momentum (module docstring)."""
     quick = quick_from_env(quick)
-    s, runs = _train_all("fig4", quick, progress, seed, overrides)
-    return _result("fig4", quick, s, runs, _lower_bounded, seed)
+    s, runs, flows = _train_all("fig4", quick, progress, seed, overrides)
+    return _result("fig4", quick, s, runs, flows, _lower_bounded, seed)
 
 
 def fig5(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
          **overrides) -> ExperimentResult:
     """Paper Fig. 5: RMSProp with eps in {1e-8, 1e-5, 1e-3, 1e-1} (module docstring)."""
     quick = quick_from_env(quick)
-    s, runs = _train_all("fig5", quick, progress, seed, overrides)
-    return _result("fig5", quick, s, runs, _claims_fig5, seed)
+    s, runs, flows = _train_all("fig5", quick, progress, seed, overrides)
+    return _result("fig5", quick, s, runs, flows, _claims_fig5, seed)
 
 
-def _plot(result: ExperimentResult, names):
+def _plot(result: ExperimentResult, names, flow_names=()):
     plt = pyplot()
     d = result.data
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.8), layout="constrained")
@@ -243,9 +306,15 @@ def _plot(result: ExperimentResult, names):
               "loss": ("training loss (mean)", "mean cross-entropy"),
               "margin": ("normalised margin", "q_min / ||w||^4")}
     for ax, (f, (title, ylabel)) in zip(axes, panels.items(), strict=True):
+        colors = {}
         for name in names:
             k = name.replace(" ", "_")
-            ax.plot(d[f"{k}_epoch"], d[f"{k}_{f}"], label=name)
+            (line,) = ax.plot(d[f"{k}_epoch"], d[f"{k}_{f}"], label=name)
+            colors[name] = line.get_color()
+        for name in flow_names:  # dashed, in the colour of the run that follows it
+            k = name.replace(" ", "_")
+            ax.plot(d[f"{k}_epoch"], d[f"{k}_{f}"], "--", color=colors[name.removesuffix(" flow")],
+                    label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -253,7 +322,7 @@ def _plot(result: ExperimentResult, names):
             ax.set_yscale("log")
     # One legend for the four panels (the same lines in each).
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-               ncol=len(names), fontsize=9)
+               ncol=len(names) + len(flow_names), fontsize=9)
     mode = "quick: narrow CNN, 128 digits" if result.quick else "full"
     fig.suptitle(f"{result.name} ({mode})", fontsize=10)
     return {"curves": fig}
