@@ -8,7 +8,6 @@ robustly (measured margins given in the comments).
 import json
 
 import jax
-
 import numpy as np
 import pytest
 from marginflow.experiments import Claim, ExperimentResult
