@@ -5,7 +5,7 @@ eps 1e-5, b 0.9, rtol 1e-8, to t1 = 1e10, for GD, AdaGrad, RMSProp and Adam. Per
 - marginflow's default (kink_tol = 1e-3, `simulate`'s kink steps) and a run at a 10x
   tighter kink_tol (1e-4): steps, kink steps, compiled wall time (median of 3), whether it
   reached t1, the normalised margin, and |w - w_tight| / |w_tight| at t1;
-- the default kink_tol with `DecayIMEX2`, the second-order pair the CNN defaults to (2
+- the default kink_tol with `DecayIMEX2`, the second-order IMEX pair offered as an option (2
   gradient evaluations per step against 8 or 13), against the same tight run;
 - without kink steps (kink_tol = 0, the solvers before this work): where it stops;
 - the baseline the issue names: diffrax's PIDController(dtmin, force_dtmin=True) with a
