@@ -88,7 +88,6 @@ def _accuracy(objective, W):
 
 
 def _train_all(which: str, quick: bool, progress: bool, seed: int, overrides: dict):
-    from ..analysis import normalized_margin
     from ..discrete import run
     from ..models import CNN, Objective
 
@@ -119,20 +118,24 @@ def _train_all(which: str, quick: bool, progress: bool, seed: int, overrides: di
         every = s["save_every_epochs"] * steps_per_epoch
         traj = run(opt, model, train, steps, save_every=every,
                    batch_size=s["batch_size"], key=key, throw=False)
-        W = np.asarray(traj.w)
-        runs[name] = {
-            "result": traj.result,
-            "epoch": np.minimum(np.arange(len(W)) * s["save_every_epochs"], s["epochs"]),
-            "train_acc": _accuracy(obj_train, W),
-            "test_acc": _accuracy(obj_test, W),
-            "loss": np.exp(np.asarray(traj.log_loss)) / len(train),  # mean, as PyTorch
-            "margin": np.asarray(normalized_margin(model, train, W)),
-            "W": W,
-        }
+        runs[name] = _curves(traj, model, train, obj_train, obj_test)
+        runs[name]["epoch"] = np.minimum(
+            np.arange(len(runs[name]["W"])) * s["save_every_epochs"], s["epochs"])
         if name in _WITH_FLOW and s["flow"]:
             flows[f"{name} flow"] = _flow_curve(opt, model, train, obj_train, obj_test, s,
                                                 steps, progress)
     return s, runs, flows
+
+
+def _curves(traj, model, train, obj_train, obj_test) -> dict:
+    """What the figure draws at a trajectory's saves (a run's or a flow's)."""
+    from ..analysis import normalized_margin
+
+    W = np.asarray(traj.w)
+    return {"result": traj.result, "W": W,
+            "train_acc": _accuracy(obj_train, W), "test_acc": _accuracy(obj_test, W),
+            "loss": np.exp(np.asarray(traj.log_loss)) / len(train),  # mean, as PyTorch
+            "margin": np.asarray(normalized_margin(model, train, W))}
 
 
 # The runs drawn beside their flow (module docstring, "Flow curves").
@@ -141,7 +144,6 @@ _WITH_FLOW = ("AdaGrad",)
 
 def _flow_curve(opt, model, train, obj_train, obj_test, s, steps, progress) -> dict:
     """The flow a full-batch run of `opt` follows, saved at the run's epochs (t = k eta)."""
-    from ..analysis import normalized_margin
     from ..discrete import matching_flow
     from ..flows import simulate
 
@@ -152,21 +154,17 @@ def _flow_curve(opt, model, train, obj_train, obj_test, s, steps, progress) -> d
     # digits to t = 4e-4; the two flows differ by 0.58 of the 3.9 they moved).
     traj = simulate(matching_flow(opt), model, train, steps * eta, ts=epochs * eta,
                     throw=False, progress=progress, kink_tol=1e-2)
-    W = np.asarray(traj.w)
-    return {"result": traj.result, "epoch": epochs[:len(W)],
-            "train_acc": _accuracy(obj_train, W), "test_acc": _accuracy(obj_test, W),
-            "loss": np.exp(np.asarray(traj.log_loss)) / len(train),
-            "margin": np.asarray(normalized_margin(model, train, W)),
-            "kink_steps": int(traj.stats.get("num_kink_steps", 0)),
-            "steps": int(traj.stats["num_steps"]), "W": W}
+    curves = _curves(traj, model, train, obj_train, obj_test)
+    return curves | {"epoch": epochs[:len(curves["W"])], "steps": int(traj.stats["num_steps"]),
+                     "kink_steps": int(traj.stats.get("num_kink_steps", 0))}
 
 
 def _result(which: str, quick, s, runs, flows, claims_fn, seed) -> ExperimentResult:
     data, numbers = {}, {}
-    for name, r in flows.items():
-        k = name.replace(" ", "_")
+    for name, r in (runs | flows).items():
         for f in ("epoch", "train_acc", "test_acc", "loss", "margin"):
-            data[f"{k}_{f}"] = r[f]
+            data[f"{name.replace(' ', '_')}_{f}"] = r[f]
+    for name, r in flows.items():
         run = runs[name.removesuffix(" flow")]
         n = min(len(r["W"]), len(run["W"]))
         gap = np.linalg.norm(run["W"][:n] - r["W"][:n], axis=-1) / np.linalg.norm(r["W"][:n],
@@ -181,9 +179,6 @@ def _result(which: str, quick, s, runs, flows, claims_fn, seed) -> ExperimentRes
         numbers[f"{name}: |w_run - w_flow| / |w_run - w_0| at the end"] = float(
             np.linalg.norm(run["W"][n - 1] - r["W"][n - 1]) / moved)
     for name, r in runs.items():
-        k = name.replace(" ", "_")
-        for f in ("epoch", "train_acc", "test_acc", "loss", "margin"):
-            data[f"{k}_{f}"] = r[f]
         numbers[f"{name}: result"] = r["result"]
         numbers[f"{name}: final train acc"] = float(r["train_acc"][-1])
         numbers[f"{name}: final test acc"] = float(r["test_acc"][-1])

@@ -193,9 +193,9 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     are convex (1/2, 1/2), so a step across a jump of the field averages the two sides. On
     the narrowed CNN (AdaGrad, kink_tol 1e-2, to t = 1) Heun took 945 steps and 33 s.
     `DecayIMEX2`, whose explicit weights extrapolate (-0.71, 1.71), took 3000 steps to
-    reach t = 0.0013, where Heun reached t = 0.01 in 427. The
-    flows with a decay keep `DecayIMEX` (an explicit step is unstable on their decay in log
-    time). Only the CNN declares dense kinks: an MLP's density depends on its data.
+    reach t = 0.0013, where Heun reached t = 0.01 in 427. The flows with a decay keep
+    `DecayIMEX` (an explicit step is unstable on their decay in log time). Only the CNN
+    declares dense kinks: an MLP's density depends on its data.
 
     Chosen by wall time (`benchmarks/solver_choice.py`, docs/performance.md): for GD and
     AdaGrad, Dopri8 throughout against `DecayIMEX` then Dopri8 from 1e10 (the previous
