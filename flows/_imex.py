@@ -55,23 +55,18 @@ class _Interpolation(_KenCarp5Interpolation):
         return jtu.tree_map(lambda o, y: o.astype(y.dtype), out, self.y0)
 
 
-def _dot(coeffs, ks):
-    """sum_j coeffs[j] * ks[j] over a list of pytrees (coefficients that are 0 skipped)."""
-    out = None
-    for c, k in zip(coeffs, ks, strict=False):
-        if c == 0:
-            continue
-        # Python floats are weakly typed: a float32 run stays float32.
-        term = jtu.tree_map(lambda x, c=float(c): c * x, k)
-        out = term if out is None else jtu.tree_map(jnp.add, out, term)
-    return out
+def _weights(coeffs, ks):
+    """sum_j coeffs[j] ks[j] for stacked stage values ks (each leaf (S, ...)), coeffs (S,)
+    a table in the leaf's dtype (a float32 run stays float32)."""
+    return jtu.tree_map(lambda k: jnp.tensordot(jnp.asarray(coeffs, k.dtype), k, axes=1), ks)
 
 
-def _axpy(a, x, y):
-    """y + a * x for pytrees (x may be None: nothing to add)."""
-    if x is None:
-        return y
-    return jtu.tree_map(lambda xi, yi: yi + a * xi, x, y)
+def _lower(rows, n: int) -> np.ndarray:
+    """The strictly lower rows (row i - 1 holds stage i's i coefficients) as an n x n table."""
+    table = np.zeros((n, n))
+    for i, row in enumerate(rows, start=1):
+        table[i, :i] = row
+    return table
 
 
 class _DiagonalIMEX(dfx.AbstractAdaptiveSolver):
@@ -112,34 +107,47 @@ class _DiagonalIMEX(dfx.AbstractAdaptiveSolver):
         f0 = solver_state
         n_stages = len(self.C)
         last_is_solution = not np.any(self.B_SOL)
+        AE, AI = (jnp.asarray(_lower(rows, n_stages)) for rows in (self.AE, self.AI))
         lam0 = rates.vf(t0, y0, args)
-        kE = [f0]
-        kI = [jtu.tree_map(lambda li, yi: -li * yi, lam0, y0)]
-        Y = y0
-        for i in range(1, n_stages):
-            ui = t0 + float(self.C[i]) * du
-            partial = _axpy(du, _dot(self.AE[i - 1], kE), y0)
-            partial = _axpy(du, _dot(self.AI[i - 1], kI), partial)
+
+        def stacked(first):  # (S, ...) per leaf: stage 0 filled, the others to come
+            return jtu.tree_map(lambda x: jnp.zeros((n_stages, *x.shape), x.dtype).at[0].set(x),
+                                first)
+
+        # The stages run in a loop, not unrolled: the program holds one copy of the field F
+        # instead of one per stage, as diffrax's own Runge-Kutta solvers do. Measured on the
+        # toy's RMSProp run to t = 1e6 (2-core AMD EPYC, fresh process, no cache): XLA
+        # compilation 3.4 s against 5.1 s unrolled, tracing 1.0 s against 1.7 s. Compiled
+        # runs to 1e100 (RMSProp and Adam, the toy and MLP(4, 8, 2, k=2)) took 0.08-0.14 s
+        # either way; the summation order changed, so step counts moved by 1-6%.
+        def stage(i, carry):
+            kE, kI, _ = carry
+            ui = t0 + jnp.asarray(self.C, du.dtype)[i] * du
+            if last_is_solution:  # the last stage is the new state, at t1 exactly
+                ui = jnp.where(i == n_stages - 1, t1, ui)
+            # The rows of the stages not yet computed are 0 in the tables: only j < i count.
+            partial = jtu.tree_map(lambda y, e, m: y + du * (e + m), y0,
+                                   _weights(AE[i], kE),
+                                   _weights(AI[i], kI))
             lam = rates.vf(ui, partial, args)
             # Y = partial - gamma du lam Y, solved exactly (the implicit part is diagonal).
             Y = jtu.tree_map(lambda p, li: p / (1.0 + self.GAMMA * du * li), partial, lam)
-            kI.append(jtu.tree_map(lambda li, yi: -li * yi, lam, Y))
-            if i < n_stages - 1 or not last_is_solution:
-                kE.append(explicit.vf(ui, Y, args))
-        if last_is_solution:
+            kI = jtu.tree_map(lambda k, li, yi: k.at[i].set(-li * yi), kI, lam, Y)
+            kE = jtu.tree_map(lambda k, f: k.at[i].set(f), kE, explicit.vf(ui, Y, args))
+            return kE, kI, Y
+
+        kE, kI, Y = jax.lax.fori_loop(
+            1, n_stages, stage,
+            (stacked(f0), stacked(jtu.tree_map(lambda li, yi: -li * yi, lam0, y0)), y0))
+        if last_is_solution:  # its F, the last stage's, is the next step's first
             y1 = Y
-            f1 = explicit.vf(t1, y1, args)
-            kE.append(f1)
+            f1 = jtu.tree_map(lambda k: k[-1], kE)
         else:
-            y1 = _axpy(du, _dot(self.B_SOL, kE), Y)
+            y1 = jtu.tree_map(lambda y, k: y + du * k, Y, _weights(self.B_SOL, kE))
             f1 = explicit.vf(t1, y1, args)
         lam1 = rates.vf(t1, y1, args)
-        if np.array_equal(self.ERR_E, self.ERR_I):
-            k_sum = [jtu.tree_map(jnp.add, a, b) for a, b in zip(kE, kI, strict=True)]
-            raw = jtu.tree_map(lambda x: du * x, _dot(self.ERR_E, k_sum))
-        else:
-            raw = jtu.tree_map(lambda a, b: du * (a + b), _dot(self.ERR_E, kE),
-                               _dot(self.ERR_I, kI))
+        raw = jtu.tree_map(lambda a, b: du * (a + b), _weights(self.ERR_E, kE),
+                           _weights(self.ERR_I, kI))
         # Shampine's filter (module doc, point 3).
         y_error = jtu.tree_map(lambda e, li: e / (1.0 + self.GAMMA * du * li), raw, lam1)
         # A step too long for the fields (e.g. exp overflowing in the loss) gives NaN/inf:
@@ -187,8 +195,8 @@ class DecayIMEX(_DiagonalIMEX):
         return 5
 
     def _dense(self, y0, y1, kE, kI, du):
-        stack = lambda ks: jtu.tree_map(lambda *xs: du * jnp.stack(xs), *ks)  # noqa: E731
-        return dict(y0=y0, y1=y1, k=(stack(kE), stack(kI)))
+        # KenCarp5's interpolation takes du times the stacked stage values.
+        return dict(y0=y0, y1=y1, k=jtu.tree_map(lambda k: du * k, (kE, kI)))
 
 
 class _Linear(dfx.LocalLinearInterpolation):
