@@ -214,7 +214,7 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     stages are diagonal and solved by a division, so a step costs 8 gradient evaluations
     plus O(p): the same solver runs the toy and the CNN's 3.3e6 parameters (Kvaerno5 +
     dense Newton formed a p x p Jacobian). Steps to 1e5 / to 1e100 on the toy (2-core CPU,
-    eps 1e-5, b 0.9, rtol 1e-8): RMSProp 1837 / 2037, Adam 1640 / 1824; every (flow, model)
+    eps 1e-5, b 0.9, rtol 1e-8): RMSProp 1908 / 2105, Adam 1636 / 1834; every (flow, model)
     row is in the generated table of docs/performance.md.
     Rejected alternatives, measured:
     - Kvaerno5 + dense Newton in log time: 2155 / 2397 steps, 0.30 s to 1e5, O(p^2) memory;
