@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._threads import map_chunks
-from ._run import _key_batch, _run_compiled
+from ._run import _fresh_carry, _key_batch, _run_compiled
 
 # Batched runs of at least this many save blocks are run in two stages (`_run_batch`).
 _STAGE_MIN_BLOCKS = 8
@@ -37,7 +37,7 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
         keys = np.asarray(jax.random.key_data(keys))
     full = math.ceil(w0.shape[0] / n_workers)
 
-    def chunked(w, carry, first_block, count, keys=keys):
+    def chunked(w, carry, first_block, count, keys=keys, staged=True):
         # Chunk sizes of a smaller (surviving) batch are rounded up to a multiple of 1/8 of
         # a full chunk: dropping members compiles at most 8 more shapes.
         quantum = max(1, math.ceil(full / 8))
@@ -47,15 +47,20 @@ def _run_batch(args, n_blocks, batch_size, n_workers):
             return _run_compiled(
                 optimizer, objective, w_part, steps, save_every,
                 key if keys is None else (jax.random.wrap_key_data(key_part, impl=impl)
-                                          if typed else key_part), count, batch_size,
-                True, carry0=carry_part, first_block=jnp.asarray(first_block, jnp.int32),
-                finish=True)
+                                          if typed else key_part),
+                n_blocks if staged else count, batch_size, True, carry0=carry_part,
+                first_block=jnp.asarray(first_block, jnp.int32), finish=True,
+                count=jnp.asarray(count, jnp.int32) if staged else None)
 
-        return map_chunks(call, (w, carry, keys), n_workers, size=size)
+        records, last, carry = map_chunks(call, (w, carry, keys), n_workers, size=size)
+        return jax.tree.map(lambda r: r[:, :count], records), last, carry
 
     if n_blocks < _STAGE_MIN_BLOCKS:
-        return chunked(w0, None, 0, n_blocks)
-    rec_a, last_a, carry_a = chunked(w0, None, 0, 1)
+        return chunked(w0, None, 0, n_blocks, staged=False)
+    # Both stages run the n_blocks-row program, with the number of blocks as a traced
+    # argument and the first stage starting from an explicit fresh carry: one compilation
+    # when nobody fails, instead of one per stage (measured: about 1.5 s each on 2 cores).
+    rec_a, last_a, carry_a = chunked(w0, _fresh_carry(optimizer, w0), 0, 1)
     live = np.flatnonzero(carry_a[3])
     if live.size == w0.shape[0]:  # nobody failed: everyone continues
         rec_b, last, carry = chunked(w0, carry_a, 1, n_blocks - 1)

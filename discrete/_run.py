@@ -138,12 +138,15 @@ def _minibatch(objective: Objective, key, k, batches: Minibatches) -> Objective:
 
 
 def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batch_size,
-                batched, carry0=None, first_block=0, finish=True):
+                batched, carry0=None, first_block=0, finish=True, count=None):
     """Saves at k = 0, s, 2s, ..., (n_blocks - 1) s (all < steps) and at the end, k = steps.
 
     A checkpointed run calls this chunk by chunk: blocks first_block .. first_block +
     n_blocks - 1 from the carry (w, optimiser state, k, alive) where the last chunk ended;
-    `finish` adds the final point k = steps.
+    `finish` adds the final point k = steps. With `count` (a traced integer <= n_blocks)
+    only the blocks first_block .. first_block + count - 1 run, into the first `count` rows
+    of the n_blocks saved (the others are zeros): calls that differ only in how many blocks
+    they run share one compiled program (`_run_batch`'s two stages).
     """
     tx = optimizer.transformation()
 
@@ -177,8 +180,19 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
 
         if carry is None:
             carry = (w_init, tx.init(w_init), jnp.zeros((), jnp.int32), jnp.array(True))
-        blocks = first_block + jnp.arange(n_blocks, dtype=jnp.int32)
-        carry, records = jax.lax.scan(block, carry, blocks)
+        if count is None:
+            blocks = first_block + jnp.arange(n_blocks, dtype=jnp.int32)
+            carry, records = jax.lax.scan(block, carry, blocks)
+        else:
+            shapes = jax.eval_shape(lambda c: block(c, first_block)[1], carry)
+            rows = jax.tree.map(lambda s: jnp.zeros((n_blocks, *s.shape), s.dtype), shapes)
+
+            def into_row(i, state):
+                carry, rows = state
+                carry, record = block(carry, first_block + i)
+                return carry, jax.tree.map(lambda r, x: r.at[i].set(x), rows, record)
+
+            carry, records = jax.lax.fori_loop(0, count, into_row, (carry, rows))
         # The last point: w at k = steps (or at the failing step), with the h_k and n_k its
         # step would use; the state it would move to is not needed.
         last = step(carry, key)[1] if finish else None
@@ -188,6 +202,13 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
         keyed = key is not None and _key_batch(key) is not None
         return jax.vmap(one, in_axes=(0, 0, 0 if keyed else None))(w0, carry0, key)
     return one(w0, carry0, key)
+
+
+@eqx.filter_jit
+def _fresh_carry(optimizer, w0):
+    """The carry (w, optimiser state, k = 0, alive) at the start of a batched run."""
+    tx = optimizer.transformation()
+    return jax.vmap(lambda w: (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True)))(w0)
 
 
 # The trace counter (eqx.debug.get_num_traces(_run_counted)) lets the tests check that

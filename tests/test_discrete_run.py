@@ -74,6 +74,19 @@ def test_no_retrace_for_new_hyperparameters_or_steps():
     assert eqx.debug.get_num_traces(_run_counted) == n0 + 1
 
 
+def test_a_staged_batch_compiles_one_program():
+    """A batched run of >= 8 save blocks runs its first block alone (members that overflow
+    there are dropped from the rest), then the others: when nobody fails, both stages are
+    calls of one compiled program (one trace), and every member takes every step."""
+    data = toy_dataset(0)
+    models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(7), 5))
+    n0 = eqx.debug.get_num_traces(_run_counted)
+    traj = run(GD(0.01), models, data, 78, save_every=6, batch=True, workers=1)  # 13 blocks
+    assert eqx.debug.get_num_traces(_run_counted) == n0 + 1
+    assert np.all(np.asarray(traj.stats["num_steps"]) == 78)
+    assert traj.w.shape[:2] == (5, 14)  # 13 saves, then k = 78
+
+
 # ------------------------------------------------------------------- save times
 def test_save_times_and_final_point():
     data = toy_dataset(0)
