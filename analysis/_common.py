@@ -103,7 +103,7 @@ def check_flat(objective: Objective, w, where: str, name: str = "w"):
             f"{where}: `{name}` must be a flat parameter vector with last axis p = {p} (the "
             f"model's parameter count), got shape {w.shape}; use marginflow.models.flatten."
         )
-    if not bool(jnp.all(jnp.isfinite(w))):
+    if not np.all(np.isfinite(np.asarray(w))):  # on the host: no program to compile
         raise ValueError(f"{where}: `{name}` must be finite, found NaN/inf entries.")
     return w
 

@@ -19,8 +19,8 @@ import numpy as np
 from .. import _checkpoint as ckpt
 from .._cache import CompileClock
 from .._threads import map_chunks
-from ._fields import _initial_moments, _to_lag, _v_of_w, _w_of_v
-from ._kernels import _band_to_log_time, _restart, _segment, _start
+from ._fields import _to_lag, _w_of_v
+from ._kernels import _band_to_log_time, _initial_y, _restart, _segment, _start
 from ._plan import SegmentPlan, Setup
 from ._progress import AbstractProgressMeter
 from ._stops import STOPS, Stop
@@ -93,10 +93,7 @@ class Engine:
         """y = (v, m, I) at t0 (v: the margin-scale variable of `_w_of_v`, m = 0, I = 0),
         split over the devices for a sharded batch."""
         run = self.run
-        w0 = run.padded_w0
-        y = (_v_of_w(w0, run.objective.degree),
-             _initial_moments(run.flow, run.objective, w0, run.t0 >= 1.0),
-             jnp.zeros(w0.shape[:-1], run.dtype))
+        y = _initial_y(run.flow, run.objective, run.padded_w0, run.t0 >= 1.0, run.dtype)
         if len(run.devices) > 1:
             mesh = jax.sharding.Mesh(np.asarray(run.devices), ("batch",))
             y = jax.device_put(

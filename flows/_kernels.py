@@ -11,7 +11,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._fields import _decay_over, _drop, _psi, _psi_scale, _save_fn, _terms
+from ._fields import (
+    _decay_over,
+    _drop,
+    _initial_moments,
+    _psi,
+    _psi_scale,
+    _save_fn,
+    _terms,
+    _v_of_w,
+)
 from ._penalty import PenaltyIntegral
 from ._saves import SavedAt
 from ._solvers import decay_rate
@@ -28,6 +37,14 @@ def _wrap(solver, controller=None):
 def _args(flow, objective, u, log_time):
     """The fields' `args`: (flow, objective, the decay rate a in u's dtype, log_time)."""
     return flow, objective, decay_rate(flow).astype(u.dtype), log_time
+
+
+@eqx.filter_jit
+def _initial_y(flow, objective, w0, lagged: bool, dtype):
+    """y = (v, m, I) at t0 (v the margin-scale variable of `_w_of_v`, m = 0, I = 0), as one
+    program: eager, its few array operations would compile one small program each."""
+    return (_v_of_w(w0, objective.degree), _initial_moments(flow, objective, w0, lagged),
+            jnp.zeros(w0.shape[:-1], dtype))
 
 
 @eqx.filter_jit
