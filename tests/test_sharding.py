@@ -141,16 +141,16 @@ def test_batch_in_threads_matches_one_call():
     the same initial value problem, so results agree to the solver's accuracy (the same
     1e-5 relative as the sharded test above: another batch width rounds differently).
     kink_tol=0: every kink resolved at rtol; a kink step taken in one chunking and not in
-    the other would move a member by up to kink_tol instead."""
+    the other would move a member by up to kink_tol instead. 5 members in 2 chunks: the
+    second is padded with a copy of the last member, dropped afterwards (each further
+    worker count would compile one more chunk width)."""
     models = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(4), 5))
     data = toy_dataset(0)
     one = simulate(FLOW, models, data, 1e4, batch=True, n_save=9, workers=1, kink_tol=0)
-    for workers in (2, 3):
-        many = simulate(FLOW, models, data, 1e4, batch=True, n_save=9, workers=workers,
-                        kink_tol=0)
-        assert many.success and many.w.shape == one.w.shape == (5, 9, 3)
-        np.testing.assert_allclose(many.w, one.w, rtol=1e-5, atol=1e-8)
-        np.testing.assert_allclose(many.log_loss, one.log_loss, rtol=1e-5, atol=1e-8)
+    many = simulate(FLOW, models, data, 1e4, batch=True, n_save=9, workers=2, kink_tol=0)
+    assert many.success and many.w.shape == one.w.shape == (5, 9, 3)
+    np.testing.assert_allclose(many.w, one.w, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(many.log_loss, one.log_loss, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
         simulate(FLOW, models, data, 1e2, batch=True, workers=0)
 
