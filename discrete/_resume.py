@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import _checkpoint as ckpt
 from .._trajectory import Trajectory
-from ._run import _run_compiled, run
+from ._run import _fresh, _run_compiled, run
 
 
 def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, resume_segments,
@@ -67,7 +67,7 @@ def _carry_like(optimizer, w0, batch):
     tx = optimizer.transformation()
 
     def fresh(w):
-        return (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True))
+        return _fresh(tx, w)
 
     return jax.eval_shape(jax.vmap(fresh) if batch else fresh, w0)
 

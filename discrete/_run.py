@@ -179,7 +179,7 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
             return advance(jnp.minimum(save_every, steps - j * save_every) - 1, carry), record
 
         if carry is None:
-            carry = (w_init, tx.init(w_init), jnp.zeros((), jnp.int32), jnp.array(True))
+            carry = _fresh(tx, w_init)
         if count is None:
             blocks = first_block + jnp.arange(n_blocks, dtype=jnp.int32)
             carry, records = jax.lax.scan(block, carry, blocks)
@@ -204,11 +204,16 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
     return one(w0, carry0, key)
 
 
+def _fresh(tx, w):
+    """The carry (w, optimiser state, k = 0, alive) at the start of one run."""
+    return (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True))
+
+
 @eqx.filter_jit
 def _fresh_carry(optimizer, w0):
-    """The carry (w, optimiser state, k = 0, alive) at the start of a batched run."""
+    """`_fresh` for each member of a batched run."""
     tx = optimizer.transformation()
-    return jax.vmap(lambda w: (w, tx.init(w), jnp.zeros((), jnp.int32), jnp.array(True)))(w0)
+    return jax.vmap(lambda w: _fresh(tx, w))(w0)
 
 
 # The trace counter (eqx.debug.get_num_traces(_run_counted)) lets the tests check that
