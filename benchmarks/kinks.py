@@ -107,6 +107,8 @@ def main() -> None:
             else:
                 traj, wall = _timed(lambda s=solver: run(1e-3, solver=s), args.repeats)
             reached, err = cell(traj, None if tol == 1e-4 else ref)
+            if solver is None:  # the default solver, named: Bosh3 for GD and AdaGrad here
+                label = label.replace("(default)", f"(default, {traj.meta['solver']})")
             margin = float(normalized_margin(model, data, traj.w[-1]))
             rows.append([name, label, reached, traj.stats["num_steps"],
                          traj.stats.get("num_kink_steps", 0), f"{wall:.2f}", f"{margin:.4f}",

@@ -133,8 +133,9 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
 
 # The kink tolerance a piecewise-linear model gets by default (`_kink_tol`). Measured on
 # MLP(5, 16, 2) with ReLU, 100 points, to t = 1e10 (benchmarks/kinks.py, docs/solvers.md):
-# 8-12 thousand steps for the four flows, within 5e-5 (GD) to 2.5e-3 (Adam) of a run at
-# 1e-4; 1e-2 took 0.6-1.3 thousand steps but differed by 3e-4 to 2.4e-2.
+# 6.6-9.0 thousand steps for the four flows, within 2e-5 (GD) to 2.6e-3 (Adam) of a run at
+# 1e-4; 1e-2 took 0.6-1.3 thousand steps but differed by 3e-4 to 2.4e-2 (then with Dopri8
+# for GD and AdaGrad, which now take Bosh3 on such models: `default_solver`).
 DEFAULT_KINK_TOL = 1e-3
 
 
@@ -260,8 +261,10 @@ def setup(flow, model, data, t1, *, loss, t0, n_save, ts, solver, rtol, atol, ma
         )
     kink_tol = _kink_tol(kink_tol, objective.model, rtol)
     if solver is None:
+        kinks = kink_tol is not None
         solver = default_solver(flow, int(w0.shape[-1]), rtol=rtol, atol=atol,
-                                dense_kinks=kink_tol is not None and objective.model.dense_kinks)
+                                dense_kinks=kinks and objective.model.dense_kinks,
+                                frequent_kinks=kinks and objective.model.frequent_kinks)
     n_batch = int(w0.shape[0]) if batch else 0
     devices = _devices(batch, shard, n_batch)
     threads = n_workers(workers, n_batch if len(devices) == 1 else 1, "simulate")

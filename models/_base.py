@@ -18,8 +18,10 @@ class AbstractModel(eqx.Module):
 
     `piecewise_linear`: True when grad Phi jumps on switching surfaces (ReLU and leaky-ReLU
     units, max-pooling); `simulate` then steps across those kinks (its `kink_tol`).
-    `dense_kinks`: True when those surfaces are so many (the CNN: one per image, channel
-    and pixel) that nearly every step crosses one; `simulate` then picks Heun for GD and
+    `frequent_kinks`: True when the surfaces are many (one per sample and hidden unit: a
+    ReLU MLP), so that a run crosses thousands; `simulate` then picks Bosh3 for GD and
+    AdaGrad. `dense_kinks`: True when they are so many (the CNN: one per image, channel and
+    pixel) that nearly every step crosses one; `simulate` then picks Heun for GD and
     AdaGrad.
     """
 
@@ -30,6 +32,14 @@ class AbstractModel(eqx.Module):
     def piecewise_linear(self) -> bool:
         """Whether grad Phi has kinks (ReLU, leaky ReLU, max-pool); False: smooth."""
         return False
+
+    @property
+    def frequent_kinks(self) -> bool:
+        """Whether a run crosses kinks by the thousand (a ReLU MLP: a switching surface per
+        sample and hidden unit): `simulate` then defaults to Bosh3 for GD and AdaGrad,
+        whose convex weights err less across a kink than Dopri8's (docs/solvers.md,
+        "Frequent kinks"). False for the toy (one hidden unit, kinks are rare)."""
+        return self.dense_kinks
 
     @property
     def dense_kinks(self) -> bool:

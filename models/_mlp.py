@@ -86,6 +86,11 @@ class MLP(AbstractModel):
         """ReLU, leaky ReLU and activation=1 have kinks; max(z, 0)^k, k >= 2, is C^1."""
         return _activation(self.activation)[1] == 1 and self.depth > 1
 
+    @property
+    def frequent_kinks(self) -> bool:
+        """A piecewise-linear MLP switches on a surface per sample and hidden unit."""
+        return self.piecewise_linear
+
     def spec(self):
         return {
             "class": "MLP",

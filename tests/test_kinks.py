@@ -51,6 +51,15 @@ def test_models_declare_kinks():
     assert not MLP(3, 4, 2, key=key).dense_kinks
     assert not ToyLeaky(key=key).dense_kinks
     assert not Linear(3, key=key).dense_kinks
+    # Frequent kinks (a surface per sample and hidden unit): piecewise-linear MLPs and the
+    # CNN; not the toy (one hidden unit) nor the smooth models.
+    assert MLP(3, 4, 2, key=key).frequent_kinks
+    assert MLP(3, 4, 3, activation="leaky_relu", key=key).frequent_kinks
+    assert CNN(widths=(2, 2, 4), key=key).frequent_kinks
+    assert not ToyLeaky(key=key).frequent_kinks
+    assert not MLP(3, 4, 2, activation=2, key=key).frequent_kinks
+    assert not MLP(3, 4, 1, key=key).frequent_kinks
+    assert not DeepLinear((3, 3, 1), key=key).frequent_kinks
 
 
 @pytest.mark.parametrize("flow, kink_tol, expected", [
@@ -65,6 +74,27 @@ def test_dense_kinks_pick_heun_while_kink_steps_are_on(flow, kink_tol, expected)
     X = jax.random.uniform(jax.random.key(1), (4, 784), jnp.float64)
     data = Dataset(X, jnp.asarray([0, 1, 2, 0]))
     run = setup(flow, model, data, 1e3, loss="cross_entropy", t0=0.0,
+                n_save=5, ts=None, solver=None, rtol=1e-8, atol=1e-12, max_steps=100,
+                batch=False, dtype=jnp.float64, shard=None, workers=None,
+                kink_tol=kink_tol, checkpoint=None)
+    assert type(run.solver).__name__ == expected
+
+
+@pytest.mark.parametrize("make_model, flow, kink_tol, expected", [
+    (lambda k: MLP(3, 4, 2, key=k), GradientFlow(), None, "Bosh3"),
+    (lambda k: MLP(3, 4, 2, activation="leaky_relu", key=k), AdaGradFlow(1e-5), None, "Bosh3"),
+    (lambda k: MLP(3, 4, 2, key=k), AdaGradFlow(1e-5), 0, "Dopri8"),
+    (lambda k: MLP(3, 4, 2, key=k), AdamFlow(1e-5, 0.9), None, "DecayIMEX"),
+    (lambda k: MLP(3, 4, 2, activation=2, key=k), GradientFlow(), None, "Dopri8"),
+    (lambda k: ToyLeaky(key=k), AdaGradFlow(1e-5), None, "Dopri8")])
+def test_frequent_kinks_pick_bosh3_while_kink_steps_are_on(make_model, flow, kink_tol, expected):
+    """The solver `simulate` picks for GD and AdaGrad on a piecewise-linear MLP (Bosh3,
+    while kink steps are on); the flows with a decay, the smooth MLP and the toy keep theirs."""
+    from marginflow.flows._plan import setup
+
+    model = make_model(jax.random.key(0))
+    data = separable_gaussians(6, 2 if isinstance(model, ToyLeaky) else 3, seed=0)
+    run = setup(flow, model, data, 1e3, loss="exponential", t0=0.0,
                 n_save=5, ts=None, solver=None, rtol=1e-8, atol=1e-12, max_steps=100,
                 batch=False, dtype=jnp.float64, shard=None, workers=None,
                 kink_tol=kink_tol, checkpoint=None)
@@ -213,15 +243,17 @@ def test_a_batch_with_kink_steps_follows_its_members(workers):
 @pytest.mark.parametrize("flow", list(FLOWS))
 def test_relu_mlp_agrees_with_a_tighter_kink_tol(flow):
     # The default against a run at a 10x tighter kink_tol, at t = 1e10: the difference is
-    # the default's error to first order. Measured (benchmarks/kinks.py) 5e-5 (GD) to
-    # 2.5e-3 (Adam); the error is O(kink_tol) per unit of relative change of v, which
-    # grows 10-fold here, so 10 * kink_tol bounds it and still fails an O(1) departure.
+    # the default's error to first order. The error is O(kink_tol) per unit of relative
+    # change of v, which grows 10-fold here, so 10 * kink_tol bounds it for every flow and
+    # still fails an O(1) departure. The issue's target is 1e-3: GD and AdaGrad (Bosh3,
+    # measured 2.0e-5 and 2.9e-4 in benchmarks/kinks.py) and RMSProp (2.8e-4) meet it;
+    # Adam (2.6e-3) does not yet, and keeps the 10 * kink_tol bound.
     model, data = _issue_problem()
     a = simulate(FLOWS[flow], model, data, 1e10, n_save=3)
     b = simulate(FLOWS[flow], model, data, 1e10, n_save=3, kink_tol=1e-4)
     assert b.success, b.message
     diff = np.linalg.norm(a.w[-1] - b.w[-1]) / np.linalg.norm(b.w[-1])
-    assert diff < 10 * 1e-3, diff
+    assert diff < (10 * 1e-3 if flow == "adam" else 1e-3), diff
 
 
 @pytest.mark.slow
