@@ -62,22 +62,28 @@ def test_models_declare_kinks():
     assert not DeepLinear((3, 3, 1), key=key).frequent_kinks
 
 
+def _default_solver_name(flow, model, data, loss, kink_tol) -> str:
+    """The solver `simulate` picks: `setup` is what it runs before it compiles."""
+    from marginflow.flows._plan import setup
+
+    run = setup(flow, model, data, 1e3, loss=loss, t0=0.0,
+                n_save=5, ts=None, solver=None, rtol=1e-8, atol=1e-12, max_steps=100,
+                batch=False, dtype=jnp.float64, shard=None, workers=None,
+                kink_tol=kink_tol, checkpoint=None)
+    return type(run.solver).__name__
+
+
 @pytest.mark.parametrize("flow, kink_tol, expected", [
     (AdaGradFlow(1e-5), None, "Heun"), (GradientFlow(), None, "Heun"),
     (AdaGradFlow(1e-5), 0, "Dopri8"), (RMSPropFlow(1e-5, 0.9), None, "DecayIMEX")])
 def test_dense_kinks_pick_heun_while_kink_steps_are_on(flow, kink_tol, expected):
-    # `setup` is what `simulate` runs before it compiles: the solver it picks for the CNN.
-    from marginflow.flows._plan import setup
+    # The solver `simulate` picks for the CNN.
     from marginflow.models import Dataset
 
     model = CNN(out_dim=3, widths=(2, 2, 4), key=jax.random.key(0))
     X = jax.random.uniform(jax.random.key(1), (4, 784), jnp.float64)
     data = Dataset(X, jnp.asarray([0, 1, 2, 0]))
-    run = setup(flow, model, data, 1e3, loss="cross_entropy", t0=0.0,
-                n_save=5, ts=None, solver=None, rtol=1e-8, atol=1e-12, max_steps=100,
-                batch=False, dtype=jnp.float64, shard=None, workers=None,
-                kink_tol=kink_tol, checkpoint=None)
-    assert type(run.solver).__name__ == expected
+    assert _default_solver_name(flow, model, data, "cross_entropy", kink_tol) == expected
 
 
 @pytest.mark.parametrize("make_model, flow, kink_tol, expected", [
@@ -90,15 +96,9 @@ def test_dense_kinks_pick_heun_while_kink_steps_are_on(flow, kink_tol, expected)
 def test_frequent_kinks_pick_bosh3_while_kink_steps_are_on(make_model, flow, kink_tol, expected):
     """The solver `simulate` picks for GD and AdaGrad on a piecewise-linear MLP (Bosh3,
     while kink steps are on); the flows with a decay, the smooth MLP and the toy keep theirs."""
-    from marginflow.flows._plan import setup
-
     model = make_model(jax.random.key(0))
     data = separable_gaussians(6, 2 if isinstance(model, ToyLeaky) else 3, seed=0)
-    run = setup(flow, model, data, 1e3, loss="exponential", t0=0.0,
-                n_save=5, ts=None, solver=None, rtol=1e-8, atol=1e-12, max_steps=100,
-                batch=False, dtype=jnp.float64, shard=None, workers=None,
-                kink_tol=kink_tol, checkpoint=None)
-    assert type(run.solver).__name__ == expected
+    assert _default_solver_name(flow, model, data, "exponential", kink_tol) == expected
 
 
 def test_smooth_models_keep_their_solver_bit_for_bit():
