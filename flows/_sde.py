@@ -32,7 +32,9 @@ The integrator: Euler-Maruyama (weak order 1 in its step, Ito) on a fixed grid, 
 steps per minibatch step in t (dt = eta B / (N substeps)) and du = min(dt, 0.01) after t = 1,
 the save times on the grid; one diffrax `VirtualBrownianTree` of shape (paths, N), so the
 paths are fixed by the key and a finer grid refines the same paths (or, with
-brownian="increments", an `UnsafeBrownianPath`: 6x cheaper, not refinable).
+brownian="increments", an `UnsafeBrownianPath`: 6x cheaper, not refinable). The loop over
+the grid runs a traced number of steps on a grid padded to a bucket of lengths, so a new
+eta, t1 or set of save times reuses the compiled paths in a running process.
 
 The adaptive flows (AdaGrad, RMSProp, Adam, with or without momentum, and the heavy-ball
 MomentumFlow) follow `discrete.matching_optimizer(flow, eta)` run on minibatches, at flow time
@@ -129,32 +131,77 @@ def _diffusion(u, w, args):
         jax.ShapeDtypeStruct((w.shape[0], n), w.dtype))
 
 
-def _brownian(grid, shape, key, tree: bool):
-    """(Brownian motion of `shape` over the grid, the adjoint diffrax pairs with it): a
-    VirtualBrownianTree resolving the smallest step (refinable), or independent increments."""
+def _brownian(grid, n, shape, key, tree: bool):
+    """Brownian motion of `shape` over grid[0..n]: a VirtualBrownianTree resolving the
+    smallest step (refinable), or independent increments."""
     if tree:
-        return (dfx.VirtualBrownianTree(grid[0], grid[-1], shape=shape, key=key,
-                                        tol=jnp.min(jnp.diff(grid)) / 2),
-                dfx.RecursiveCheckpointAdjoint())
-    # (ForwardMode: diffrax's rule for this path; nothing is differentiated)
-    return dfx.UnsafeBrownianPath(shape=shape, key=key), dfx.ForwardMode()
+        steps = jnp.diff(grid)
+        smallest = jnp.min(jnp.where(jnp.arange(steps.shape[0]) < n, steps, jnp.inf))
+        return dfx.VirtualBrownianTree(grid[0], grid[n], shape=shape, key=key, tol=smallest / 2)
+    return dfx.UnsafeBrownianPath(shape=shape, key=key)
 
 
-@eqx.filter_jit
-def _paths(objective, scale, w0, grid, save_at, log_time, key, tree: bool):
-    """All paths (w0: (paths, p)) on one grid (t, or u = log t), saving at save_at (points
-    of the grid). One Brownian motion of shape (paths, N): one tree traversal per step for
-    all paths (tree), or independent increments (not tree)."""
+def _bucket(size: int, base: int, least: int) -> int:
+    """The padded length of a grid or of a list of saves: the next power of `base`, at least
+    `least`. The length is a shape of the compiled program, the number of steps is not: a new
+    eta, T or set of save times reuses the program while the lengths stay in their bucket."""
+    padded = least
+    while padded < size:
+        padded *= base
+    return padded
+
+
+def _on_grid(grid: np.ndarray, at: np.ndarray, dtype):
+    """(padded grid, number of steps n, padded index of each save time on it): the
+    arguments of `_euler` for the grid grid[0] < ... < grid[n] and the saves `at` (points
+    of the grid). Padding repeats the last time; a padded save index is -1 (never hit). The
+    grid is one time per step (padding it 8x costs little); the saves hold the paths' states,
+    so they are padded to a power of 2 only."""
+    padded = np.full(_bucket(len(grid), 8, 4096), grid[-1])
+    padded[: len(grid)] = grid
+    index = np.full(_bucket(len(at), 2, 16), -1)
+    index[: len(at)] = np.searchsorted(grid, at)
+    return jnp.asarray(padded, dtype), jnp.asarray(len(grid) - 1), jnp.asarray(index)
+
+
+def _euler(terms, y0, args, grid, n, index, keep):
+    """Euler-Maruyama on grid[0] < ... < grid[n]: diffrax's Euler step (its terms, its
+    Brownian path) in a loop whose length n is traced, so that a new grid of the same padded
+    length runs the same program (diffrax's own loop takes StepTo's ts as a shape: every new
+    eta or T recompiled). Returns keep(t, y) at grid[index[j]] for each j (padded entries
+    hold keep(grid[0], y0); the caller drops them)."""
+    solver = dfx.Euler()
+    saved = jax.tree.map(lambda x: jnp.broadcast_to(x, (index.shape[0], *x.shape)),
+                         keep(grid[0], y0))
+    last = index.shape[0] - 1
+
+    def step(i, carry):
+        y, saved, j = carry
+        y = solver.step(terms, grid[i], grid[i + 1], y, args, None, made_jump=False)[0]
+        hit = index[jnp.minimum(j, last)] == i + 1
+        saved = jax.lax.cond(hit, lambda s: jax.tree.map(
+            lambda a, x: a.at[j].set(x), s, keep(grid[i + 1], y)), lambda s: s, saved)
+        return y, saved, j + hit
+
+    j0 = jnp.sum(index == 0)  # saves at grid[0] hold y0 already
+    return jax.lax.fori_loop(0, n, step, (y0, saved, j0))[1]
+
+
+def _paths_traced(objective, scale, w0, grid, n, index, log_time, key, tree: bool):
+    """All paths (w0: (paths, p)) on one grid (t, or u = log t) of n steps, saved at the
+    grid points `index`. One Brownian motion of shape (paths, N): one tree traversal per step
+    for all paths (tree), or independent increments (not tree)."""
     shape = jax.ShapeDtypeStruct((w0.shape[0], objective.data.X.shape[0]), w0.dtype)
-    brownian, adjoint = _brownian(grid, shape, key, tree)
-    terms = dfx.MultiTerm(dfx.ODETerm(_drift), dfx.ControlTerm(_diffusion, brownian))
-    sol = dfx.diffeqsolve(terms, dfx.Euler(), grid[0], grid[-1], None, w0,
-                          args=(objective, scale, log_time),
-                          stepsize_controller=dfx.StepTo(ts=grid),
-                          saveat=dfx.SaveAt(ts=save_at), max_steps=grid.shape[0],
-                          throw=False, adjoint=adjoint)
-    finite = jnp.all(jnp.isfinite(sol.ys), axis=(0, 2))  # per path
-    return jnp.swapaxes(sol.ys, 0, 1), finite & (sol.result == dfx.RESULTS.successful)
+    terms = dfx.MultiTerm(dfx.ODETerm(_drift),
+                          dfx.ControlTerm(_diffusion, _brownian(grid, n, shape, key, tree)))
+    ys = _euler(terms, w0, (objective, scale, log_time), grid, n, index, lambda t, y: y)
+    return jnp.swapaxes(ys, 0, 1), jnp.all(jnp.isfinite(ys), axis=(0, 2))  # finite per path
+
+
+# Trace counters (eqx.debug.get_num_traces): the tests check that a new eta, T or set of
+# save times does not retrace the paths.
+_paths_counted = eqx.debug.assert_max_traces(_paths_traced, max_traces=None)
+_paths = eqx.filter_jit(_paths_counted)
 
 
 class _Sampling(eqx.Module):
@@ -270,29 +317,30 @@ def _exact_steps(flow, objective, sampling, eta, batch: int, w0, m0, key, steps:
     return jax.vmap(one)(w0, m0, jax.random.split(key, w0.shape[0]))
 
 
-@eqx.filter_jit
-def _adaptive_paths(flow, objective, sampling, w0, m0, grid, save_at, key, tree: bool):
+def _adaptive_paths_traced(flow, objective, sampling, w0, m0, grid, n, index, key,
+                           tree: bool):
     """All paths of an adaptive flow's SDE (w0, m0: (paths, p), (paths, k p)) on one grid in
-    t, saving (w, m, h) at save_at. Brownian motion: a pytree (z (paths, N)[, Z (paths, N,
-    N)]), as a tree (refinable) or independent increments."""
+    t of n steps, saving (w, m, clock of m2 below 0, h) at the grid points `index`. Brownian
+    motion: a pytree (z (paths, N)[, Z (paths, N, N)]), as a tree (refinable) or independent
+    increments."""
     y0 = (w0, m0, jnp.zeros(w0.shape[0], w0.dtype))
-    shapes = _adaptive_diffusion(grid[0], y0, (flow, objective, sampling)).in_structure()
-    brownian, adjoint = _brownian(grid, shapes, key, tree)
-    terms = dfx.MultiTerm(dfx.ODETerm(_adaptive_drift),
-                          dfx.ControlTerm(_adaptive_diffusion, brownian))
+    args = (flow, objective, sampling)
+    shapes = _adaptive_diffusion(grid[0], y0, args).in_structure()
+    terms = dfx.MultiTerm(dfx.ODETerm(_adaptive_drift), dfx.ControlTerm(
+        _adaptive_diffusion, _brownian(grid, n, shapes, key, tree)))
 
-    def conditioner(t, y, args):
-        return jax.vmap(lambda w, m: _moments(flow, objective, sampling, t, w, m)[3])(*y[:2])
+    def keep(t, y):
+        h = jax.vmap(lambda w, m: _moments(flow, objective, sampling, t, w, m)[3])(*y[:2])
+        return (*y, h)
 
-    sol = dfx.diffeqsolve(terms, dfx.Euler(), grid[0], grid[-1], None, y0,
-                          args=(flow, objective, sampling),
-                          stepsize_controller=dfx.StepTo(ts=grid),
-                          saveat=dfx.SaveAt(ts=save_at, fn=lambda t, y, a: (
-                              *y, conditioner(t, y, a))),
-                          max_steps=grid.shape[0], throw=False, adjoint=adjoint)
-    w, m, below, h = (jnp.swapaxes(x, 0, 1) for x in sol.ys)
+    w, m, below, h = (jnp.swapaxes(x, 0, 1) for x in _euler(terms, y0, args, grid, n, index,
+                                                             keep))
     finite = jnp.all(jnp.isfinite(w), axis=(1, 2)) & jnp.all(jnp.isfinite(m), axis=(1, 2))
-    return w, m, h, below[:, -1], finite & (sol.result == dfx.RESULTS.successful)
+    return w, m, h, below, finite
+
+
+_adaptive_paths_counted = eqx.debug.assert_max_traces(_adaptive_paths_traced, max_traces=None)
+_adaptive_paths = eqx.filter_jit(_adaptive_paths_counted)
 
 
 def _grid(lo: float, hi: float, step: float, saves: np.ndarray):
@@ -452,7 +500,7 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
         extra = {"kappa": sampling.kappa, "pair_factor": sampling.mu, "exact_steps": k}
         stats["paths_m2_negative"] = int(np.sum(below > 0))
         stats["max_time_m2_negative"] = float(np.max(below, initial=0.0))
-    log_loss = np.asarray(jax.jit(jax.vmap(jax.vmap(obj.log_loss)))(jnp.asarray(w)))
+    log_loss = np.asarray(_log_losses(obj, jnp.asarray(w)))
     wall = time.perf_counter() - start
     result = "successful" if ok.all() else "nonfinite_state"
     message = "" if ok.all() else (
@@ -476,6 +524,12 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
                       message=message, meta=meta)
 
 
+@eqx.filter_jit
+def _log_losses(objective, w):
+    """log L at each path's saves, w: (paths, saves, p) (one program per shape, not per call)."""
+    return jax.vmap(jax.vmap(objective.log_loss))(w)
+
+
 def _gd_paths(obj, w, scale, t1, dt, du, save, key, tree, dtype):
     """SGD's SDE: in t up to min(t1, 1), then in log t. Returns (w, m = 0, h = 1, ok, steps)."""
     scale = jnp.asarray(scale, dtype)
@@ -487,10 +541,10 @@ def _gd_paths(obj, w, scale, t1, dt, du, save, key, tree, dtype):
     for k, (lo, hi, step, saves, log_time) in enumerate(phases):
         grid, saves = _grid(lo, hi, step, saves)
         at = np.unique(np.append(saves, hi))  # the phase's end carries the paths on
-        ys, fine = _paths(obj, scale, w, jnp.asarray(grid, dtype), jnp.asarray(at, dtype),
-                          jnp.asarray(log_time), jax.random.fold_in(key, k), tree)
+        ys, fine = _paths(obj, scale, w, *_on_grid(grid, at, dtype), jnp.asarray(log_time),
+                          jax.random.fold_in(key, k), tree)
         pieces.append(np.asarray(ys[:, : len(saves)]))
-        w = ys[:, -1]
+        w = ys[:, len(at) - 1]
         ok &= np.asarray(fine)
         steps += len(grid) - 1
     w = np.concatenate(pieces, axis=1)
@@ -520,7 +574,8 @@ def _adaptive(flow, obj, sampling, eta, b, w0, k, t1, dt, save, key, tree, dtype
         return w, m, h, np.asarray(ok), np.zeros(w.shape[0]), k
     grid, at = _grid(t0, late[-1], dt, late)  # (nothing to save after the last save)
     wl, ml, hl, below, fine = _adaptive_paths(flow, obj, sampling, ws[:, -1], ms[:, -1],
-                                              jnp.asarray(grid, dtype), jnp.asarray(at, dtype),
-                                              key_sde, tree)
-    cat = [np.concatenate([a, np.asarray(x)], axis=1) for a, x in ((w, wl), (m, ml), (h, hl))]
-    return (*cat, np.asarray(ok) & np.asarray(fine), np.asarray(below), k + len(grid) - 1)
+                                              *_on_grid(grid, at, dtype), key_sde, tree)
+    cat = [np.concatenate([a, np.asarray(x)[:, : len(at)]], axis=1)
+           for a, x in ((w, wl), (m, ml), (h, hl))]
+    return (*cat, np.asarray(ok) & np.asarray(fine), np.asarray(below)[:, len(at) - 1],
+            k + len(grid) - 1)

@@ -28,7 +28,13 @@ from marginflow.flows import (
     simulate_sde,
 )
 from marginflow.flows._sampling import cochran, draw, pair_factor
-from marginflow.flows._sde import _adaptive_diffusion, _adaptive_drift, _Sampling
+from marginflow.flows._sde import (
+    _adaptive_diffusion,
+    _adaptive_drift,
+    _adaptive_paths_counted,
+    _paths_counted,
+    _Sampling,
+)
 from marginflow.models import Dataset, Linear, Objective, separable_gaussians
 
 N, B, T = 16, 4, 5.0
@@ -307,6 +313,28 @@ def test_a_second_moment_that_crosses_zero_is_counted_and_reported():
     quiet = simulate_sde(FLOWS["rmsprop"], model, data, 1.0, batch_size=B, eta=0.1,
                          key=jax.random.key(0), n_paths=16, ts=[1.0], loss="logistic")
     assert quiet.stats["paths_m2_negative"] == 0 and quiet.message == ""
+
+
+def test_a_new_eta_t1_or_save_times_reuse_the_compiled_paths():
+    # The grid's length is padded to a bucket (4096 steps, then powers of 8) and the list of
+    # saves to a power of 2, the number of steps is traced: in a running process (a
+    # notebook) a new eta, t1 or set of save times must not trace the paths again.
+    model, data = problem()
+    kw = dict(batch_size=B, key=jax.random.key(0), n_paths=16, loss="logistic")
+
+    def traces():
+        return [eqx.debug.get_num_traces(f) for f in (_paths_counted, _adaptive_paths_counted)]
+
+    simulate_sde(FLOWS["rmsprop"], model, data, 2.0, eta=0.1, ts=[2.0], **kw)
+    simulate_sde(GradientFlow(), model, data, 1.0, eta=0.1, ts=[1.0], **kw)
+    before = traces()
+    later = simulate_sde(FLOWS["rmsprop"], model, data, 1.5, eta=0.05, ts=[1.0, 1.25, 1.5],
+                         **kw)
+    sgd = simulate_sde(GradientFlow(), model, data, 0.8, eta=0.2, ts=[0.4, 0.6, 0.8], **kw)
+    assert traces() == before
+    assert later.stats["num_steps"] == 16 + round((1.5 - 0.8) / 0.05 * 4)  # exact, then SDE
+    assert sgd.stats["num_steps"] == round(0.8 / (0.2 * B / N) * 4)
+    assert later.w.shape == (16, 3, 2) and sgd.w.shape == (16, 3, 2)
 
 
 @pytest.mark.parametrize("name", ["rmsprop", "gd"])
