@@ -5,6 +5,7 @@ and are re-exported here."""
 
 from .._trajectory import SimulationError as SimulationError
 from .._trajectory import Trajectory as Trajectory
+from ._etd import DecayHeun as DecayHeun
 from ._flow import AbstractFlow as AbstractFlow
 from ._flow import AdaGradFlow as AdaGradFlow
 from ._flow import AdamFlow as AdamFlow

@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._imex import _DiagonalIMEX
+from ._imex import DecaySplit
 from ._solvers import is_imex
 
 
@@ -170,7 +170,7 @@ def _decay_rates(u, y, args):
 
 
 def _terms(solver):
-    if isinstance(solver, _DiagonalIMEX):
+    if isinstance(solver, DecaySplit):
         return dfx.MultiTerm(dfx.ODETerm(_explicit_field), dfx.ODETerm(_decay_rates))
     if is_imex(solver):
         return dfx.MultiTerm(dfx.ODETerm(_explicit_field), dfx.ODETerm(_implicit_field))

@@ -69,18 +69,11 @@ def _lower(rows, n: int) -> np.ndarray:
     return table
 
 
-class _DiagonalIMEX(dfx.AbstractAdaptiveSolver):
-    """An additive Runge-Kutta pair (explicit F, diagonally implicit decay) for
-    dy/du = F(u, y) - lambda(u, y) * y with lambda diagonal, as tables (class attributes):
-    the stages' nodes C, the explicit rows AE and implicit rows AI (strictly lower parts,
-    stage 0 is y0), the common implicit diagonal GAMMA, the solution's explicit weights
-    B_SOL (applied after the last stage: y1 = Y_last + du sum_j B_SOL_j kE_j; all zero
-    when the last stage is the solution, whose F is then the next step's first stage),
-    and the error weights ERR_E, ERR_I on the explicit and implicit stage derivatives.
-
-    Call with terms = MultiTerm(ODETerm(F), ODETerm(lambda)): the second term's vector
-    field returns the decay rates lambda >= 0, a pytree like y (constant in y), not a field.
-    """
+class DecaySplit(dfx.AbstractAdaptiveSolver):
+    """A solver for dy/du = F(u, y) - lambda(u) * y, lambda diagonal and >= 0, that takes
+    terms = MultiTerm(ODETerm(F), ODETerm(lambda)): the second term's vector field returns
+    the decay rates lambda, a pytree like y (constant in y), not a field. Its state is
+    F(t0, y0), first same as last."""
 
     term_structure: ClassVar = dfx.MultiTerm[tuple[dfx.AbstractTerm, dfx.AbstractTerm]]
 
@@ -93,6 +86,41 @@ class _DiagonalIMEX(dfx.AbstractAdaptiveSolver):
         f = explicit.vf(t0, y0, args)
         lam = rates.vf(t0, y0, args)
         return jtu.tree_map(lambda fi, li, yi: fi - li * yi, f, lam, y0)
+
+
+def guard(t0, du, y0, f0, y1, y_error, f1):
+    """(y1, y_error, f1, result) of a step made safe for diffrax's controller where the
+    step's values are not finite."""
+    # A step too long for the fields (e.g. exp overflowing in the loss) gives NaN/inf:
+    # report an infinite error so the controller shrinks the step (a NaN error would
+    # make its next step size NaN and stall the run) ...
+    finite = all_finite((y1, y_error, f1))
+    y_error = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
+    # ... and a finite candidate: diffrax scales the error by max(|y0|, |y1|), and
+    # inf / inf = NaN would again poison the step size (measured: dt -> NaN, a stall).
+    y1 = jtu.tree_map(lambda a, b: jnp.where(finite, a, b), y1, y0)
+    f1 = jtu.tree_map(lambda a, b: jnp.where(finite, a, b), f1, f0)
+    # Non-finite even for a step at the resolution of u: the field itself is NaN/inf
+    # there (not a step too long), so stop with that result instead of shrinking forever.
+    stuck = jnp.invert(finite) & (jnp.abs(du) <= 1e-10 * jnp.maximum(1.0, jnp.abs(t0)))
+    result = dfx.RESULTS.where(stuck, dfx.RESULTS.nonfinite, dfx.RESULTS.successful)
+    # diffrax drops the result of a rejected step: report a zero error (accepted, with
+    # y1 = y0 finite) so that the run stops here with that result.
+    y_error = jtu.tree_map(lambda e: jnp.where(stuck, 0.0, e), y_error)
+    return y1, y_error, f1, result
+
+
+class _DiagonalIMEX(DecaySplit):
+    """An additive Runge-Kutta pair (explicit F, diagonally implicit decay) for
+    dy/du = F(u, y) - lambda(u, y) * y with lambda diagonal, as tables (class attributes):
+    the stages' nodes C, the explicit rows AE and implicit rows AI (strictly lower parts,
+    stage 0 is y0), the common implicit diagonal GAMMA, the solution's explicit weights
+    B_SOL (applied after the last stage: y1 = Y_last + du sum_j B_SOL_j kE_j; all zero
+    when the last stage is the solution, whose F is then the next step's first stage),
+    and the error weights ERR_E, ERR_I on the explicit and implicit stage derivatives.
+
+    Terms as for `DecaySplit`.
+    """
 
     def _dense(self, y0, y1, kE, kI, du) -> dict:
         raise NotImplementedError
@@ -150,22 +178,7 @@ class _DiagonalIMEX(dfx.AbstractAdaptiveSolver):
                            _weights(self.ERR_I, kI))
         # Shampine's filter (module doc, point 3).
         y_error = jtu.tree_map(lambda e, li: e / (1.0 + self.GAMMA * du * li), raw, lam1)
-        # A step too long for the fields (e.g. exp overflowing in the loss) gives NaN/inf:
-        # report an infinite error so the controller shrinks the step (a NaN error would
-        # make its next step size NaN and stall the run) ...
-        finite = all_finite((y1, y_error, f1))
-        y_error = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
-        # ... and a finite candidate: diffrax scales the error by max(|y0|, |y1|), and
-        # inf / inf = NaN would again poison the step size (measured: dt -> NaN, a stall).
-        y1 = jtu.tree_map(lambda a, b: jnp.where(finite, a, b), y1, y0)
-        f1 = jtu.tree_map(lambda a, b: jnp.where(finite, a, b), f1, f0)
-        # Non-finite even for a step at the resolution of u: the field itself is NaN/inf
-        # there (not a step too long), so stop with that result instead of shrinking forever.
-        stuck = jnp.invert(finite) & (jnp.abs(du) <= 1e-10 * jnp.maximum(1.0, jnp.abs(t0)))
-        result = dfx.RESULTS.where(stuck, dfx.RESULTS.nonfinite, dfx.RESULTS.successful)
-        # diffrax drops the result of a rejected step: report a zero error (accepted, with
-        # y1 = y0 finite) so that the run stops here with that result.
-        y_error = jtu.tree_map(lambda e: jnp.where(stuck, 0.0, e), y_error)
+        y1, y_error, f1, result = guard(t0, du, y0, f0, y1, y_error, f1)
         return y1, y_error, self._dense(y0, y1, kE, kI, du), f1, result
 
 
