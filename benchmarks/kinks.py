@@ -6,7 +6,9 @@ eps 1e-5, b 0.9, rtol 1e-8, to t1 = 1e10, for GD, AdaGrad, RMSProp and Adam. Per
   tighter kink_tol (1e-4): steps, kink steps, compiled wall time (median of 3), whether it
   reached t1, the normalised margin, and |w - w_tight| / |w_tight| at t1;
 - the default kink_tol with `DecayIMEX2`, the second-order IMEX pair offered as an option (2
-  gradient evaluations per step against 8 or 13), against the same tight run;
+  gradient evaluations per step against 8 or 13), and with `DecayHeun` (exponential Heun,
+  2 evaluations, convex weights; Heun itself for GD and AdaGrad), against the same tight
+  run;
 - without kink steps (kink_tol = 0, the solvers before this work): where it stops;
 - the baseline the issue names: diffrax's PIDController(dtmin, force_dtmin=True) with a
   low-order solver (Bosh3), in the same time variables (t, then log t), dtmin = 1e-4 and
@@ -30,6 +32,7 @@ from marginflow.analysis import normalized_margin
 from marginflow.flows import (
     AdaGradFlow,
     AdamFlow,
+    DecayHeun,
     DecayIMEX2,
     GradientFlow,
     RMSPropFlow,
@@ -101,7 +104,9 @@ def main() -> None:
         for label, tol, solver in (("marginflow, kink_tol 1e-3 (default)", 1e-3, None),
                                    ("marginflow, kink_tol 1e-4", 1e-4, None),
                                    ("marginflow, kink_tol 1e-3, DecayIMEX2", 1e-3,
-                                    DecayIMEX2())):
+                                    DecayIMEX2()),
+                                   ("marginflow, kink_tol 1e-3, DecayHeun", 1e-3,
+                                    DecayHeun())):
             if tol == 1e-4:
                 traj, wall = tight, t_tight
             else:

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 from marginflow.experiments import mnist_5k
-from marginflow.flows import AdaGradFlow, RMSPropFlow, simulate
+from marginflow.flows import AdaGradFlow, DecayHeun, DecayIMEX, RMSPropFlow, simulate
 from marginflow.models import CNN, unflatten
 
 
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--kink-tol", type=float, default=1e-3)
     parser.add_argument("--max-steps", type=int, default=20000)
     parser.add_argument("--t1", type=float, default=1e6)
+    parser.add_argument("--solver", choices=["default", "DecayIMEX", "DecayHeun"],
+                        default="default", help="the solver of the flows with a decay")
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--append", action="store_true")
     args = parser.parse_args()
@@ -46,10 +48,13 @@ def main() -> None:
     for name in args.flows.split(","):
         flow = {"rmsprop": RMSPropFlow(1e-5, 0.9), "adagrad": AdaGradFlow(1e-5),
                 "rmsprop_out": RMSPropFlow(1e-5, 0.9, eps_placement="outside")}[name]
+        solver = None
+        if args.solver != "default" and flow.has_decay:
+            solver = {"DecayIMEX": DecayIMEX, "DecayHeun": DecayHeun}[args.solver]()
         start = time.perf_counter()
         traj = simulate(flow, model, train, args.t1, loss="cross_entropy", n_save=60,
                         throw=False, max_steps=args.max_steps, kink_tol=args.kink_tol,
-                        progress=True)
+                        progress=True, solver=solver)
         wall = time.perf_counter() - start
         acc = [float(np.mean(np.argmax(np.asarray(jax.vmap(unflatten(model, w))(X)), 1) == y))
                for w in traj.w]
