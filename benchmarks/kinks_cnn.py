@@ -5,15 +5,16 @@ first 128 digits of the `mnist` extra's sample (mnist_5k, seed 0), eps 1e-5, b 0
 1e-8, to t1 = 1e6, for AdaGrad, RMSProp (eps inside the root, the paper's flow) and
 RMSProp with eps outside (`rmsprop_out`: PyTorch's placement, which the paper's MNIST runs
 used), with the default solver (the CNN declares dense kinks: Heun for AdaGrad,
-`DecayIMEX` for the RMSProp flows, whose moments decay) and kink_tol.
+`DecayHeun` for the RMSProp flows, whose moments decay; --solver DecayIMEX for the
+previous default) and kink_tol.
 Each run is capped at --max-steps per segment (a decade of t; the [0, 1] segment first)
 and prints how far it got: the time reached, steps, kink steps, wall time (compilation
 included), the first save time with 100% training accuracy, and the training accuracy at
 the last save. --record writes the rows to
 docs/data/benchmarks/kinks_cnn.json (--append: added to the rows there, a row of the same
-flow and kink_tol replaced).
+flow, kink_tol and solver replaced).
 Run: python benchmarks/kinks_cnn.py [--flows adagrad,rmsprop,rmsprop_out] [--kink-tol 1e-3]
-     [--max-steps 20000] [--record [--append]]
+     [--max-steps 20000] [--solver default|DecayIMEX|DecayHeun] [--record [--append]]
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
                      traj.stats.get("num_kink_steps", 0), f"{wall:.0f}",
                      f"{traj.meta['compile_time_s']:.0f}",
                      f"{full[0]:.3g}" if full else "not reached", f"{acc[-1]:.3f}"])
-        print(rows[-1], flush=True)
+        print(rows[-1], f"rejected steps {traj.stats['num_rejected_steps']}", flush=True)
     if args.record:
         from _record import DATA, record
 
@@ -74,7 +75,8 @@ def main() -> None:
         if args.append and os.path.exists(path):
             with open(path) as fh:
                 old = json.load(fh)["rows"]
-            rows = [r for r in old if (r[0], r[1]) not in {(n[0], n[1]) for n in rows}] + rows
+            new = {(n[0], n[1], n[2]) for n in rows}
+            rows = [r for r in old if (r[0], r[1], r[2]) not in new] + rows
 
         record("kinks_cnn",
                ["flow", "kink_tol", "solver", "result", "t reached", "steps", "kink steps",

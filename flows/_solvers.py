@@ -184,8 +184,9 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     """The solver `simulate(..., solver=None)` uses: `DecayIMEX` for the flows whose moments
     decay (RMSProp, Adam, the momentum flows), diffrax's Dopri8 for GD and AdaGrad, each
     for the whole run (`late_solver` is the same choice); with `dense_kinks` (a model
-    whose `dense_kinks` is True, kink steps on) diffrax's Heun for GD and AdaGrad, with
-    `frequent_kinks` (a ReLU MLP) diffrax's Bosh3 for them.
+    whose `dense_kinks` is True, kink steps on) diffrax's Heun for GD and AdaGrad and
+    `DecayHeun` (exponential Heun) for the flows with a decay, with `frequent_kinks` (a
+    ReLU MLP) diffrax's Bosh3 for GD and AdaGrad.
 
     Why Bosh3 where kinks are frequent (docs/solvers.md, "Frequent kinks"). On the ReLU
     MLP(5, 16, 2) on 100 points to t = 1e10, kink_tol 1e-3, Dopri8 took 10257 steps for
@@ -203,9 +204,13 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     are convex (1/2, 1/2), so a step across a jump of the field averages the two sides. On
     the narrowed CNN (AdaGrad, kink_tol 1e-2, to t = 1) Heun took 945 steps and 33 s.
     `DecayIMEX2`, whose explicit weights extrapolate (-0.71, 1.71), took 3000 steps to
-    reach t = 0.0013, where Heun reached t = 0.01 in 427. The flows with a decay keep
-    `DecayIMEX` (an explicit step is unstable on their decay in log time). Only the CNN
-    declares dense kinks: an MLP's density depends on its data.
+    reach t = 0.0013, where Heun reached t = 0.01 in 427. The flows with a decay take
+    `DecayHeun` (module `_etd`): Heun's convex weights on F, the decay integrated exactly
+    (an explicit step is unstable on it in log time), 2 evaluations per step against
+    `DecayIMEX`'s 8. On the CNN (RMSProp, eps outside, kink_tol 1e-2) it reached t = 1e6
+    in 19 minutes (22,713 steps), where `DecayIMEX` stopped at t = 2.9e5 after 31 minutes
+    at 4,000 steps per segment (docs/solvers.md, "Dense kinks"). Only the CNN declares
+    dense kinks: an MLP's density depends on its data.
 
     Chosen by wall time (`benchmarks/solver_choice.py`, docs/performance.md): for GD and
     AdaGrad, Dopri8 throughout against `DecayIMEX` then Dopri8 from 1e10 (the previous
@@ -236,12 +241,14 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     Args:
         flow: the flow; p: unused today (one O(p) solver fits every size).
         rtol, atol: unused (the implicit stages are solved exactly).
-        dense_kinks: pick Heun for GD and AdaGrad (above).
+        dense_kinks: pick Heun for GD and AdaGrad, `DecayHeun` for a decay (above).
         frequent_kinks: pick Bosh3 for GD and AdaGrad (above); dense_kinks wins.
     """
     del p, rtol, atol
-    if dense_kinks and not has_decay(flow):
-        return dfx.Heun()
+    if dense_kinks:
+        from ._etd import DecayHeun
+
+        return DecayHeun() if has_decay(flow) else dfx.Heun()
     if frequent_kinks and not has_decay(flow):
         return dfx.Bosh3()
     return late_solver(flow, 0)

@@ -75,7 +75,8 @@ def _default_solver_name(flow, model, data, loss, kink_tol) -> str:
 
 @pytest.mark.parametrize("flow, kink_tol, expected", [
     (AdaGradFlow(1e-5), None, "Heun"), (GradientFlow(), None, "Heun"),
-    (AdaGradFlow(1e-5), 0, "Dopri8"), (RMSPropFlow(1e-5, 0.9), None, "DecayIMEX")])
+    (AdaGradFlow(1e-5), 0, "Dopri8"), (RMSPropFlow(1e-5, 0.9), None, "DecayHeun"),
+    (RMSPropFlow(1e-5, 0.9), 0, "DecayIMEX")])
 def test_dense_kinks_pick_heun_while_kink_steps_are_on(flow, kink_tol, expected):
     # The solver `simulate` picks for the CNN.
     from marginflow.models import Dataset
