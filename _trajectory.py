@@ -41,7 +41,10 @@ class Trajectory(eqx.Module):
       num_steps, num_accepted_steps, num_rejected_steps (per member in a batch);
       num_segments; num_steps_per_segment: (segments,) or (segments, B); segment_ends: the
       t at which each segment ends; for a run with kink steps, num_kink_steps and
-      kink_log_time, their span in log t. A discrete run: num_steps (per member);
+      kink_log_time, their span in log t, and (flows without momentum, whose loss never
+      rises) kink_loss_rise, the largest rise of log L from a save to the next relative to
+      max(1, |log L|): above kink_tol, the kink steps erred more than kink_tol and the
+      message says so. A discrete run: num_steps (per member);
     - result: "successful" or why the run stopped (e.g. "max_steps_reached"; "nonfinite_loss"
       for discrete runs); "not_separable" when `simulate` ran a Linear / DeepLinear model on
       data that no linear function separates (an exact LP check, made only when the run
@@ -199,7 +202,7 @@ _ARRAYS = ("ts", "w", "m", "conditioner", "log_loss", "I")
 STATS_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "flow": (("num_steps", "num_accepted_steps", "num_rejected_steps", "num_segments",
               "num_steps_per_segment", "segment_ends"),
-             ("num_kink_steps", "kink_log_time")),
+             ("num_kink_steps", "kink_log_time", "kink_loss_rise")),
     "discrete": (("num_steps",), ()),
     "sde": (("num_steps",), ()),
 }
