@@ -22,7 +22,7 @@ class AbstractModel(eqx.Module):
     ReLU MLP), so that a run crosses thousands; `simulate` then picks Bosh3 for GD and
     AdaGrad. `dense_kinks`: True when they are so many (the CNN: one per image, channel and
     pixel) that nearly every step crosses one; `simulate` then picks Heun for GD and
-    AdaGrad.
+    AdaGrad and `DecayHeun` for the flows with a decay.
     """
 
     degree: eqx.AbstractVar[int]
@@ -45,8 +45,9 @@ class AbstractModel(eqx.Module):
     def dense_kinks(self) -> bool:
         """Whether the kinks are dense enough that most solver steps cross one (the CNN's
         switches per image, channel and pixel): `simulate` then defaults to the 2-stage
-        Heun for GD and AdaGrad, as a kink step is first order whatever the solver
-        (docs/solvers.md, "Dense kinks")."""
+        Heun for GD and AdaGrad and its exponential form `DecayHeun` for the flows with
+        a decay, as a kink step is first order whatever the solver (docs/solvers.md,
+        "Dense kinks")."""
         return False
 
     @property
