@@ -207,10 +207,11 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     reach t = 0.0013, where Heun reached t = 0.01 in 427. The flows with a decay take
     `DecayHeun` (module `_etd`): Heun's convex weights on F, the decay integrated exactly
     (an explicit step is unstable on it in log time), 2 evaluations per step against
-    `DecayIMEX`'s 8. On the CNN (RMSProp, eps outside, kink_tol 1e-2) it reached t = 1e6
-    in 19 minutes (22,713 steps), where `DecayIMEX` stopped at t = 2.9e5 after 31 minutes
-    at 4,000 steps per segment (docs/solvers.md, "Dense kinks"). Only the CNN declares
-    dense kinks: an MLP's density depends on its data.
+    `DecayIMEX`'s 8. On the narrowed CNN at kink_tol 1e-3 it took RMSProp to t = 1e6 in
+    325 s (eps inside) and 453 s (eps outside); at kink_tol 1e-2, with eps outside, in
+    1,232 s, where `DecayIMEX` stopped at t = 2.9e5 after 31 minutes at 4,000 steps per
+    segment (docs/solvers.md, "Dense kinks"). Only the CNN declares dense kinks: an MLP's
+    density depends on its data.
 
     Chosen by wall time (`benchmarks/solver_choice.py`, docs/performance.md): for GD and
     AdaGrad, Dopri8 throughout against `DecayIMEX` then Dopri8 from 1e10 (the previous
