@@ -448,7 +448,7 @@ def test_a_small_cnn_flow_steps_with_heun():
 
 @pytest.mark.slow
 def test_a_small_cnn_converges_as_kink_tol_falls():
-    """AdaGrad on the small CNN to t = 1 at kink_tol 1e-2, 1e-3, 1e-4 (about 9 minutes on
+    """AdaGrad on the small CNN to t = 1 at kink_tol 1e-2, 1e-3, 1e-4 (3:39 on
     2 cores, 173,012 steps at 1e-4). Measured: successive runs 0.36 and 0.070 apart
     (relative, w), log L -5.92, 1.19372, 1.19372. An explicit Euler reference with the
     model's own gradient (quadratic grid, n = 1e5 and 2e5, extrapolated; 4.6% between its
