@@ -232,7 +232,8 @@ class DecayIMEX2(_DiagonalIMEX):
     An option (`simulate(..., solver=DecayIMEX2())`), not a default: where kink steps
     dominate a run, whose error is first order whatever the solver, a step costs 2
     evaluations against `DecayIMEX`'s 8. Measured on a ReLU MLP(5, 16, 2) on 100 points to
-    t = 1e10: 1.6-4.4x less wall time for every flow; on MLPs with few kinks 8-25x more (its
+    t = 1e10: from 1.6-4.4x less wall time for every flow to 1.4x more for RMSProp in a
+    later run (docs/solvers.md); on MLPs with few kinks 8-25x more (its
     steps between kinks are short at rtol 1e-8); on the CNN, where its explicit weights
     (-0.71, 1.71) extrapolate across the jumps, far more steps than Heun's convex weights
     (docs/solvers.md, "Dense kinks").
