@@ -219,8 +219,7 @@ def _kink_counts(kinks, n_batch: int) -> dict:
     n, span = (np.asarray(x) for x in kinks)
     if n_batch:
         n, span = n[:n_batch], span[:n_batch]
-    span = float(span) if span.ndim == 0 else tuple(float(x) for x in span)
-    return {"num_kink_steps": _plain(n), "kink_log_time": span}
+    return {"num_kink_steps": _plain(n), "kink_log_time": _plain_float(span)}
 
 
 def _loss_rise(flow, log_loss):
@@ -245,6 +244,7 @@ def _loss_rise(flow, log_loss):
 
 
 def _plain_float(x):
+    """A Python float (one run) or a tuple of floats (a batch)."""
     x = np.asarray(x)
     return float(x) if x.ndim == 0 else tuple(float(v) for v in x)
 
