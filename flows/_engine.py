@@ -20,7 +20,7 @@ from .. import _checkpoint as ckpt
 from .._cache import CompileClock
 from .._threads import map_chunks
 from ._fields import _to_lag, _w_of_v
-from ._kernels import _band_to_log_time, _initial_y, _restart, _segment, _start
+from ._kernels import _band_to_log_time, _initial_y, _restart, _start, segment_program
 from ._plan import SegmentPlan, Setup
 from ._progress import AbstractProgressMeter
 from ._stops import STOPS, Stop
@@ -61,11 +61,12 @@ class Engine:
     def _programs(self):
         """The compiled functions, vmapped over a batch and cut into thread chunks."""
         run = self.run
+        segment = segment_program(run.objective, run.w0, run.devices[0].platform)
         if not run.batch:
-            return _segment, _start, _restart
+            return segment, _start, _restart
         restart_fn = eqx.filter_vmap(_restart, in_axes=(None, None, 0, None, None, None, 0))
         seg = eqx.filter_vmap(
-            _segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0))
+            segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0))
         start_fn = eqx.filter_vmap(_start, in_axes=(None, None, 0, None, None, None, None, None))
         if run.threads > 1:
             vmapped, threads = seg, run.threads

@@ -136,3 +136,33 @@ def _segment_traced(
 # new t1, n_save, eps, b or data set of the same shape does not retrace the segment.
 _segment_counted = eqx.debug.assert_max_traces(_segment_traced, max_traces=None)
 _segment = eqx.filter_jit(_segment_counted)
+
+# XLA's CPU backend has two code generators for fused loops: its fusion emitters (the
+# default) and the classic loop emitters. The segment is a few hundred small kernels, which
+# the classic emitters compile 20-30% faster; the results are the same bit for bit, but on
+# large arrays their kernels run slower. `benchmarks/emitters.py` (docs/performance.md,
+# "Which code generator"), RMSProp flow, classic / default: the toy (p n = 300) compiles in
+# 0.68x the time and runs in 0.92x; MLP(5, 16, 2) on 100 points (9.6e3) 0.75x and 0.85x;
+# MLP(20, 64, 2) on 200 points (2.7e5) 0.81x but runs 1.36x; MLP(20, 256, 2) on 400 points
+# (2.2e6) 0.86x and 1.26x. So problems where compiling is the whole wait get the classic
+# emitters: p n (times the batch) <= CLASSIC_EMITTERS_MAX_WORK.
+CLASSIC_EMITTERS_MAX_WORK = 100_000
+_segment_classic = eqx.filter_jit(
+    _segment_counted, compiler_options={"xla_cpu_use_fusion_emitters": False})
+
+
+def segment_program(objective, w0, platform: str):
+    """`_segment`, or its twin compiled with XLA's classic CPU loop emitters when the
+    problem is small (see CLASSIC_EMITTERS_MAX_WORK), on CPU, with the jaxlib this was
+    measured on, unless XLA_FLAGS chooses the emitters itself or MARGINFLOW_XLA_DEFAULTS=0."""
+    import os
+
+    import jaxlib
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if (platform != "cpu" or "xla_cpu_use_fusion_emitters" in flags
+            or os.environ.get("MARGINFLOW_XLA_DEFAULTS", "1") == "0"
+            or not jaxlib.__version__.startswith("0.10.")):
+        return _segment
+    work = w0.size * objective.data.X.shape[0]  # p n, times the batch when w0 is (B, p)
+    return _segment_classic if work <= CLASSIC_EMITTERS_MAX_WORK else _segment

@@ -132,3 +132,38 @@ def test_importing_the_flows_does_not_import_plotting_scipy_or_experiments():
         "print(json.dumps({'loaded': [m for m in heavy if m in sys.modules]}))"
     )
     assert _run(script)["loaded"] == []
+
+
+def test_small_problems_compile_with_the_classic_emitters_bit_for_bit(monkeypatch):
+    """`segment_program` gives small problems on CPU the segment compiled with XLA's classic
+    loop emitters (faster to compile). It is a choice of code generator only: a run through
+    each program is the same bit for bit (XLA_FLAGS naming the option hands the choice back
+    to XLA's default, which is how the second run gets the default program)."""
+    from marginflow.flows import _kernels
+    from marginflow.models import MLP, Objective, separable_gaussians
+
+    toy = Objective(ToyLeaky(key=jax.random.PRNGKey(5)), toy_dataset(seed=0))
+    w_toy = toy.w0()
+    assert _kernels.segment_program(toy, w_toy, "cpu") is _kernels._segment_classic
+    assert _kernels.segment_program(toy, w_toy, "gpu") is _kernels._segment
+    big = Objective(MLP(20, 64, 2, key=jax.random.PRNGKey(0)), separable_gaussians(200, 20))
+    assert big.w0().size * 200 > _kernels.CLASSIC_EMITTERS_MAX_WORK
+    assert _kernels.segment_program(big, big.w0(), "cpu") is _kernels._segment
+    # a batch counts each member's work
+    batch = np.zeros((_kernels.CLASSIC_EMITTERS_MAX_WORK // (w_toy.size * 100) + 1, w_toy.size))
+    assert _kernels.segment_program(toy, batch, "cpu") is _kernels._segment
+    with monkeypatch.context() as m:
+        m.setenv("MARGINFLOW_XLA_DEFAULTS", "0")
+        assert _kernels.segment_program(toy, w_toy, "cpu") is _kernels._segment
+
+    flow, model, data = RMSPropFlow(eps=1e-5, b=0.9), ToyLeaky(key=jax.random.PRNGKey(5)), \
+        toy_dataset(seed=0)
+    classic = simulate(flow, model, data, t1=1e4, n_save=11)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")
+                       + " --xla_cpu_use_fusion_emitters=true")
+    assert _kernels.segment_program(toy, w_toy, "cpu") is _kernels._segment
+    default = simulate(flow, model, data, t1=1e4, n_save=11)
+    assert classic.success and default.success
+    assert classic.stats["num_steps"] == default.stats["num_steps"]
+    for name in ("w", "m", "I", "log_loss"):
+        np.testing.assert_array_equal(getattr(classic, name), getattr(default, name))
