@@ -12,3 +12,22 @@ from pathlib import Path
 
 _FOLDER = Path(__file__).resolve().parent.parent / ".pytest_cache" / "marginflow-jax"
 os.environ.setdefault("MARGINFLOW_CACHE_DIR", str(_FOLDER))
+
+
+# The two workers take whole files (`--dist loadfile`), and a worker that finishes early
+# idles while the other runs its last file. xdist would order the files by their number of
+# tests, which put the notebooks (8 tests, a fifth of the suite's time) near the end: one
+# run took 11:49 at 1.5 busy cores. So the files go out longest first (their measured
+# seconds on 2 cores, `--durations=0`), and the tail is made of short files.
+_SECONDS = {
+    "test_notebooks.py": 207, "test_bank.py": 107, "test_experiments.py": 91,
+    "test_sde_adaptive.py": 71, "test_long_horizon.py": 65, "test_simulate.py": 54,
+    "test_kinks.py": 52, "test_discrete_run.py": 44, "test_discrete_dictionary.py": 33,
+    "test_sharding.py": 29, "test_loss_numerics.py": 28, "test_compile.py": 26,
+    "test_models.py": 24, "test_analysis_trajectories.py": 22, "test_momentum.py": 22,
+    "test_run_integrity.py": 21, "test_readme.py": 21, "test_sde.py": 21, "test_cli.py": 18,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -_SECONDS.get(item.path.name, 0))  # stable: files stay whole
