@@ -139,13 +139,14 @@ _segment = eqx.filter_jit(_segment_counted)
 
 # XLA's CPU backend has two code generators for fused loops: its fusion emitters (the
 # default) and the classic loop emitters. The segment is a few hundred small kernels, which
-# the classic emitters compile 20-30% faster; the results are the same bit for bit, but on
+# the classic emitters compile 15-30% faster; the results are the same bit for bit, but on
 # large arrays their kernels run slower. `benchmarks/emitters.py` (docs/performance.md,
-# "Which code generator"), RMSProp flow, classic / default: the toy (p n = 300) compiles in
-# 0.68x the time and runs in 0.92x; MLP(5, 16, 2) on 100 points (9.6e3) 0.75x and 0.85x;
-# MLP(20, 64, 2) on 200 points (2.7e5) 0.81x but runs 1.36x; MLP(20, 256, 2) on 400 points
-# (2.2e6) 0.86x and 1.26x. So problems where compiling is the whole wait get the classic
-# emitters: p n (times the batch) <= CLASSIC_EMITTERS_MAX_WORK.
+# "Which code generator"), RMSProp flow, classic / default, two recordings: the toy (p n =
+# 300) compiles in 0.68-0.73x the time, its run (0.05-0.1 s) no slower; MLP(5, 16, 2) on 100
+# points (9.6e3) 0.75-0.81x, run 0.85-1.09x; MLP(20, 64, 2) on 200 points (2.7e5) 0.81-0.86x
+# but runs 1.14-1.36x; MLP(20, 256, 2) on 400 points (2.2e6) 0.82-0.86x, runs 1.26-1.30x.
+# So problems where compiling is the whole wait get the classic emitters: p n (times the
+# batch) <= CLASSIC_EMITTERS_MAX_WORK.
 CLASSIC_EMITTERS_MAX_WORK = 100_000
 _segment_classic = eqx.filter_jit(
     _segment_counted, compiler_options={"xla_cpu_use_fusion_emitters": False})
