@@ -49,23 +49,32 @@ def _has_avx512() -> bool:
     return False
 
 
-def _xla_defaults() -> None:
-    flags = _os.environ.get("XLA_FLAGS", "")
-    if _os.environ.get("MARGINFLOW_XLA_DEFAULTS", "1") == "0" or "prefer_vector_width" in flags:
-        return
-    from jax._src import xla_bridge
-
-    if getattr(xla_bridge, "_backends", None):  # too late: the flags were read already
-        return
+def _xla_option_ours(option: str) -> bool:
+    """Whether marginflow may choose the XLA option `option` (the vector width here, the
+    segment's code generator in flows/_kernels.py): not if XLA_FLAGS names it already, not
+    with MARGINFLOW_XLA_DEFAULTS=0, and not with a jaxlib outside the versions the choices
+    were verified with (0.10.x from 0.10.2: XLA aborts on a flag it does not know)."""
+    if (_os.environ.get("MARGINFLOW_XLA_DEFAULTS", "1") == "0"
+            or option in _os.environ.get("XLA_FLAGS", "")):
+        return False
     import jaxlib
 
     try:
         version = tuple(int(v) for v in jaxlib.__version__.split(".")[:3])
     except ValueError:
+        return False
+    return (0, 10, 2) <= version < (0, 11, 0)
+
+
+def _xla_defaults() -> None:
+    if not _xla_option_ours("prefer_vector_width"):
         return
-    if not (0, 10, 2) <= version < (0, 11, 0):
+    from jax._src import xla_bridge
+
+    if getattr(xla_bridge, "_backends", None):  # too late: the flags were read already
         return
     if _has_avx512():
+        flags = _os.environ.get("XLA_FLAGS", "")
         _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_prefer_vector_width=512").strip()
 
 

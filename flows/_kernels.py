@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import _xla_option_ours
 from ._fields import (
     _decay_over,
     _drop,
@@ -154,16 +155,10 @@ _segment_classic = eqx.filter_jit(
 
 def segment_program(objective, w0, platform: str):
     """`_segment`, or its twin compiled with XLA's classic CPU loop emitters when the
-    problem is small (see CLASSIC_EMITTERS_MAX_WORK), on CPU, with the jaxlib this was
-    measured on, unless XLA_FLAGS chooses the emitters itself or MARGINFLOW_XLA_DEFAULTS=0."""
-    import os
-
-    import jaxlib
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if (platform != "cpu" or "xla_cpu_use_fusion_emitters" in flags
-            or os.environ.get("MARGINFLOW_XLA_DEFAULTS", "1") == "0"
-            or not jaxlib.__version__.startswith("0.10.")):
+    problem is small (see CLASSIC_EMITTERS_MAX_WORK), on CPU, unless the choice is not
+    marginflow's (`_xla_option_ours`: XLA_FLAGS names the option, MARGINFLOW_XLA_DEFAULTS=0,
+    or a jaxlib it was not measured with)."""
+    if platform != "cpu" or not _xla_option_ours("xla_cpu_use_fusion_emitters"):
         return _segment
     work = w0.size * objective.data.X.shape[0]  # p n, times the batch when w0 is (B, p)
     return _segment_classic if work <= CLASSIC_EMITTERS_MAX_WORK else _segment
