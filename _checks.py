@@ -80,10 +80,20 @@ def check_eps(eps, where: str):
 
 
 def check_b(b, where: str, name: str = "b"):
-    """A flow's decay factor b or b1 (in [0, 1), a scalar)."""
+    """A flow's decay factor b or b1: a finite scalar < 1, so that the m-equation decays at
+    the rate 1 - b > 0. The paper's b lies in [0, 1); b < 0 (a rate above 1) is the flow of
+    a discrete run whose accumulator forgets in fewer than 1 / lr steps, 1 - b_d > lr
+    (`discrete.matching_flow`)."""
     what = ("the m-equation decays at rate 1 - b" if name == "b" else
             "the first moment m1 decays at rate 1 - b1")
-    return check_unit(b, name, where, f"the paper uses {name} = 0.9 ({what})", scalar=True)
+    arr = real_array(b, name, where, "0.9", scalar=True)
+    if is_concrete(b):
+        v = float(np.asarray(b, dtype=float))
+        if not (np.isfinite(v) and v < 1):
+            raise ValueError(
+                f"{where}: `{name}` must be a finite number < 1 ({what}, which must be > 0), "
+                f"got {b!r}; the paper uses {name} = 0.9.")
+    return arr
 
 
 # Where eps sits in the conditioner, one term for the flows and the optimisers:

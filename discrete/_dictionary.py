@@ -19,14 +19,23 @@ An optimiser's eps_placement is its flow's ("inside" or "outside").
 Why these: one step changes n by (1 - b)(g^2 - n) = eta (1 - b_flow)(g^2 - n), an Euler
 step of dm/dt = (1 - b_flow)(g^2 - m); AdaGrad's lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}
 with m = lr^2 S_k an Euler sum of dm/dt = g^2; Adam's 1 - b2^{k+1} =
-1 - e^{-(1 - b_flow) t} + O(eta). With b held fixed while eta -> 0 the accumulator is
-slaved to g^2 instead, and the limit is another flow (not the paper's).
+1 - e^{-(1 - b_flow) t} + O(eta).
 Heavy ball v_k = mu v_{k-1} + g_k, w_{k+1} = w_k - lr v_k is, with m1_k = (1 - mu) v_k,
 m1_k = m1_{k-1} + (1 - mu)(g_k - m1_{k-1}) and w_{k+1} = w_k - eta m1_k, eta = lr / (1 - mu):
 an Euler step of dm1/dt = (1 - b1_flow)(g - m1), dw/dt = -m1 once 1 - mu = eta (1 - b1_flow),
 i.e. lr = eta^2 (1 - b1_flow). With mu held fixed while lr -> 0, 1 - b1_flow = (1 - mu)^2 /
 lr grows without bound: m1 is slaved to g and heavy ball follows gradient flow on the same
 time axis t = k lr / (1 - mu).
+
+Fast forgetting. When 1 - b_d > eta (the paper's MNIST settings: b = 0.9 at lr 1e-3 or
+1e-4; heavy ball at momentum 0.9), b_flow < 0: the flow's decay rate (1 - b_d) / eta
+exceeds 1, and the accumulator forgets within less than one unit of flow time. The run is
+still the Euler method on that flow, with eta times the rate equal to 1 - b_d < 1, and the
+flow keeps the run's lag of m behind g^2, about b_d / (1 - b_d) steps, to within one step.
+As eta -> 0 with b_d held fixed these flows tend to the slaved flow, dw/dt =
+-g / sqrt(eps + g^2) (for heavy ball: gradient flow), and the run follows them at first
+order (measured in docs/discrete.md). The solvers' exact treatment of the decay
+(`flows.DecayHeun`) keeps the fast rate from costing steps.
 """
 
 from __future__ import annotations
@@ -47,19 +56,12 @@ def _concrete(x, name: str, where: str) -> float:
         ) from None
 
 
-def _b_flow(b_d: float, eta: float, name: str, eta_is: str = "lr",
-            instead: str = "follows no flow of the paper", fix: str | None = None) -> float:
+def _b_flow(b_d: float, eta: float) -> float:
+    """b_flow with 1 - b_d = eta (1 - b_flow); below 0 when 1 - b_d > eta (module docstring,
+    "Fast forgetting")."""
     b_flow = 1.0 - (1.0 - b_d) / eta
     if abs(b_flow) < 1e-12:  # 1 - b = lr up to rounding (the paper's b = 0.9, lr = 0.1)
         b_flow = 0.0
-    if b_flow < 0:
-        raise ValueError(
-            f"matching_flow: 1 - {name} = eta (1 - b_flow) needs 1 - {name} <= eta = "
-            f"{eta_is}, got {name} = {b_d!r} with eta = {eta!r} (b_flow = {b_flow:.6g} < 0): "
-            f"the accumulator forgets within one unit of flow time, the regime where the "
-            f"discrete rule {instead}; choose "
-            + (fix or f"{name} >= 1 - {eta_is} = {1.0 - eta:.6g}") + "."
-        )
     return b_flow
 
 
@@ -86,25 +88,20 @@ def matching_flow(optimizer: AbstractOptimizer) -> AbstractFlow:
         eps_flow = lr * lr * eps if placement == "inside" else lr * eps
         return AdaGradFlow(eps_flow, eps_placement=placement)
     if isinstance(optimizer, RMSProp):
-        b = _b_flow(_concrete(optimizer.b, "b", "matching_flow"), lr, "b")
+        b = _b_flow(_concrete(optimizer.b, "b", "matching_flow"), lr)
         return RMSPropFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b,
                            eps_placement=placement)
     if isinstance(optimizer, Adam):
-        b = _b_flow(_concrete(optimizer.b2, "b2", "matching_flow"), lr, "b2")
+        b = _b_flow(_concrete(optimizer.b2, "b2", "matching_flow"), lr)
         b1_d = _concrete(optimizer.b1, "b1", "matching_flow")
-        b1 = None if b1_d == 0.0 else _b_flow(
-            b1_d, lr, "b1", instead="follows the Adam flow without momentum (m1 is slaved "
-            "to g), AdamFlow(eps, b_flow, bias_correction='ema')")
+        b1 = None if b1_d == 0.0 else _b_flow(b1_d, lr)
         return AdamFlow(_concrete(optimizer.eps, "eps", "matching_flow"), b, b1=b1,
                         bias_correction="ema", eps_placement=placement)
     if isinstance(optimizer, SGDMomentum):
         mu = _concrete(optimizer.momentum, "momentum", "matching_flow")
         if mu == 0.0:  # plain GD: t = k lr
             return GradientFlow(eps_placement=placement)
-        b1 = _b_flow(mu, lr / (1.0 - mu), "momentum", eta_is="lr / (1 - momentum)",
-                     instead="follows gradient flow at t = k lr / (1 - momentum) (m1 is "
-                     "slaved to g), GradientFlow()",
-                     fix=f"momentum >= 1 - sqrt(lr) = {1.0 - math.sqrt(lr):.6g}")
+        b1 = _b_flow(mu, lr / (1.0 - mu))
         return MomentumFlow(b1, eps_placement=placement)
     raise NotImplementedError(f"matching_flow: no entry for {type(optimizer).__name__}.")
 

@@ -34,7 +34,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._checks import _caller_level, check_b, check_eps, check_eps_placement
+from .._checks import _caller_level, check_b, check_eps, check_eps_placement, is_concrete
 from .._records import record_repr
 from .._registry import lookup, register
 
@@ -226,7 +226,9 @@ class RMSPropFlow(AbstractFlow):
     """RMSProp flow: dm/dt = (1 - b)(g^2 - m), h = 1/sqrt(eps + m).
 
     Theorem 5: m -> 0, h -> eps^{-1/2}; the limit direction is a KKT point of
-    (P) min 1/2 ||w||^2 s.t. q_i(w) >= 1. Args: eps > 0, b in [0, 1) (paper: 1e-5, 0.9).
+    (P) min 1/2 ||w||^2 s.t. q_i(w) >= 1. Args: eps > 0, b < 1 (paper: 1e-5, 0.9; the
+    paper's b is in [0, 1), and b < 0, a decay rate above 1, is the flow of a discrete
+    RMSProp with 1 - b_d > lr, `discrete.matching_flow`).
     """
 
     name: ClassVar[str] = "rmsprop"
@@ -292,6 +294,13 @@ class AdamFlow(AbstractFlow):
                 f"(1 - e^{{-(1-b) t}}, the limit of discrete Adam), got {bias_correction!r}."
             )
         self.bias_correction = bias_correction
+        if bias_correction == "paper":  # c(t) = 1 - b^t needs b >= 0 (b^t of b < 0 is not real)
+            for name, v in (("b", self.b), ("b1", self.b1)):
+                if v is not None and is_concrete(v) and float(v) < 0:
+                    raise ValueError(
+                        f"AdamFlow: bias_correction='paper' (c(t) = 1 - {name}^t, eq. 9) needs "
+                        f"`{name}` in [0, 1), got {float(v)!r}; pass bias_correction='ema' "
+                        f"(c(t) = 1 - e^{{-(1 - {name}) t}}), defined for every {name} < 1.")
         self.eps_placement = check_eps_placement(eps_placement, "AdamFlow", conditioner,
                                                  "conditioner")
 

@@ -23,7 +23,9 @@ class MomentumFlow(_Unconditioned):
     state m = (m2, m1) keeps m2 = 0, as GD keeps its m. Heavy-ball SGD with momentum mu and
     step lr follows it at time t = k lr / (1 - mu) when 1 - mu = eta (1 - b1), eta =
     lr / (1 - mu) (`matching_flow`, docs/math.md section 9). Lemma 3 is not proven for it.
-    Args: b1 in [0, 1): m1 decays at the rate 1 - b1. Example: `MomentumFlow(0.9)`.
+    Args: b1 < 1: m1 decays at the rate 1 - b1 (b1 < 0 for heavy ball with
+    1 - mu > eta, whose momentum forgets within one unit of flow time).
+    Example: `MomentumFlow(0.9)`.
     """
 
     name: ClassVar[str] = "momentum"

@@ -49,7 +49,8 @@ def test_simulate_a_relu_mlp_with_kink_steps(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--b", "1.2"], "`b` must be in [0, 1), got 1.2"),
+        (["--b", "1.2"], "`b` must be a finite number < 1 (the m-equation decays at rate "
+                          "1 - b, which must be > 0), got 1.2"),
         (["--eps", "0"], "`eps` must be a finite number > 0, got 0.0"),
         (["--t1", "-5"], "--t1 must be > 0, got -5.0"),
         (["--model", "toy", "--data", "gaussians"], "--model toy takes 2-D inputs"),
@@ -68,11 +69,11 @@ def test_console_script_without_traceback(tmp_path):
     # The installed entry point: bad input exits non-zero with no Python traceback.
     proc = subprocess.run(
         [sys.executable, "-m", "marginflow.experiments", "simulate", "--out",
-         str(tmp_path / "y"), "--b", "-1"],
+         str(tmp_path / "y"), "--b", "1"],
         capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 2
-    assert "`b` must be in [0, 1), got -1.0" in proc.stderr
+    assert "`b` must be a finite number < 1" in proc.stderr and "got 1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -124,10 +124,11 @@ def test_adam_without_b1_is_the_adam_w_m_flow():
 
 
 def test_momentum_flow_checks_and_names():
-    with pytest.raises(ValueError, match=r"`b1` must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"`b1` must be a finite number < 1 .*, got 1.0"):
         MomentumFlow(1.0)
-    with pytest.raises(ValueError, match=r"`b1` must be in \[0, 1\)"):
-        AdamFlow(1e-5, 0.9, b1=-0.1)
+    with pytest.raises(ValueError, match=r"needs `b1` in \[0, 1\), got -0.1"):
+        AdamFlow(1e-5, 0.9, b1=-0.1)  # the paper's correction 1 - b1^t
+    assert float(AdamFlow(1e-5, 0.9, b1=-0.1, bias_correction="ema").b1) == -0.1
     flow = MomentumFlow(0.9)
     assert flow.n_moments == 2 and flow.hyperparameters() == {"b1": 0.9}
     from marginflow.flows._flow import flow_from_meta
