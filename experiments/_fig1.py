@@ -25,16 +25,18 @@ Quick runs show the start of training only (at the paper's small learning rates 
 not reach 100% training accuracy, so the margin claims, which are about the separated
 phase, are marked undecided there); they are not the paper's runs.
 
-Flow curves (`flow=True`, full batch only). A run is drawn beside the flow it follows as
-its step goes to 0 (`discrete.matching_flow`), where the dictionary has one: fig1's
-AdaGrad, whose flow is AdaGradFlow(lr eps) at t = k lr^2 (`flows.simulate` with kink
-steps: the CNN is piecewise linear). It is off by default because it costs minutes: at
-the paper's eps (1e-10 B) the flow starts at the speed g / eps and then moves like
-sign(g) / sqrt(t), so its first steps are tiny (measured on 32 digits, to t = 4e-4, the
-4 epochs of the slow test: 5,578 Heun steps and 106 s). The paper's RMSProp and Adam
-settings (b = 0.9 at lr 1e-3 and 1e-4) have no flow: 1 - b_d = lr (1 - b_flow) gives
-b_flow < 0. Nor have fig4's momentum rules (1 - momentum > lr) or fig5's RMSProp runs;
-they stay discrete (docs/experiments.md).
+Flow curves (`flow=True`, full batch only). Each run is drawn beside the flow it follows
+as its step goes to 0 (`discrete.matching_flow`), dashed in the run's colour, on the time
+axis t = k eta. fig1's AdaGrad follows AdaGradFlow(lr eps) at t = k lr^2. The paper's
+RMSProp and Adam settings (b = 0.9 at lr 1e-3 and 1e-4), fig4's momentum rules and fig5's
+RMSProp runs forget within less than one unit of flow time, 1 - b_d > eta: their flows have
+b_flow = 1 - (1 - b_d) / eta < 0 (RMSProp at lr 1e-3: b_flow = -99, a decay rate of 100),
+which the run follows to first order in eta (discrete/_dictionary.py, "Fast forgetting").
+The flows are integrated by `flows.simulate` with kink steps (the CNN is piecewise
+linear), at kink_tol 1e-2 (`_flow_curve`). Flow curves are off by default because they
+cost minutes: at the paper's eps the flows start at the speed g / eps and then move like
+sign(g) (AdaGrad: sign(g) / sqrt(t)), so their first steps are tiny (measured on 32
+digits, AdaGrad to t = 4e-4, the 4 epochs of the slow test: 5,578 Heun steps and 106 s).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def _train_all(which: str, quick: bool, progress: bool, seed: int, overrides: di
         runs[name] = _curves(traj, model, train, obj_train, obj_test)
         runs[name]["epoch"] = np.minimum(
             np.arange(len(runs[name]["W"])) * s["save_every_epochs"], s["epochs"])
-        if name in _WITH_FLOW and s["flow"]:
+        if s["flow"]:
             flows[f"{name} flow"] = _flow_curve(opt, model, train, obj_train, obj_test, s,
                                                 steps, progress)
     return s, runs, flows
@@ -136,10 +138,6 @@ def _curves(traj, model, train, obj_train, obj_test) -> dict:
             "train_acc": _accuracy(obj_train, W), "test_acc": _accuracy(obj_test, W),
             "loss": np.exp(np.asarray(traj.log_loss)) / len(train),  # mean, as PyTorch
             "margin": np.asarray(normalized_margin(model, train, W))}
-
-
-# The runs drawn beside their flow (module docstring, "Flow curves").
-_WITH_FLOW = ("AdaGrad",)
 
 
 def _flow_curve(opt, model, train, obj_train, obj_test, s, steps, progress) -> dict:
@@ -270,8 +268,8 @@ def fig1(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
     """Paper Fig. 1: AdaGrad, RMSProp, Adam (w/m) on the MNIST CNN (module docstring).
 
     `overrides` replace settings: widths, n_train, n_test, batch_size, epochs,
-    save_every_epochs, flow (True: draw the AdaGrad flow beside the AdaGrad run, dashed;
-    full batch only; minutes, module docstring "Flow curves").
+    save_every_epochs, flow (True: draw each run's flow beside it, dashed; full batch only;
+    minutes, module docstring "Flow curves").
     """
     quick = quick_from_env(quick)
     s, runs, flows = _train_all("fig1", quick, progress, seed, overrides)
@@ -280,7 +278,8 @@ def fig1(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
 
 def fig4(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
          **overrides) -> ExperimentResult:
-    """Paper Fig. 4: SGD with momentum and Adam with momentum (module docstring)."""
+    """Paper Fig. 4: SGD with momentum and Adam with momentum (module docstring); the
+    overrides are fig1's (`flow=True`: each run's fast-forgetting flow, dashed)."""
     quick = quick_from_env(quick)
     s, runs, flows = _train_all("fig4", quick, progress, seed, overrides)
     return _result("fig4", quick, s, runs, flows, _lower_bounded, seed)
@@ -288,7 +287,8 @@ def fig4(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
 
 def fig5(*, quick: bool | None = None, progress: bool = False, seed: int = 0,
          **overrides) -> ExperimentResult:
-    """Paper Fig. 5: RMSProp with eps in {1e-8, 1e-5, 1e-3, 1e-1} (module docstring)."""
+    """Paper Fig. 5: RMSProp with eps in {1e-8, 1e-5, 1e-3, 1e-1} (module docstring); the
+    overrides are fig1's (`flow=True`: each run's RMSProp flow, b_flow = -99, dashed)."""
     quick = quick_from_env(quick)
     s, runs, flows = _train_all("fig5", quick, progress, seed, overrides)
     return _result("fig5", quick, s, runs, flows, _claims_fig5, seed)
@@ -317,9 +317,12 @@ def _plot(result: ExperimentResult, names, flow_names=()):
         ax.set_ylabel(ylabel)
         if f == "loss":
             ax.set_yscale("log")
-    # One legend for the four panels (the same lines in each).
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-               ncol=len(names) + len(flow_names), fontsize=9)
+    # One legend for the four panels (the same lines in each), a column per run with its
+    # flow below it (matplotlib fills a legend's columns first).
+    by_label = dict(zip(*reversed(axes[0].get_legend_handles_labels()), strict=True))
+    order = [label for name in names for label in (name, f"{name} flow") if label in by_label]
+    fig.legend([by_label[label] for label in order], order, loc="outside lower center",
+               ncol=len(names), fontsize=9)
     mode = "quick: narrow CNN, 128 digits" if result.quick else "full"
     fig.suptitle(f"{result.name} ({mode})", fontsize=10)
     return {"curves": fig}

@@ -6,6 +6,7 @@ robustly (measured margins given in the comments).
 """
 
 import json
+import math
 
 import jax
 import numpy as np
@@ -169,6 +170,57 @@ def test_mnist_figures_quick(fn, tmp_path):
     for name in result.settings["optimizers"]:
         k = name.replace(" ", "_")
         assert result.data[f"{k}_loss"][-1] < result.data[f"{k}_loss"][0]
+    _check_saved(result, tmp_path)
+
+
+def test_fig5_flow_curves_are_the_fast_forgetting_flows(tmp_path, monkeypatch):
+    """fig5(flow=True): each RMSProp run (lr 1e-3, b 0.9) is drawn beside its matching flow,
+    RMSPropFlow(eps B, b = 1 - 0.1 / 1e-3 = -99, eps outside), saved at the run's epochs.
+    Along that flow the loss cannot rise (dL/dt = -<g, h g> <= 0), up to the kink steps'
+    tolerance (kink_tol 1e-2, relative to max(1, |log L|)). To fit the default run, only
+    the eps = 0.1 run is trained here (the others' flows start like sign(g) / sqrt(t) and
+    cost a minute each: 2,096 and 3,827 steps for eps 1e-5 and 1e-8 over these 2 epochs);
+    `-m slow` runs fig4's flows."""
+    pytest.importorskip("mlxtend")
+    from marginflow.discrete import matching_flow
+    from marginflow.experiments import _fig1
+
+    every = _fig1._optimizers("fig5", 16)
+    for opt in every.values():
+        assert math.isclose(float(matching_flow(opt).b), -99.0, rel_tol=1e-12)
+    # every was built for B = 16 = n_train, the full batch below.
+    monkeypatch.setattr(_fig1, "_optimizers",
+                        lambda which, B: {"RMSProp eps=0.1": every["RMSProp eps=0.1"]})
+    result = fig5(quick=True, epochs=2, n_train=16, n_test=16, flow=True)
+    d, nums = result.data, result.numbers
+    k = "RMSProp eps=0.1 flow"
+    assert nums[f"{k}: result"] == "successful"
+    np.testing.assert_array_equal(d[f"{k.replace(' ', '_')}_epoch"], np.arange(3))
+    log_l = np.log(d[f"{k.replace(' ', '_')}_loss"])
+    assert np.all(np.diff(log_l) <= 1e-2 * np.maximum(1.0, np.abs(log_l[:-1]))), log_l
+    assert np.isfinite(nums[f"{k}: |w_run - w_flow| / |w_run - w_0| at the end"])
+    _check_saved(result, tmp_path)
+
+
+@pytest.mark.slow
+def test_fig4_flow_curves_are_the_fast_forgetting_momentum_flows(tmp_path):
+    # -m slow: about a minute. Heavy ball (lr 0.1 / B, momentum 0.9) follows MomentumFlow
+    # with b1 = 1 - 0.1 / eta, eta = lr / 0.1; Adam with b1 = b2 = 0.9 at lr 1e-4 the Adam
+    # flow with b = b1 = -999 ("ema": the paper's correction 1 - b^t needs b >= 0).
+    pytest.importorskip("mlxtend")
+    from marginflow.discrete import matching_flow
+    from marginflow.experiments._fig1 import _optimizers
+
+    opts = _optimizers("fig4", 16)
+    heavy, adam = matching_flow(opts["SGD momentum"]), matching_flow(opts["Adam (momentum)"])
+    assert math.isclose(float(heavy.b1), 1 - 0.1 / (0.1 / 16 / 0.1), rel_tol=1e-12)
+    assert math.isclose(float(adam.b), -999.0, rel_tol=1e-9)
+    assert math.isclose(float(adam.b1), -999.0, rel_tol=1e-9)
+    result = fig4(quick=True, epochs=2, n_train=16, n_test=16, flow=True)
+    for name in result.settings["optimizers"]:
+        assert result.numbers[f"{name} flow: result"] == "successful"
+        np.testing.assert_array_equal(result.data[f"{name.replace(' ', '_')}_flow_epoch"],
+                                      np.arange(3))
     _check_saved(result, tmp_path)
 
 
