@@ -153,11 +153,17 @@ def _display(v) -> str:
 
 
 def _simulate_run(args) -> int:
+    from .._cache import use_cache
     from .._trajectory import SimulationError
     from ..flows import simulate
 
     if not args.t1 > 0:
         raise UsageError(f"--t1 must be > 0, got {args.t1!r}; e.g. --t1 1e6.")
+    # The cache on before the model is built: its random initialisation is a dozen small
+    # programs, compiled afresh in every process otherwise (simulate would switch the cache
+    # on only at its call; the CLI owns its process, so no JAX setting of the user's is
+    # overridden, and use_cache keeps one that is set).
+    use_cache()
     flow, model, data = _build(args)
     # Before any computing: a run must not be lost because its outputs cannot be written.
     writable_folder(args.out, "--out")

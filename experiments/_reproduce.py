@@ -79,6 +79,9 @@ def _run(args) -> int:
         raise UsageError(f"--flow applies to {', '.join(WITH_FLOW)} (the MNIST figures), got "
                          f"{args.name}; leave --flow out, or name one of those.")
     writable_folder(args.out, "--out")  # before computing anything
+    from .._cache import use_cache
+
+    use_cache()  # before the experiments build their models (as `marginflow simulate`)
     status = 0
     for name in names:
         try:

@@ -92,3 +92,25 @@ def test_simulate_checkpoint_and_resume(tmp_path, capsys):
     np.testing.assert_array_equal(resumed.w, full.w)
     rc = main(["resume", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")])
     assert rc == 2 and "not a folder" in capsys.readouterr().err
+
+
+def test_simulate_switches_the_cache_on_before_building_the_model(tmp_path, monkeypatch):
+    """The model's random initialisation is a dozen small programs: with the persistent
+    cache on before they compile, a warm process loads them (docs/performance.md)."""
+    import marginflow._cache
+    from marginflow.experiments import _cli
+
+    order = []
+
+    class Stop(Exception):
+        pass
+
+    def build(args):
+        order.append("build")
+        raise Stop
+
+    monkeypatch.setattr(marginflow._cache, "use_cache", lambda: order.append("cache"))
+    monkeypatch.setattr(_cli, "_build", build)
+    with pytest.raises(Stop):
+        main(["simulate", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert order == ["cache", "build"]
