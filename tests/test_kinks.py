@@ -433,17 +433,19 @@ def _small_cnn():
 def test_a_small_cnn_flow_steps_with_heun():
     """The CNN's default (Heun with kink steps) end to end on a small CNN and 8 random
     images: it reaches t1 with kink steps and lowers the loss. kink_tol 1e-2 is coarse
-    here: it leaves a sliding phase the flow stays in (next test), and its loss rises
-    between saves (measured: log L -5.04 then -4.04 at the 18th and 19th of 20 saves, a
-    rise of 0.198 relative to |log L|), which AdaGrad's flow never does: the run says so."""
+    here: it leaves a sliding phase the flow stays in (next test), and where its loss rises
+    between saves by more than kink_tol, which AdaGrad's flow never does, the run says so.
+    Whether it rises depends on the rounding of XLA's kernels: on a machine with AVX-512
+    (512-bit vectors) log L went from -5.04 to -4.04 at the 18th and 19th of 20 saves, a
+    rise of 0.198 relative to |log L|; on a 256-bit AMD EPYC it never rose (0.007 fall)."""
     model, data = _small_cnn()
     traj = simulate(AdaGradFlow(1e-5), model, data, 1.0, loss="cross_entropy", n_save=20,
                     kink_tol=1e-2)
     assert traj.meta["solver"] == "Heun" and traj.stats["num_kink_steps"] > 0
     assert traj.log_loss[-1] < traj.log_loss[0]
     rise = np.max(np.diff(traj.log_loss) / np.maximum(1, np.abs(traj.log_loss[:-1])))
-    assert traj.stats["kink_loss_rise"] == pytest.approx(rise) and rise > 1e-2
-    assert "The loss rose between saves" in traj.message
+    assert traj.stats["kink_loss_rise"] == pytest.approx(max(rise, 0.0), abs=1e-15)
+    assert ("The loss rose between saves" in traj.message) == (rise > 1e-2)
 
 
 @pytest.mark.slow
@@ -467,3 +469,15 @@ def test_a_small_cnn_converges_as_kink_tol_falls():
     assert second < first / 2, (first, second)
     assert abs(runs[1].log_loss[-1] - runs[2].log_loss[-1]) < 1e-3
     assert runs[2].log_loss[-1] < runs[2].log_loss[0]
+
+
+def test_loss_rise_is_the_largest_relative_rise_between_saves():
+    """`_loss_rise`, which `simulate` reports as stats['kink_loss_rise'] and names in the
+    message beyond kink_tol: log L -1, -2, -1.5, -3 rises once, by 0.5 relative to
+    max(1, 2); a falling loss gives 0; a momentum flow, whose loss may rise, gives None."""
+    from marginflow.flows import MomentumFlow
+    from marginflow.flows._simulate import _loss_rise
+
+    assert float(np.max(_loss_rise(AdaGradFlow(1e-5), [-1.0, -2.0, -1.5, -3.0]))) == 0.25
+    assert float(np.max(_loss_rise(AdaGradFlow(1e-5), [0.5, 0.2, -4.0]))) == 0.0
+    assert _loss_rise(MomentumFlow(0.9), [-1.0, -0.5]) is None
