@@ -66,7 +66,7 @@ class Engine:
             return segment, _start, _restart
         restart_fn = eqx.filter_vmap(_restart, in_axes=(None, None, 0, None, None, None, 0))
         seg = eqx.filter_vmap(
-            segment, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0))
+            segment.jitted, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0))
         start_fn = eqx.filter_vmap(_start, in_axes=(None, None, 0, None, None, None, None, None))
         if run.threads > 1:
             vmapped, threads = seg, run.threads

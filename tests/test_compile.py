@@ -167,3 +167,70 @@ def test_small_problems_compile_with_the_classic_emitters_bit_for_bit(monkeypatc
     assert classic.stats["num_steps"] == default.stats["num_steps"]
     for name in ("w", "m", "I", "log_loss"):
         np.testing.assert_array_equal(getattr(classic, name), getattr(default, name))
+
+
+def test_a_stored_segment_runs_bit_for_bit_like_a_traced_one(monkeypatch, tmp_path):
+    """The segment exported and stored (`flows/_export.py`), then loaded as a later process
+    loads it (here: the in-process copies dropped), runs without being traced and gives the
+    trajectory of the traced segment bit for bit; a damaged stored file is exported anew."""
+    from marginflow.flows import _export, _kernels
+
+    monkeypatch.setitem(_export.__dict__, "_folder",
+                        lambda: os.path.join(str(tmp_path), "marginflow-export"))
+
+    def fresh():
+        for program in (_kernels._segment, _kernels._segment_classic):
+            program._loaded.clear()
+
+    flow, model, data = (RMSPropFlow(eps=1e-5, b=0.9), ToyLeaky(key=jax.random.PRNGKey(6)),
+                         toy_dataset(seed=0))
+    fresh()
+    stored = simulate(flow, model, data, t1=1e4, n_save=11)  # exported and stored
+    files = os.listdir(tmp_path / "marginflow-export")
+    assert len(files) == 1 and files[0].endswith(".pkl")
+    fresh()
+    n0 = eqx.debug.get_num_traces(_segment_counted)
+    loaded = simulate(flow, model, data, t1=1e4, n_save=11)
+    assert eqx.debug.get_num_traces(_segment_counted) == n0  # loaded, not traced
+    (tmp_path / "marginflow-export" / files[0]).write_bytes(b"not a program")
+    fresh()
+    again = simulate(flow, model, data, t1=1e4, n_save=11)
+    assert eqx.debug.get_num_traces(_segment_counted) == n0 + 1  # exported anew
+    monkeypatch.setenv("MARGINFLOW_EXPORT", "0")
+    traced = simulate(flow, model, data, t1=1e4, n_save=11)
+    for run in (stored, loaded, again, traced):
+        assert run.success and run.stats["num_steps"] == traced.stats["num_steps"]
+        for name in ("w", "m", "I", "log_loss"):
+            np.testing.assert_array_equal(getattr(run, name), getattr(traced, name))
+
+
+def test_stored_programs_are_keyed_by_exact_values_only():
+    """The key changes with any static value, shape, dtype or compiler option and not with
+    array values; a call holding a lambda or a class defined outside marginflow and its
+    libraries has no key (it is traced: two notebooks may define different functions under
+    one name)."""
+    import jax.numpy as jnp
+    from marginflow.flows._export import program_key
+
+    def key(*args, options=None):
+        return program_key("segment", args, options or {}, "cpu")
+
+    base = key(RMSPropFlow(1e-5, 0.9), jnp.zeros(3), 1e-8, 100)
+    assert base is not None
+    assert key(RMSPropFlow(1e-3, 0.5), jnp.ones(3), 1e-8, 100) == base  # arrays' values
+    assert key(RMSPropFlow(1e-5, 0.9, eps_placement="outside"), jnp.zeros(3), 1e-8,
+               100) != base
+    assert key(RMSPropFlow(1e-5, 0.9), jnp.zeros(4), 1e-8, 100) != base
+    assert key(RMSPropFlow(1e-5, 0.9), jnp.zeros(3, jnp.float32), 1e-8, 100) != base
+    assert key(RMSPropFlow(1e-5, 0.9), jnp.zeros(3), 1e-8 * (1 + 2**-52), 100) != base
+    assert key(RMSPropFlow(1e-5, 0.9), jnp.zeros(3), 1e-8, 101) != base
+    assert key(RMSPropFlow(1e-5, 0.9), jnp.zeros(3), 1e-8, 100,
+               options={"xla_cpu_use_fusion_emitters": False}) != base
+    assert key(RMSPropFlow(1e-5, 0.9), jnp.zeros(3), lambda x: x) is None
+
+    class Local(eqx.Module):
+        a: jax.Array
+
+    assert key(Local(jnp.zeros(3))) is None
+    relu, gelu = key(jax.nn.relu), key(jax.nn.gelu)  # library functions: by name
+    assert relu is not None and gelu is not None and relu != gelu

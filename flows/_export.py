@@ -1,0 +1,274 @@
+"""The segment program stored traced: `jax.export` of `_segment` kept beside JAX's cache.
+
+A warm process loads the segment's compiled code from JAX's persistent cache, but it still
+traces the segment in Python first (about 1.3 s for the toy on the 2-core machine, a
+quarter of a warm `marginflow simulate`), because JAX's cache is keyed by the traced
+program. This module keeps the traced program too: the first process exports it
+(`jax.export`: StableHLO, serialised) under a key made of everything the trace depends
+on, and later processes deserialise it and call it, without tracing.
+
+The key must tell apart any two programs that could differ, or a process would run the
+wrong one. So it is made only of things whose identity is exact, and a call with
+anything else is traced as before:
+- marginflow's own source (a digest of its .py files) and the versions of Python, jax,
+  jaxlib, diffrax, equinox, optimistix and lineax;
+- the JAX settings and environment variables that change a trace (x64, matmul
+  precision, promotion rules; JAX_*, XLA_*, EQX_* variables), the platform and device kind,
+  and the compiler options;
+- the arguments: every array as its shape, dtype and weak type; every other value as
+  itself, where it is None, a bool, a number, a string, a dtype, or a tuple, list or dict
+  of those; every class and function by its module and name, only where it comes from
+  marginflow or one of the libraries above and is not a lambda or a local definition (a
+  model class or an activation written in a notebook is traced every time: two notebooks
+  may define different functions under one name).
+
+Off with MARGINFLOW_EXPORT=0, when JAX's cache is off (`marginflow.cache_dir()` is None),
+for batched runs, and where `flatbuffers` (which jax.export's serialisation needs) is
+missing. Any failure to export, store or load falls back to tracing. The stored program
+compiles to the same code: a run through it equals a traced run bit for bit
+(`tests/test_compile.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import sys
+
+import equinox as eqx
+import jax
+import numpy as np
+
+# Where a class or function may come from and still be keyed by its name: marginflow (its
+# source digest is in the key) and the libraries whose versions are in the key.
+_LIBRARIES = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax")
+_TRUSTED = ("marginflow", *_LIBRARIES, "builtins", "numpy", "typing")
+_CONFIG = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
+           "jax_numpy_rank_promotion", "jax_default_prng_impl", "jax_debug_nans",
+           "jax_debug_infs", "jax_enable_checks")
+_ENV_PREFIXES = ("JAX_", "XLA_", "EQX_")
+_FORMAT = "marginflow-export-1"
+
+
+class _Unkeyable(Exception):
+    """An argument whose identity is not exact: the call is traced instead."""
+
+
+@functools.cache
+def _environment() -> str:
+    """The part of the key that is fixed for a process (module docstring): marginflow's
+    source, the libraries' versions and the environment variables."""
+    from importlib import metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in (
+            "tests", "docs", "notebooks", "benchmarks"))
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as fh:
+                    digest.update(hashlib.sha256(fh.read()).digest())
+    versions = []
+    for lib in _LIBRARIES:
+        try:
+            versions.append(f"{lib}={metadata.version(lib)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{lib}=none")
+    # The variables as the process started with them: JAX, XLA and equinox read them then.
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)]
+    return repr((_FORMAT, digest.hexdigest(), sys.version, versions, env))
+
+
+def _named(x) -> str:
+    """A class or function by module and qualified name, if that names it exactly."""
+    module = getattr(x, "__module__", None) or ""
+    qualname = getattr(x, "__qualname__", None) or ""
+    if module.split(".")[0] not in _TRUSTED or not qualname or "<" in qualname:
+        raise _Unkeyable(f"{x!r} ({module}.{qualname})")
+    return f"{module}:{qualname}"
+
+
+def _value(x):
+    """A static value as exact text (_Unkeyable where that is not possible)."""
+    if x is None or isinstance(x, (bool, int, str, bytes)):
+        return repr(x)
+    if isinstance(x, float):
+        return float.hex(x)
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__}({','.join(_value(v) for v in x)})"
+    if isinstance(x, dict):
+        return "dict(" + ",".join(f"{_value(k)}:{_value(v)}"
+                                  for k, v in sorted(x.items(), key=lambda kv: repr(kv[0]))) + ")"
+    if isinstance(x, np.dtype):
+        return f"dtype({x.str})"
+    if isinstance(x, type):
+        return f"type({_named(x)})"
+    if isinstance(x, functools.partial):
+        return f"partial({_value(x.func)},{_value(x.args)},{_value(x.keywords)})"
+    if callable(x) and hasattr(x, "__qualname__"):
+        return f"fn({_named(x)})"
+    if type(x).__module__.split(".")[0] == "equinox" and type(x).__name__ == "_Missing":
+        return "eqx.Missing"
+    raise _Unkeyable(f"{x!r} ({type(x).__module__}.{type(x).__qualname__})")
+
+
+def _tree(treedef) -> str:
+    """A pytree's structure: node types by name, with their static data (`_value`)."""
+    node = treedef.node_data()
+    if node is None:
+        return "*"
+    kind, aux = node
+    children = ",".join(_tree(c) for c in treedef.children())
+    return f"{_named(kind)}[{_value(aux)}]({children})"
+
+
+def program_key(name: str, args, compiler_options: dict, platform: str) -> str | None:
+    """The stored program's key for `name` called on `args`, or None: not keyable."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    try:
+        parts = [_tree(treedef)]
+        for leaf in leaves:
+            if eqx.is_array(leaf):
+                weak = bool(getattr(leaf, "weak_type", False))
+                parts.append(f"array({np.dtype(leaf.dtype).str},{tuple(leaf.shape)},{weak})")
+            else:
+                parts.append(_value(leaf))
+    except _Unkeyable:
+        return None
+    device = jax.devices(platform)[0]
+    config = [f"{c}={getattr(jax.config, c, None)!r}" for c in _CONFIG]  # may change any time
+    text = repr((_environment(), config, name, platform, device.device_kind,
+                 sorted(compiler_options.items()), parts))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _folder() -> str | None:
+    from .._cache import cache_dir
+
+    base = cache_dir()
+    return None if base is None else os.path.join(base, "marginflow-export")
+
+
+def available() -> bool:
+    """Whether stored programs are in use in this process (module docstring)."""
+    if os.environ.get("MARGINFLOW_EXPORT", "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    if jax.config.jax_disable_jit or _folder() is None:
+        return False
+    try:
+        import flatbuffers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class StoredProgram:
+    """`fn` (a function of arrays and static values, as `eqx.filter_jit` takes it) called
+    through its exported program where the call is keyable, else through `jitted`."""
+
+    def __init__(self, name: str, fn, jitted, compiler_options: dict | None = None):
+        self.name, self.fn, self.jitted = name, fn, jitted
+        self.compiler_options = dict(compiler_options or {})
+        self._loaded: dict[str, tuple] = {}  # key -> (compiled call, out static, out tree)
+
+    def __call__(self, *args):
+        platform = _single_device_platform(args)
+        if platform is None or not available():
+            return self.jitted(*args)
+        key = program_key(self.name, args, self.compiler_options, platform)
+        if key is None:
+            return self.jitted(*args)
+        dyn, static = eqx.partition(args, eqx.is_array)
+        dyn_leaves, dyn_tree = jax.tree_util.tree_flatten(dyn)
+        program = self._loaded.get(key)
+        if program is None:
+            program = self._load(key) or self._export(key, dyn_leaves, dyn_tree, static)
+            if program is None:
+                return self.jitted(*args)
+            self._loaded[key] = program
+        call, out_static, out_tree = program
+        # Committed to the device, all of them: the first call's inputs (numpy, uncommitted)
+        # and the next's (the last call's outputs, committed) would otherwise lower and
+        # compile the program twice.
+        device = jax.devices(platform)[0]
+        try:
+            out = call(*(jax.device_put(x, device) for x in dyn_leaves))
+        except (TypeError, ValueError):  # inputs the stored program does not take: trace
+            self._loaded.pop(key, None)
+            return self.jitted(*args)
+        return eqx.combine(jax.tree_util.tree_unflatten(out_tree, out), out_static)
+
+    def _compiled(self, exported):
+        def call(*args):
+            return exported.call(*args)
+
+        # JAX names the compiled program (and its cache file) after the function.
+        call.__name__ = call.__qualname__ = f"_{self.name}_stored"
+        return jax.jit(call, compiler_options=self.compiler_options or None)
+
+    def _load(self, key: str):
+        path = os.path.join(_folder(), key + ".pkl")
+        try:
+            with open(path, "rb") as fh:
+                blob, out_static, out_tree = pickle.load(fh)
+            exported = jax.export.deserialize(blob)
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001  (a damaged or foreign file: trace instead)
+            return None
+        return self._compiled(exported), out_static, out_tree
+
+    def _export(self, key: str, dyn_leaves, dyn_tree, static):
+        holder = {}
+
+        def flat(*leaves):
+            out = self.fn(*eqx.combine(jax.tree_util.tree_unflatten(dyn_tree, leaves), static))
+            out_dyn, holder["static"] = eqx.partition(out, eqx.is_array)
+            out_leaves, holder["tree"] = jax.tree_util.tree_flatten(out_dyn)
+            return out_leaves
+
+        avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False))
+                 for x in dyn_leaves]
+        try:
+            exported = jax.export.export(jax.jit(flat))(*avals)
+            blob = exported.serialize()
+            payload = pickle.dumps((blob, holder["static"], holder["tree"]))
+        except Exception:  # noqa: BLE001  (not exportable or not picklable: trace instead)
+            return None
+        _write(os.path.join(_folder(), key + ".pkl"), payload)
+        return self._compiled(exported), holder["static"], holder["tree"]
+
+
+def _single_device_platform(args) -> str | None:
+    """The platform where every array of `args` is on its first device; None for a tracer
+    (a call under jit or vmap) or arrays spread over devices: those calls are traced."""
+    platform = None
+    for leaf in jax.tree_util.tree_leaves(args):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array):
+            devices = leaf.devices()
+            if len(devices) != 1:
+                return None
+            (device,) = devices
+            if device != jax.devices(device.platform)[0]:
+                return None
+            platform = device.platform
+    return platform or jax.default_backend()
+
+
+def _write(path: str, payload: bytes) -> None:
+    """Atomically, in the private cache folder; a failure only loses the stored copy."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except OSError:
+        pass
