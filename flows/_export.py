@@ -45,15 +45,57 @@ import numpy as np
 # source digest is in the key) and the libraries whose versions are in the key.
 _LIBRARIES = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax")
 _TRUSTED = ("marginflow", *_LIBRARIES, "builtins", "numpy", "typing")
-_CONFIG = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
-           "jax_numpy_rank_promotion", "jax_default_prng_impl", "jax_debug_nans",
-           "jax_debug_infs", "jax_enable_checks")
+# JAX settings left out of the key: where programs are cached and what is logged.
+_CONFIG_IGNORED = ("cache", "log", "explain", "traceback", "persistent")
 _ENV_PREFIXES = ("JAX_", "XLA_", "EQX_")
-_FORMAT = "marginflow-export-1"
+_FORMAT = "marginflow-export-2"
 
 
 class _Unkeyable(Exception):
     """An argument whose identity is not exact: the call is traced instead."""
+
+
+def _package_files() -> list[str]:
+    """marginflow's .py files: the package folder and its sub-packages (folders with an
+    __init__.py), not the checkout's tests, docs or virtual environments."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs
+                         if os.path.isfile(os.path.join(folder, d, "__init__.py")))
+        found += [os.path.join(folder, f) for f in sorted(files)
+                  if f.endswith(".py") and os.path.isfile(os.path.join(folder, f))]
+    return found
+
+
+def _read_sources():
+    """(digest, stamps) of marginflow's source as this process imported it: read when this
+    module is imported, with each file's (mtime, size), so that a file changed later (an
+    edit, a checkout in a running kernel) switches stored programs off for the process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest, stamps = hashlib.sha256(), []
+    try:
+        for path in _package_files():
+            with open(path, "rb") as fh:
+                data = fh.read()
+            st = os.stat(path)
+            stamps.append((path, st.st_mtime_ns, st.st_size))
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            digest.update(hashlib.sha256(data).digest())
+    except OSError:
+        return None, []
+    return (digest.hexdigest() if stamps else None), stamps
+
+
+_SOURCE_DIGEST, _SOURCE_STAMPS = _read_sources()
+
+
+def _sources_unchanged() -> bool:
+    try:
+        return all((os.stat(p).st_mtime_ns, os.stat(p).st_size) == (m, n)
+                   for p, m, n in _SOURCE_STAMPS)
+    except OSError:
+        return False
 
 
 @functools.cache
@@ -62,17 +104,6 @@ def _environment() -> str:
     source, the libraries' versions and the environment variables."""
     from importlib import metadata
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in (
-            "tests", "docs", "notebooks", "benchmarks"))
-        for name in sorted(files):
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                digest.update(os.path.relpath(path, root).encode())
-                with open(path, "rb") as fh:
-                    digest.update(hashlib.sha256(fh.read()).digest())
     versions = []
     for lib in _LIBRARIES:
         try:
@@ -81,40 +112,57 @@ def _environment() -> str:
             versions.append(f"{lib}=none")
     # The variables as the process started with them: JAX, XLA and equinox read them then.
     env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)]
-    return repr((_FORMAT, digest.hexdigest(), sys.version, versions, env))
+    return repr((_FORMAT, _SOURCE_DIGEST, sys.version, versions, env))
+
+
+def _config() -> list[str]:
+    """Every JAX setting that may change a trace (all but _CONFIG_IGNORED's), now: they
+    can change at any time (jax.config.update, context managers)."""
+    names = sorted(n for n in jax.config.values if not any(w in n for w in _CONFIG_IGNORED))
+    return [f"{n}={getattr(jax.config, n, None)!r}" for n in names]
 
 
 def _named(x) -> str:
-    """A class or function by module and qualified name, if that names it exactly."""
+    """A class or function by module and qualified name, where that name finds x itself
+    (not a wrapper copying a function's name, nor a bound method)."""
+    if x is type(None):  # a pytree node type, not reachable as builtins.NoneType
+        return "builtins:NoneType"
     module = getattr(x, "__module__", None) or ""
     qualname = getattr(x, "__qualname__", None) or ""
     if module.split(".")[0] not in _TRUSTED or not qualname or "<" in qualname:
-        raise _Unkeyable(f"{x!r} ({module}.{qualname})")
+        raise _Unkeyable
+    found = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not x:
+        raise _Unkeyable
     return f"{module}:{qualname}"
 
 
 def _value(x):
-    """A static value as exact text (_Unkeyable where that is not possible)."""
-    if x is None or isinstance(x, (bool, int, str, bytes)):
-        return repr(x)
-    if isinstance(x, float):
-        return float.hex(x)
-    if isinstance(x, (tuple, list)):
-        return f"{type(x).__name__}({','.join(_value(v) for v in x)})"
-    if isinstance(x, dict):
-        return "dict(" + ",".join(f"{_value(k)}:{_value(v)}"
-                                  for k, v in sorted(x.items(), key=lambda kv: repr(kv[0]))) + ")"
+    """A static value as exact text (_Unkeyable where that is not possible). Types are
+    matched exactly: a subclass (np.float64, an IntEnum, a namedtuple) may trace apart."""
+    kind = type(x)
+    if x is None or kind in (bool, int, str, bytes):
+        return f"{kind.__name__}:{x!r}"
+    if kind is float:
+        return f"float:{float.hex(x)}"
+    if kind in (tuple, list):
+        return f"{kind.__name__}({','.join(_value(v) for v in x)})"
+    if kind is dict:
+        items = sorted(((_value(k), _value(v)) for k, v in x.items()))
+        return "dict(" + ",".join(f"{k}:{v}" for k, v in items) + ")"
     if isinstance(x, np.dtype):
-        return f"dtype({x.str})"
+        return f"dtype({x})"
     if isinstance(x, type):
         return f"type({_named(x)})"
-    if isinstance(x, functools.partial):
+    if kind is functools.partial:
         return f"partial({_value(x.func)},{_value(x.args)},{_value(x.keywords)})"
     if callable(x) and hasattr(x, "__qualname__"):
         return f"fn({_named(x)})"
-    if type(x).__module__.split(".")[0] == "equinox" and type(x).__name__ == "_Missing":
+    if kind.__module__.split(".")[0] == "equinox" and kind.__name__ == "_Missing":
         return "eqx.Missing"
-    raise _Unkeyable(f"{x!r} ({type(x).__module__}.{type(x).__qualname__})")
+    raise _Unkeyable
 
 
 def _tree(treedef) -> str:
@@ -129,21 +177,24 @@ def _tree(treedef) -> str:
 
 def program_key(name: str, args, compiler_options: dict, platform: str) -> str | None:
     """The stored program's key for `name` called on `args`, or None: not keyable."""
-    leaves, treedef = jax.tree_util.tree_flatten(args)
     try:
+        if _SOURCE_DIGEST is None or not _sources_unchanged():
+            return None
+        if jax.config.jax_default_device is not None:
+            return None  # the stored program runs on the platform's first device
+        leaves, treedef = jax.tree_util.tree_flatten(args)
         parts = [_tree(treedef)]
         for leaf in leaves:
             if eqx.is_array(leaf):
                 weak = bool(getattr(leaf, "weak_type", False))
-                parts.append(f"array({np.dtype(leaf.dtype).str},{tuple(leaf.shape)},{weak})")
+                parts.append(f"array({leaf.dtype},{tuple(leaf.shape)},{weak})")
             else:
                 parts.append(_value(leaf))
-    except _Unkeyable:
+        device = jax.devices(platform)[0]
+        text = repr((_environment(), _config(), name, platform, device.device_kind,
+                     sorted(compiler_options.items()), parts))
+    except Exception:  # noqa: BLE001  (_Unkeyable, or anything odd: trace instead)
         return None
-    device = jax.devices(platform)[0]
-    config = [f"{c}={getattr(jax.config, c, None)!r}" for c in _CONFIG]  # may change any time
-    text = repr((_environment(), config, name, platform, device.device_kind,
-                 sorted(compiler_options.items()), parts))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -174,32 +225,33 @@ class StoredProgram:
     def __init__(self, name: str, fn, jitted, compiler_options: dict | None = None):
         self.name, self.fn, self.jitted = name, fn, jitted
         self.compiler_options = dict(compiler_options or {})
-        self._loaded: dict[str, tuple] = {}  # key -> (compiled call, out static, out tree)
+        # key -> (compiled call, out static, out tree), or None where it could not be used
+        self._loaded: dict[str, tuple | None] = {}
 
     def __call__(self, *args):
         platform = _single_device_platform(args)
         if platform is None or not available():
             return self.jitted(*args)
         key = program_key(self.name, args, self.compiler_options, platform)
-        if key is None:
+        if key is None or self._loaded.get(key, ()) is None:  # not keyable, or failed before
             return self.jitted(*args)
         dyn, static = eqx.partition(args, eqx.is_array)
         dyn_leaves, dyn_tree = jax.tree_util.tree_flatten(dyn)
         program = self._loaded.get(key)
         if program is None:
-            program = self._load(key) or self._export(key, dyn_leaves, dyn_tree, static)
+            program = (self._load(key)
+                       or self._export(key, dyn_leaves, dyn_tree, static, platform))
+            self._loaded[key] = program  # None: remembered, this process traces it
             if program is None:
                 return self.jitted(*args)
-            self._loaded[key] = program
         call, out_static, out_tree = program
         # Committed to the device, all of them: the first call's inputs (numpy, uncommitted)
         # and the next's (the last call's outputs, committed) would otherwise lower and
         # compile the program twice.
-        device = jax.devices(platform)[0]
         try:
-            out = call(*(jax.device_put(x, device) for x in dyn_leaves))
-        except (TypeError, ValueError):  # inputs the stored program does not take: trace
-            self._loaded.pop(key, None)
+            out = call(*jax.device_put(dyn_leaves, jax.devices(platform)[0]))
+        except Exception:  # noqa: BLE001  (inputs the stored program does not take: trace)
+            self._loaded[key] = None
             return self.jitted(*args)
         return eqx.combine(jax.tree_util.tree_unflatten(out_tree, out), out_static)
 
@@ -223,7 +275,7 @@ class StoredProgram:
             return None
         return self._compiled(exported), out_static, out_tree
 
-    def _export(self, key: str, dyn_leaves, dyn_tree, static):
+    def _export(self, key: str, dyn_leaves, dyn_tree, static, platform: str):
         holder = {}
 
         def flat(*leaves):
@@ -235,7 +287,7 @@ class StoredProgram:
         avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False))
                  for x in dyn_leaves]
         try:
-            exported = jax.export.export(jax.jit(flat))(*avals)
+            exported = jax.export.export(jax.jit(flat), platforms=[platform])(*avals)
             blob = exported.serialize()
             payload = pickle.dumps((blob, holder["static"], holder["tree"]))
         except Exception:  # noqa: BLE001  (not exportable or not picklable: trace instead)

@@ -234,3 +234,21 @@ def test_stored_programs_are_keyed_by_exact_values_only():
     assert key(Local(jnp.zeros(3))) is None
     relu, gelu = key(jax.nn.relu), key(jax.nn.gelu)  # library functions: by name
     assert relu is not None and gelu is not None and relu != gelu
+    # a wrapper that copies a library function's name is not that function
+    assert key(jax.grad(jax.nn.softplus)) is None
+    assert key(True) != key(1) and key(0.0) != key(-0.0)
+
+
+def test_stored_programs_stop_when_the_source_changes(monkeypatch):
+    """A file of marginflow changed after the process imported it (an edit, a checkout in
+    a running kernel): the process's traces are of the old code, so nothing is stored or
+    loaded any more."""
+    import jax.numpy as jnp
+    from marginflow.flows import _export
+
+    args = (RMSPropFlow(1e-5, 0.9), jnp.zeros(3))
+    assert _export.program_key("segment", args, {}, "cpu") is not None
+    path, mtime, size = _export._SOURCE_STAMPS[0]
+    monkeypatch.setattr(_export, "_SOURCE_STAMPS",
+                        [(path, mtime - 1, size), *_export._SOURCE_STAMPS[1:]])
+    assert _export.program_key("segment", args, {}, "cpu") is None
