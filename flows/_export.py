@@ -10,21 +10,25 @@ on, and later processes deserialise it and call it, without tracing.
 The key must tell apart any two programs that could differ, or a process would run the
 wrong one. So it is made only of things whose identity is exact, and a call with
 anything else is traced as before:
-- marginflow's own source (a digest of its .py files) and the versions of Python, jax,
-  jaxlib, diffrax, equinox, optimistix and lineax;
-- the JAX settings and environment variables that change a trace (x64, matmul
-  precision, promotion rules; JAX_*, XLA_*, EQX_* variables), the platform and device kind,
-  and the compiler options;
+- marginflow's own source (a digest of its package's .py files, read when this module is
+  imported; if a file changes later, by an edit or a checkout under a running kernel, the
+  process stops storing and loading, as its traces are of the old code) and the versions
+  of Python, jax, jaxlib, diffrax, equinox, optimistix and lineax;
+- every JAX setting but those of caching and logging, the JAX_*, XLA_* and EQX_*
+  environment variables, the platform and device kind, and the compiler options;
 - the arguments: every array as its shape, dtype and weak type; every other value as
-  itself, where it is None, a bool, a number, a string, a dtype, or a tuple, list or dict
-  of those; every class and function by its module and name, only where it comes from
-  marginflow or one of the libraries above and is not a lambda or a local definition (a
-  model class or an activation written in a notebook is traced every time: two notebooks
-  may define different functions under one name).
+  itself, where its type is exactly None, bool, int, float, str, bytes, a dtype, or a
+  tuple, list or dict of those (a subclass, such as np.float64 or an IntEnum, may trace
+  differently); every class and function by its module and name, only where it comes
+  from marginflow or one of the libraries above, is not a lambda or a local definition,
+  and the name finds the object itself (not a wrapper such as jax.grad(f) that copies
+  f's name). A model class or an activation written in a notebook is traced every time:
+  two notebooks may define different functions under one name.
 
 Off with MARGINFLOW_EXPORT=0, when JAX's cache is off (`marginflow.cache_dir()` is None),
-for batched runs, and where `flatbuffers` (which jax.export's serialisation needs) is
-missing. Any failure to export, store or load falls back to tracing. The stored program
+for batched runs, runs over several devices or with a default device set, and where
+`flatbuffers` (which jax.export's serialisation needs) is missing. Any failure to export,
+store, load or call falls back to tracing, and is remembered for the process. The stored program
 compiles to the same code: a run through it equals a traced run bit for bit
 (`tests/test_compile.py`).
 """
