@@ -53,6 +53,7 @@ _TRUSTED = ("marginflow", *_LIBRARIES, "builtins", "numpy", "typing")
 _CONFIG_IGNORED = ("cache", "log", "explain", "traceback", "persistent")
 _ENV_PREFIXES = ("JAX_", "XLA_", "EQX_")
 _FORMAT = "marginflow-export-2"
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # marginflow's folder
 
 
 class _Unkeyable(Exception):
@@ -62,9 +63,8 @@ class _Unkeyable(Exception):
 def _package_files() -> list[str]:
     """marginflow's .py files: the package folder and its sub-packages (folders with an
     __init__.py), not the checkout's tests, docs or virtual environments."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found = []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(_ROOT):
         dirs[:] = sorted(d for d in dirs
                          if os.path.isfile(os.path.join(folder, d, "__init__.py")))
         found += [os.path.join(folder, f) for f in sorted(files)
@@ -72,19 +72,22 @@ def _package_files() -> list[str]:
     return found
 
 
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
 def _read_sources():
     """(digest, stamps) of marginflow's source as this process imported it: read when this
     module is imported, with each file's (mtime, size), so that a file changed later (an
     edit, a checkout in a running kernel) switches stored programs off for the process."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest, stamps = hashlib.sha256(), []
     try:
         for path in _package_files():
             with open(path, "rb") as fh:
                 data = fh.read()
-            st = os.stat(path)
-            stamps.append((path, st.st_mtime_ns, st.st_size))
-            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            stamps.append((path, *_stamp(path)))
+            digest.update(os.path.relpath(path, _ROOT).encode() + b"\0")
             digest.update(hashlib.sha256(data).digest())
     except OSError:
         return None, []
@@ -96,8 +99,7 @@ _SOURCE_DIGEST, _SOURCE_STAMPS = _read_sources()
 
 def _sources_unchanged() -> bool:
     try:
-        return all((os.stat(p).st_mtime_ns, os.stat(p).st_size) == (m, n)
-                   for p, m, n in _SOURCE_STAMPS)
+        return all(_stamp(p) == (m, n) for p, m, n in _SOURCE_STAMPS)
     except OSError:
         return False
 
@@ -222,13 +224,19 @@ def available() -> bool:
     return True
 
 
+_MISSING = object()  # a key this process has not looked up yet
+
+
 class StoredProgram:
     """`fn` (a function of arrays and static values, as `eqx.filter_jit` takes it) called
-    through its exported program where the call is keyable, else through `jitted`."""
+    through its exported program where the call is keyable, else through `jitted`, its
+    `eqx.filter_jit` with the same compiler options."""
 
-    def __init__(self, name: str, fn, jitted, compiler_options: dict | None = None):
-        self.name, self.fn, self.jitted = name, fn, jitted
+    def __init__(self, name: str, fn, compiler_options: dict | None = None):
+        self.name, self.fn = name, fn
         self.compiler_options = dict(compiler_options or {})
+        self.jitted = eqx.filter_jit(fn, **({"compiler_options": self.compiler_options}
+                                            if self.compiler_options else {}))
         # key -> (compiled call, out static, out tree), or None where it could not be used
         self._loaded: dict[str, tuple | None] = {}
 
@@ -237,12 +245,14 @@ class StoredProgram:
         if platform is None or not available():
             return self.jitted(*args)
         key = program_key(self.name, args, self.compiler_options, platform)
-        if key is None or self._loaded.get(key, ()) is None:  # not keyable, or failed before
+        if key is None:  # not keyable
+            return self.jitted(*args)
+        program = self._loaded.get(key, _MISSING)
+        if program is None:  # it failed before in this process
             return self.jitted(*args)
         dyn, static = eqx.partition(args, eqx.is_array)
         dyn_leaves, dyn_tree = jax.tree_util.tree_flatten(dyn)
-        program = self._loaded.get(key)
-        if program is None:
+        if program is _MISSING:
             program = (self._load(key)
                        or self._export(key, dyn_leaves, dyn_tree, static, platform))
             self._loaded[key] = program  # None: remembered, this process traces it
@@ -273,9 +283,7 @@ class StoredProgram:
             with open(path, "rb") as fh:
                 blob, out_static, out_tree = pickle.load(fh)
             exported = jax.export.deserialize(blob)
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001  (a damaged or foreign file: trace instead)
+        except Exception:  # noqa: BLE001  (none stored yet, or a damaged file: export anew)
             return None
         return self._compiled(exported), out_static, out_tree
 

@@ -137,9 +137,8 @@ def _segment_traced(
 # The trace counter (eqx.debug.get_num_traces(_segment_counted)) lets the tests check that a
 # new t1, n_save, eps, b or data set of the same shape does not retrace the segment.
 _segment_counted = eqx.debug.assert_max_traces(_segment_traced, max_traces=None)
-_segment_jit = eqx.filter_jit(_segment_counted)
 # A warm process loads the traced segment instead of tracing it (`_export`).
-_segment = StoredProgram("segment", _segment_counted, _segment_jit)
+_segment = StoredProgram("segment", _segment_counted)
 
 # XLA's CPU backend has two code generators for fused loops: its fusion emitters (the
 # default) and the classic loop emitters. The segment is a few hundred small kernels, which
@@ -153,9 +152,7 @@ _segment = StoredProgram("segment", _segment_counted, _segment_jit)
 # batch) <= CLASSIC_EMITTERS_MAX_WORK.
 CLASSIC_EMITTERS_MAX_WORK = 100_000
 _CLASSIC = {"xla_cpu_use_fusion_emitters": False}
-_segment_classic = StoredProgram("segment", _segment_counted,
-                                 eqx.filter_jit(_segment_counted, compiler_options=_CLASSIC),
-                                 compiler_options=_CLASSIC)
+_segment_classic = StoredProgram("segment", _segment_counted, compiler_options=_CLASSIC)
 
 
 def segment_program(objective, w0, platform: str):
