@@ -22,7 +22,7 @@ os.environ.setdefault("MARGINFLOW_CACHE_DIR", str(_FOLDER))
 _SECONDS = {
     "test_notebooks.py": 207, "test_bank.py": 107, "test_experiments.py": 110,
     "test_sde_adaptive.py": 71, "test_long_horizon.py": 65, "test_simulate.py": 54,
-    "test_kinks.py": 52, "test_discrete_run.py": 44, "test_discrete_dictionary.py": 45,
+    "test_kinks.py": 52, "test_discrete_run.py": 44, "test_discrete_dictionary.py": 50,
     "test_sharding.py": 29, "test_loss_numerics.py": 28, "test_compile.py": 26,
     "test_models.py": 24, "test_analysis_trajectories.py": 22, "test_momentum.py": 22,
     "test_run_integrity.py": 21, "test_readme.py": 21, "test_sde.py": 21, "test_cli.py": 18,
