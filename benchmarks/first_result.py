@@ -84,8 +84,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="first_result_")
     data = os.path.join(work, "data.npz")
     _write_data(data)
-    cli = [sys.executable, "-c", "import sys; from marginflow.experiments._cli import main; "
-           "sys.exit(main())", "simulate", "--no-progress"]
+    cli = [sys.executable, "-c", "import sys; from marginflow.experiments._cli import entry; "
+           "sys.exit(entry())", "simulate", "--no-progress"]
     peer = [sys.executable, os.path.join(HERE, "peer_scipy_job.py"), data]
     times = {"cold": [], "warm": [], "peer": [], "first call": [], "its compile": [],
              "new numbers": []}
@@ -101,6 +101,11 @@ def main() -> None:
         times["new numbers"].append(nb["again"])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"first_result: medians of {args.repeats}, {os.cpu_count()} cores")
+    # JAX imports ml_dtypes in every process; its 0.7.0 release alone took 0.7 s to import.
+    mld = _last_json([sys.executable, "-c", "import json, time, numpy; t = time.perf_counter(); "
+                      "import ml_dtypes; print(json.dumps([ml_dtypes.__version__, "
+                      "time.perf_counter() - t]))"], os.environ)
+    print(f"  (import ml_dtypes {mld[0]}: {mld[1]:.3f} s)")
     for k, v in times.items():
         print(f"  {k:<12} {med[k]:7.2f} s   ({', '.join(f'{x:.2f}' for x in v)})")
     print(f"main job, warm caches / peer:  {med['warm'] / med['peer']:.2f}  (target <= 1.5)")

@@ -9,6 +9,7 @@ a run that stopped early writes what it computed, says why and exits with code 1
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -281,5 +282,25 @@ def main(argv=None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The `marginflow` console script and `python -m marginflow.experiments`: `main` in a
+    process of its own, whose garbage collector it may therefore tune.
+
+    Python's cyclic collector walks every tracked object on each full pass and once more at
+    exit, and a process that has imported JAX and traced a program holds about a million.
+    On the main job (2 cores) that was 0.25-0.35 s of collections during the run and
+    0.4-0.5 s at exit, of a 4 s process. Here the youngest generation is collected every
+    10,000 net allocations instead of 700 (so the older ones far less often), and at the
+    end every object is frozen (gc.freeze) so that the collection at exit skips them.
+    Memory is unaffected: objects are still freed as their last reference goes, and
+    cycles are still collected during the run. `main` itself leaves the collector alone,
+    since tests and notebooks call it in processes they own."""
+    gc.set_threshold(10_000, 10, 10)
+    try:
+        return main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -114,3 +114,40 @@ def test_simulate_switches_the_cache_on_before_building_the_model(tmp_path, monk
     with pytest.raises(Stop):
         main(["simulate", "--out", str(tmp_path / "x"), "--no-progress"])
     assert order == ["cache", "build"]
+
+
+def test_console_entry_tunes_the_collector_of_its_own_process(monkeypatch):
+    """`entry` (the console script and `python -m marginflow.experiments`) runs `main` with
+    fewer collections and freezes the heap at the end, even when `main` raises, so the exit
+    does not walk it; `main` leaves the collector alone (docs/performance.md)."""
+    import gc
+    import tomllib
+    from pathlib import Path
+
+    from marginflow.experiments import _cli
+
+    pyproject = tomllib.loads((Path(_cli.__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["marginflow"] == "marginflow.experiments._cli:entry"
+    before = gc.get_threshold()
+    seen = []
+    try:
+        monkeypatch.setattr(_cli, "main", lambda: seen.append(gc.get_threshold()) or 7)
+        assert _cli.entry() == 7
+        assert seen == [(10_000, 10, 10)] and gc.get_freeze_count() > 0
+        gc.unfreeze()
+
+        def fails():
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_cli, "main", fails)
+        with pytest.raises(KeyboardInterrupt):
+            _cli.entry()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    # main itself, as a test or notebook calls it (bad input: it returns at once)
+    monkeypatch.undo()
+    frozen = gc.get_freeze_count()
+    assert _cli.main(["simulate", "--out", "x", "--t1", "-1"]) == 2
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
