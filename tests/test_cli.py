@@ -121,13 +121,12 @@ def test_console_entry_tunes_the_collector_of_its_own_process(monkeypatch):
     fewer collections and freezes the heap at the end, even when `main` raises, so the exit
     does not walk it; `main` leaves the collector alone (docs/performance.md)."""
     import gc
-    import tomllib
-    from pathlib import Path
+    from importlib.metadata import entry_points
 
     from marginflow.experiments import _cli
 
-    pyproject = tomllib.loads((Path(_cli.__file__).parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["marginflow"] == "marginflow.experiments._cli:entry"
+    (script,) = entry_points(group="console_scripts", name="marginflow")  # as installed
+    assert script.value == "marginflow.experiments._cli:entry"
     before = gc.get_threshold()
     seen = []
     try:
