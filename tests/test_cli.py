@@ -127,9 +127,10 @@ def test_console_entry_tunes_the_collector_of_its_own_process(monkeypatch):
 
     (script,) = entry_points(group="console_scripts", name="marginflow")  # as installed
     assert script.value == "marginflow.experiments._cli:entry"
-    before = gc.get_threshold()
+    before = gc.get_threshold()  # the suite's own (tests/conftest.py); Python's is below
     seen = []
     try:
+        gc.set_threshold(700, 10, 10)
         monkeypatch.setattr(_cli, "main", lambda: seen.append(gc.get_threshold()) or 7)
         assert _cli.entry() == 7
         assert seen == [(10_000, 10, 10)] and gc.get_freeze_count() > 0
@@ -142,11 +143,12 @@ def test_console_entry_tunes_the_collector_of_its_own_process(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             _cli.entry()
         assert gc.get_freeze_count() > 0
+        # main itself, as a test or notebook calls it (bad input: it returns at once)
+        monkeypatch.undo()
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
+        assert _cli.main(["simulate", "--out", "x", "--t1", "-1"]) == 2
+        assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
-    # main itself, as a test or notebook calls it (bad input: it returns at once)
-    monkeypatch.undo()
-    frozen = gc.get_freeze_count()
-    assert _cli.main(["simulate", "--out", "x", "--t1", "-1"]) == 2
-    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
