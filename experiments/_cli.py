@@ -292,8 +292,10 @@ def entry() -> int:
     0.4-0.5 s at exit, of a 4 s process. Here the youngest generation is collected every
     10,000 net allocations instead of 700 (so the older ones far less often), and at the
     end every object is frozen (gc.freeze) so that the collection at exit skips them.
-    Memory is unaffected: objects are still freed as their last reference goes, and
-    cycles are still collected during the run. `main` itself leaves the collector alone,
+    Memory barely changes: objects are still freed as their last reference goes, and
+    cycles are still collected during the run, after at most 10,000 allocations (the main
+    job's peak resident memory: 379.9-380.8 MB against 379.1-379.8 MB, 3 runs each).
+    `main` itself leaves the collector alone,
     since tests and notebooks call it in processes they own."""
     gc.set_threshold(10_000, 10, 10)
     try:
