@@ -44,7 +44,8 @@ from ._lock import _umask, holds_lock
 from ._lock import locked as locked
 
 RUN_FILE = "run.npz"
-# Version 6: the solver state's part for Lemma 3's I is a dead band per coordinate
+# Version 7: AdaGrad's and RMSProp's flows integrate [t0, 1] in s = sqrt t
+# (`flows._clock`), so their solver state there is in s. Version 6: the solver state's part for Lemma 3's I is a dead band per coordinate
 # (`flows._penalty.Band`) instead of psi at the last step's end. Version 5: run.npz holds a
 # run id, every segment the run id and the SHA-256 of the file before it, and pytrees (the
 # solver's state, a discrete run's carry) are written one way, `save_tree`. Version 4: the
@@ -53,7 +54,7 @@ RUN_FILE = "run.npz"
 # saved at a segment's end is (v, m, I) with v = w ||w||^(L-1), under the key y_v (version
 # 2: y_w held w). Version 2: segments are ten decades wide after t = 1e10 (version 1:
 # decades throughout).
-_FORMAT = "marginflow.checkpoint/6"
+_FORMAT = "marginflow.checkpoint/7"
 # What reading a damaged .npz raises: a truncated zip, a bad member, a bad header, I/O.
 _DAMAGE = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError)
 

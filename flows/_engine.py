@@ -19,6 +19,7 @@ import numpy as np
 from .. import _checkpoint as ckpt
 from .._cache import CompileClock
 from .._threads import map_chunks
+from ._clock import LOG_T, SQRT_T, clock_of, t_of_u, u_of_t
 from ._fields import _to_lag, _w_of_v
 from ._kernels import _band_to_log_time, _initial_y, _restart, _start, segment_program
 from ._plan import SegmentPlan, Setup
@@ -64,25 +65,29 @@ class Engine:
         segment = segment_program(run.objective, run.w0, run.devices[0].platform)
         if not run.batch:
             return segment, _start, _restart
-        restart_fn = eqx.filter_vmap(_restart, in_axes=(None, None, 0, None, None, None, 0))
+        restart_fn = eqx.filter_vmap(_restart,
+                                     in_axes=(None, None, 0, None, None, None, 0, None))
         seg = eqx.filter_vmap(
             segment.jitted, in_axes=(None, None, 0, None, None, None, None, None, None, None, 0))
         start_fn = eqx.filter_vmap(_start, in_axes=(None, None, 0, None, None, None, None, None))
         if run.threads > 1:
             vmapped, threads = seg, run.threads
 
-            def seg(flow, objective, y, lo, hi, log_time, save_us, solver, controller,
+            def seg(flow, objective, y, lo, hi, clock, save_us, solver, controller,
                     max_steps, state):
                 def call(y_part, state_part):
-                    return vmapped(flow, objective, y_part, lo, hi, log_time, save_us,
+                    return vmapped(flow, objective, y_part, lo, hi, clock, save_us,
                                    solver, controller, max_steps, state_part)
 
                 return map_chunks(call, (y, state), threads)
 
         return seg, start_fn, restart_fn
 
-    def _u(self, t, log_time):
-        return jnp.asarray(np.log(t) if log_time else t, self.run.dtype)
+    def _u(self, t, clock):
+        return jnp.asarray(u_of_t(t, clock), self.run.dtype)
+
+    def _clock(self, lo):
+        return clock_of(self.run.flow, lo)
 
     def _phase(self):
         # Before the first segment call the meter says "compiling": in a fresh process it
@@ -116,10 +121,10 @@ class Engine:
         run, bounds = self.run, self.plan.bounds
         y = self._initial_state()
         begin = time.perf_counter()
-        first_log = bounds[0] >= 1.0
+        first = self._clock(bounds[0])
         with self.clock:
-            state = self.start_fn(run.flow, run.objective, y, self._u(bounds[0], first_log),
-                                  self._u(bounds[1], first_log), jnp.asarray(first_log),
+            state = self.start_fn(run.flow, run.objective, y, self._u(bounds[0], first),
+                                  self._u(bounds[1], first), jnp.asarray(first, jnp.int32),
                                   run.solver, run.controller)
         out.wall_time += time.perf_counter() - begin
         done = 0
@@ -168,6 +173,27 @@ class Engine:
             "(device count); resume it on a machine with the same number of devices.")
         return y, state
 
+    def _switch(self, before: int, y, state):
+        """y and the solver / controller state at t = 1, where u becomes log t (from the
+        clock `before`: t or sqrt t)."""
+        run = self.run
+        if run.flow.n_moments == 1 and before != SQRT_T:
+            # From t, the solver state carries over (at t = 1, dy/du = t dy/dt = dy/dt),
+            # but the band of Lemma 3's I holds sample times, which move to u.
+            return y, _band_to_log_time(state)
+        if run.flow.n_moments == 2:
+            # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on
+            # (see `_fields`): a new state, so the solver's own state is made anew.
+            objective = run.objective
+            y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
+        # From sqrt t the solver's state holds dy/ds (FSAL), and du = dt = 2 ds at s = 1:
+        # a step of ds proposed in s is one of 2 ds in log t.
+        scale = 2.0 if before == SQRT_T else 1.0
+        state = self.restart_fn(run.flow, run.objective, y, jnp.asarray(0.0, run.dtype),
+                                jnp.asarray(LOG_T, jnp.int32), run.solver, state,
+                                jnp.asarray(scale, run.dtype))
+        return y, state
+
     def _segment_k(self, k, lo, hi, y, state, out: Outcome):
         """Integrate segment k = [lo, hi] (saves, counts and the stop reason into `out`),
         write it to the checkpoint folder, and return the state at its end."""
@@ -176,20 +202,10 @@ class Engine:
             self.checkpoint.check_writable(f"segment {k} ([{lo:.3g}, {hi:.3g}])")
         batch = run.batch
         axis = 1 if batch else 0  # the saves' time axis
-        # t on [t0, 1], log t from t = 1 on (see `_time`).
-        log_time = lo >= 1.0
-        if k and log_time and bounds[k - 1] < 1.0:  # the switch from t to u = log t
-            if run.flow.n_moments == 2:
-                # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on
-                # (see `_fields`): a new state, so the solver's own state is made anew.
-                objective = run.objective
-                y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
-                state = self.restart_fn(run.flow, objective, y, jnp.asarray(0.0, run.dtype),
-                                        jnp.asarray(True), run.solver, state)
-            else:
-                # The other flows keep their solver state (at t = 1, dy/du = t dy/dt =
-                # dy/dt), but the band of Lemma 3's I holds sample times, which move to u.
-                state = _band_to_log_time(state)
+        # t or sqrt t on [t0, 1], log t from t = 1 on (see `_clock`).
+        clock = self._clock(lo)
+        if k and clock == LOG_T and bounds[k - 1] < 1.0:  # the switch to u = log t
+            y, state = self._switch(self._clock(bounds[k - 1]), y, state)
         # At most `slots` saves per call (the slots are part of the compiled program's
         # shape): a segment with more is integrated in pieces, each ending at its last save.
         wanted = self.plan.saves[k]
@@ -204,9 +220,9 @@ class Engine:
             self._phase()
             begin = time.perf_counter()
             with self.clock:
-                result = self.seg(run.flow, run.objective, y, self._u(piece_lo, log_time),
-                                  self._u(piece_hi, log_time), jnp.asarray(log_time),
-                                  self._u(pad, log_time), run.solver, run.controller,
+                result = self.seg(run.flow, run.objective, y, self._u(piece_lo, clock),
+                                  self._u(piece_hi, clock), jnp.asarray(clock, jnp.int32),
+                                  self._u(pad, clock), run.solver, run.controller,
                                   run.max_steps, state)
                 result = jax.block_until_ready(result)
             out.wall_time += time.perf_counter() - begin
@@ -236,7 +252,7 @@ class Engine:
         if not ok.all() and not batch:
             # Also keep the state where the solver stopped (one run: a batch's members stop
             # at different times and share one time axis).
-            end_t = float(np.exp(end_u)) if log_time else float(end_u)
+            end_t = t_of_u(end_u, clock)
             if (
                 np.isfinite(end_t)
                 and (len(kept_ts) == 0 or end_t > kept_ts[-1])

@@ -1,4 +1,4 @@
-"""The flows in the variables `simulate` integrates: the time u (t, then log t), the state
+"""The flows in the variables `simulate` integrates: the time u (t or sqrt t, then log t), the state
 v = w ||w||^(L-1), a momentum flow's lag r = m1 - g; the fields, their explicit / implicit
 split for the IMEX solvers, what is saved, and the pieces of Lemma 3's I(t)."""
 
@@ -9,21 +9,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._clock import LOG_T, time_and_log_j
 from ._imex import DecaySplit
 from ._solvers import is_imex
 
 
-# The integration variable u is t itself on [t0, 1] and u = log t from t = 1 on (a
-# segment's `log_time` flag). With J = dt/du (1, or t) every field below is J times the
-# field in t. Late in training g ~ 1/t and t ~ 1e100: the log-time fields are O(1) in u
-# (so steps are O(1) in u: constant cost per decade), and J * g is computed as
-# exp(log L + log J) * grad log L, which never underflows although g itself may be 1e-300.
-# At t = 1 both variables coincide to first order (du = dt, J = 1), so the step size and
-# the solver's FSAL state carry across the switch unchanged.
-def _time(u, log_time):
-    t = jnp.where(log_time, jnp.exp(jnp.where(log_time, u, 0.0)), u)
-    log_j = jnp.where(log_time, u, 0.0)
-    return t, log_j
+# The integration variable u is t, log t or sqrt t (a segment's clock, `_clock`). With
+# J = dt/du every field below is J times the field in t. Late in training g ~ 1/t and
+# t ~ 1e100: the log-time fields are O(1) in u (so steps are O(1) in u: constant cost per
+# decade), and J * g is computed as exp(log L + log J) * grad log L, which never underflows
+# although g itself may be 1e-300. At t = 1, t and log t coincide to first order (du = dt,
+# J = 1), so the step size and the solver's FSAL state carry across that switch unchanged;
+# from sqrt t they are made anew (`Engine._switch`).
+def _time(u, clock):
+    return time_and_log_j(u, clock)
 
 
 # The state variable is v = w ||w||^(L-1) (L = the model's degree; v = w for L = 1), so
@@ -74,7 +73,7 @@ def _dv(w, dw, degree: int):
 # and whose coupling term H (J dw/dt) is O(1/t): one Hessian-vector product per field
 # evaluation. The lag is exact where g is continuous; where it jumps (a ReLU kink crossed)
 # r misses the jump -dg, an error in m1 that decays at the rate 1 - b1 and moves w by about
-# |dg| / (1 - b1). So r is used in log time only (t >= 1, segments with `log_time`), where
+# |dg| / (1 - b1). So r is used in log time only (t >= 1, segments with clock LOG_T), where
 # g ~ 1/t; before, on [t0, 1] (J = 1, nothing stiff), m1 itself is integrated. At t = 1
 # `simulate` converts m1 to r and restarts the solver's own state. The saves hold m1.
 def _lag_to_m1(flow, m, g, lagged):
@@ -96,23 +95,27 @@ def _hessian_times(objective, w, log_l, glog, x):
 def _fields(u, y, args):
     """(dv/du, J dm/du, dI/du, J dm/du without m's linear decay): the pieces both term
     layouts are made of (dm for a momentum flow: that of (m2, r), r = m1 - g)."""
-    flow, objective, a, log_time = args
+    flow, objective, a, clock = args
     v, m, _ = y
     w = _w_of_v(v, objective.degree)
-    t, log_j = _time(u, log_time)
+    t, log_j = _time(u, clock)
     j = jnp.exp(log_j)
     log_l, glog = jax.value_and_grad(objective.log_loss)(w)
     log_l = log_l.astype(w.dtype)  # float64 labels would promote a float32 run
-    jg = jnp.exp(log_l + log_j) * glog  # J * grad L, computed in log space
-    g = jg / j  # >= 1e-300-ish for t <= 1e300: representable; only g^2 may underflow (to 0)
-    moments = _lag_to_m1(flow, m, g, log_time)
+    lagged = clock == LOG_T
+    # In log time J * grad L is computed in log space and g = J g / J is >= 1e-300-ish for
+    # t <= 1e300: representable; only g^2 may underflow (to 0). Before t = 1, g directly
+    # (J = 2 sqrt t is 0 at t = 0 in sqrt t, where J g / J would be 0 / 0).
+    log_jg = jnp.where(lagged, log_j, 0.0)
+    g = jnp.exp(log_l + log_jg) * glog / jnp.exp(log_jg)
+    moments = _lag_to_m1(flow, m, g, lagged)
     # m >= 0 on the exact solution, but a Runge-Kutta stage (whose tableau has negative
     # weights) can put it below -eps, where sqrt(eps + m) is NaN; measured on an MLP: every
     # step near t = 0 rejected. The conditioner sees max(m, 0) (a momentum flow's m1 is not
     # clipped); the m-equation itself, linear in m, keeps the raw value.
     dw, _, _, _ = flow.vector_field(t, w, flow.nonnegative(moments), g)
-    # J * (the flow's dw/dt): a subclass's field is honoured; g = J g / J is a normal
-    # float64 number for t <= 1e300, so this product does not underflow either.
+    # J * (the flow's dw/dt): a subclass's field is honoured; g is a normal float64 number
+    # for t <= 1e300, so this product does not underflow either.
     jdw = j * dw
     # Lemma 3's I(t) is not integrated: `PenaltyIntegral` sets it from each step's ends.
     dI = jnp.zeros_like(y[2])
@@ -126,9 +129,9 @@ def _fields(u, y, args):
         coupling = -_hessian_times(objective, w, log_l, glog, jdw)
         m2_exp, m1_exp = flow.split(explicit)
         m2_full, m1_full = flow.split(full)
-        explicit = jnp.concatenate([m2_exp, jnp.where(log_time, coupling, m1_exp)], axis=-1)
+        explicit = jnp.concatenate([m2_exp, jnp.where(lagged, coupling, m1_exp)], axis=-1)
         full = jnp.concatenate(
-            [m2_full, jnp.where(log_time, coupling - j * a[1] * r, m1_full)], axis=-1)
+            [m2_full, jnp.where(lagged, coupling - j * a[1] * r, m1_full)], axis=-1)
     return _dv(w, jdw, objective.degree), full, dI, explicit
 
 
@@ -163,9 +166,9 @@ def _rates_of(a, m):
 
 def _decay_rates(u, y, args):
     # The diagonal decay rates lambda of the implicit part -lambda * y (for `DecayIMEX`).
-    _, _, a, log_time = args
+    _, _, a, clock = args
     w, m, I = y
-    _, log_j = _time(u, log_time)
+    _, log_j = _time(u, clock)
     return jnp.zeros_like(w), jnp.exp(log_j) * _rates_of(a, m), jnp.zeros_like(I)
 
 
@@ -178,21 +181,21 @@ def _terms(solver):
 
 
 def _save_fn(u, y, args):
-    flow, objective, _, log_time = args
+    flow, objective, _, clock = args
     v, m, I = y
     w = _w_of_v(v, objective.degree)
-    t, _ = _time(u, log_time)
+    t, _ = _time(u, clock)
     log_l, g = objective.log_loss_and_grad(w)
     log_l, g = log_l.astype(w.dtype), g.astype(w.dtype)
-    m = _lag_to_m1(flow, m, g, log_time)
+    m = _lag_to_m1(flow, m, g, clock == LOG_T)
     return {"w": w, "m": m, "I": I, "log_loss": log_l, "h": flow.h(t, flow.nonnegative(m), g)}
 
 
 def _psi(u, y, args, start: bool):
     """psi_i, the argument of the conditioner h_i, at (u, y) (for `PenaltyIntegral`)."""
-    flow, objective, _, log_time = args
+    flow, objective, _, clock = args
     m = flow.nonnegative(y[1])
-    t, _ = _time(u, log_time)
+    t, _ = _time(u, clock)
     g = jnp.zeros_like(y[0])
     if start:  # Adam's psi at t = 0 is a limit proportional to g(0)^2
         log_l, glog = jax.value_and_grad(objective.log_loss)(_w_of_v(y[0], objective.degree))
@@ -208,16 +211,16 @@ def _drop(args, psi0, psi1):
 def _psi_scale(u, args, psi):
     """psi_i at m = 1 (psi is linear in m: 1, or Adam's 1 / c(t)): atol's size in psi, for
     the dead band of I (`_penalty._width`). psi gives the shape."""
-    flow, _, _, log_time = args
-    t, _ = _time(u, log_time)
+    flow, _, _, clock = args
+    t, _ = _time(u, clock)
     ones = jnp.ones(psi.shape[:-1] + (flow.n_moments * psi.shape[-1],), psi.dtype)
     return flow.psi_and_rate(t, ones, jnp.zeros_like(ones), jnp.zeros_like(psi))[0]
 
 
 def _decay_over(u0, u1, args):
     """lambda du over [u0, u1]: m's decay rate a J (at u1, its largest) times the step."""
-    _, _, a, log_time = args
-    _, log_j = _time(u1, log_time)
+    _, _, a, clock = args
+    _, log_j = _time(u1, clock)
     return jnp.max(a) * jnp.exp(log_j) * (u1 - u0)
 
 

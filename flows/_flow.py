@@ -146,6 +146,9 @@ class AbstractFlow(eqx.Module):
     # What the solvers ask of a flow (flows/_solvers.py), instead of switching on its class.
     has_decay: ClassVar[bool] = False  # does dm/dt = ... - a m decay (a stiff part)?
     has_conditioner: ClassVar[bool] = True  # False: h = 1, Lemma 3's I stays 0
+    # Does psi grow from 0 like t g^2 (no bias correction), so that h ~ 1 / sqrt(t) early and
+    # dw/dt ~ -sign(g) / sqrt(t)? Then [t0, 1] is integrated in s = sqrt t (`_clock`).
+    sqrt_start: ClassVar[bool] = False
 
     def decay_rate(self):
         """The rate a of the linear decay dm/dt = ... - a m of the m-equation: 0 here (GD,
@@ -203,6 +206,7 @@ class AdaGradFlow(AbstractFlow):
     """
 
     name: ClassVar[str] = "adagrad"
+    sqrt_start: ClassVar[bool] = True
     eps: Float[Array, ""]
     eps_placement: str = eqx.field(static=True, default="inside")
 
@@ -232,6 +236,7 @@ class RMSPropFlow(AbstractFlow):
     """
 
     name: ClassVar[str] = "rmsprop"
+    sqrt_start: ClassVar[bool] = True
     eps: Float[Array, ""]
     b: Float[Array, ""]
     eps_placement: str = eqx.field(static=True, default="inside")

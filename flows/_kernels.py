@@ -36,9 +36,9 @@ def _wrap(solver, controller=None):
     return PenaltyIntegral(solver, _psi, _drop, _decay_over, _psi_scale, rtol, atol)
 
 
-def _args(flow, objective, u, log_time):
-    """The fields' `args`: (flow, objective, the decay rate a in u's dtype, log_time)."""
-    return flow, objective, decay_rate(flow).astype(u.dtype), log_time
+def _args(flow, objective, u, clock):
+    """The fields' `args`: (flow, objective, the decay rate a in u's dtype, the clock)."""
+    return flow, objective, decay_rate(flow).astype(u.dtype), clock
 
 
 @eqx.filter_jit
@@ -50,9 +50,9 @@ def _initial_y(flow, objective, w0, lagged: bool, dtype):
 
 
 @eqx.filter_jit
-def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
+def _start(flow, objective, y0, u_start, u_end, clock, solver, controller):
     """The first step size and the initial controller / solver states (no integration)."""
-    args = _args(flow, objective, u_start, log_time)
+    args = _args(flow, objective, u_start, clock)
     terms = _terms(solver)
     controller = controller.wrap(1)
     error_order = solver.error_order(terms)
@@ -63,16 +63,19 @@ def _start(flow, objective, y0, u_start, u_end, log_time, solver, controller):
 
 
 @eqx.filter_jit
-def _restart(flow, objective, y, u_start, log_time, solver, state):
-    """`state` with the solver's own state made anew for `solver` at y (a new state: a
-    momentum flow's m1 turned into its lag at t = 1, see `_fields`).
+def _restart(flow, objective, y, u_start, clock, solver, state, step_scale):
+    """`state` with the solver's own state made anew for `solver` at y, in a new clock or
+    state (a momentum flow's m1 turned into its lag at t = 1, see `_fields`; the switch
+    from sqrt t to log t, whose FSAL derivative is in the old variable).
 
-    The controller's state (error history, proposed step) carries over unchanged, and so
-    does the dead band of Lemma 3's I (psi, its argument, is the same function of t)."""
-    args = _args(flow, objective, u_start, log_time)
+    The controller's error history carries over, its proposed step is multiplied by
+    `step_scale` (du_new / du_old: 2 from sqrt t to log t at t = 1), and the dead band of
+    Lemma 3's I moves to u_start (psi, its argument, is the same function of t)."""
+    args = _args(flow, objective, u_start, clock)
     controller_state, (_, band) = state
-    u_next = u_start + controller_state[1]
-    inner, _ = _wrap(solver).init(_terms(solver), u_start, u_next, y, args)
+    step = controller_state[1] * step_scale
+    controller_state = (controller_state[0], step, *controller_state[2:])
+    inner, _ = _wrap(solver).init(_terms(solver), u_start, u_start + step, y, args)
     return controller_state, (inner, band.moved_to(u_start))
 
 
@@ -84,15 +87,15 @@ def _band_to_log_time(state):
 
 
 def _segment_traced(
-    flow, objective, y0, u_start, u_end, log_time, save_us, solver, controller, max_steps, state
+    flow, objective, y0, u_start, u_end, clock, save_us, solver, controller, max_steps, state
 ):
-    """Integrate one segment [u_start, u_end] in u (t or log t), saving at save_us.
+    """Integrate one segment [u_start, u_end] in u (t, sqrt t or log t), saving at save_us.
 
     Nothing in this program calls back to the host (the saves are `SavedAt`'s, the first
     step size is the controller's field), so JAX's persistent cache keeps it; the result
     code and the number of saves made are checked on the host afterwards."""
     controller_state, solver_state = state
-    args = _args(flow, objective, u_start, log_time)
+    args = _args(flow, objective, u_start, clock)
     saving = SavedAt(_wrap(solver, controller), save_us, _save_fn)
     sol = dfx.diffeqsolve(
         _terms(solver),

@@ -4,7 +4,7 @@
 - `CarriedPID`: diffrax's PID controller carrying its step size across `simulate`'s segments;
 - `decay_rate`, `is_imex`, `wm_norm`: what `_fields` needs to lay out the terms.
 
-The time variable (t on [t0, 1], u = log t after) is `_fields`'s business (`_time`).
+The time variable (t or sqrt t on [t0, 1], u = log t after) is `_clock`'s business.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import lineax as lx
 import numpy as np
 import optimistix as optx
 
+from ._clock import log_t_span
 from ._imex import all_finite
 
 
@@ -156,9 +157,8 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         over = ~keep & chattering & finite & (size > 1)
         retry = t0 + dt * jnp.clip(0.9 / size, 0.1, 1.0)
         next_t1 = jnp.where(over, jnp.maximum(next_t1, retry), next_t1)
-        # The span in log t: u itself from t = 1 on (args[3] is log_time), log(t1 / t0) before.
-        positive = jnp.where(t0 > 0, t0, 1)
-        span = jnp.where(args[3], dt, jnp.where(t0 > 0, jnp.log(t1 / positive), 0))
+        # The span in log t (args[3] is the clock: t, sqrt t or log t).
+        span = log_t_span(t0, t1, args[3])
         counts = (n + kink.astype(jnp.int32), total + jnp.where(kink, span, 0), small)
         return keep, next_t0, next_t1, jump, (state, jnp.asarray(next_t1 - next_t0), counts), result
 

@@ -1,0 +1,59 @@
+"""The time variable u that `simulate` integrates in, segment by segment (its `clock`).
+
+- `LOG_T`, u = log t, from t = 1 on: late in training g ~ 1/t and t reaches 1e100, and
+  the fields in u are O(1) (constant cost per decade; `_fields`).
+- `SQRT_T`, u = sqrt t, on [t0, 1] for the flows whose conditioner starts singular
+  (`AbstractFlow.sqrt_start`: AdaGrad, RMSProp). From m = 0, psi = m grows like t g^2, so
+  once t >> eps / g^2 (eps inside; eps^2 / g^2 outside) dw/dt ~ -sign(g) / sqrt(t): the
+  field in t blows up at t = 0 and a solver in t spends a constant number of steps per
+  decade of t from eps / g^2 to 1, ten decades and more for a small eps, while w moves
+  by sqrt(t). In s = sqrt t the same flow is dw/ds = 2 s dw/dt ~ -2 sign(g): bounded,
+  and smooth past s ~ sqrt(eps) / |g|. Measured (benchmarks/early_phase.py): the flow
+  of fig1's AdaGrad on the quick CNN to t = 1e-10, 572 steps in s against 3,594 in t.
+- `T`, u = t, on [t0, 1] for the others (GD, Adam, momentum flows: bounded at t = 0).
+
+With J = dt/du (1, t, or 2 sqrt t) every field is J times the field in t.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+T, LOG_T, SQRT_T = 0, 1, 2
+
+
+def clock_of(flow, lo: float) -> int:
+    """The clock of a segment that starts at t = lo."""
+    if lo >= 1.0:
+        return LOG_T
+    return SQRT_T if type(flow).sqrt_start else T
+
+
+def u_of_t(t, clock: int):
+    """u at t (host numbers: segment ends, save times)."""
+    return np.log(t) if clock == LOG_T else np.sqrt(t) if clock == SQRT_T else t
+
+
+def t_of_u(u, clock: int) -> float:
+    """t at u (host number: where a failed segment stopped)."""
+    u = float(u)
+    return float(np.exp(u)) if clock == LOG_T else u * u if clock == SQRT_T else u
+
+
+def time_and_log_j(u, clock):
+    """(t, log J) at u on a traced clock, J = dt/du: (e^u, u), (u^2, log 2u), (u, 0).
+
+    log J is -inf at u = 0 in sqrt t (J = 0: the fields in s vanish there)."""
+    is_log, is_sqrt = clock == LOG_T, clock == SQRT_T
+    t = jnp.where(is_log, jnp.exp(jnp.where(is_log, u, 0.0)), jnp.where(is_sqrt, u * u, u))
+    log_j = jnp.where(is_log, u, jnp.where(is_sqrt, jnp.log(jnp.where(is_sqrt, 2 * u, 1.0)),
+                                           0.0))
+    return t, log_j
+
+
+def log_t_span(u0, u1, clock):
+    """log(t1 / t0) over a step [u0, u1] (0 where t0 = 0)."""
+    positive = jnp.where(u0 > 0, u0, 1)
+    ratio = jnp.where(u0 > 0, jnp.log(u1 / positive), 0)
+    return jnp.where(clock == LOG_T, u1 - u0, jnp.where(clock == SQRT_T, 2 * ratio, ratio))
