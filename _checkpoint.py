@@ -45,8 +45,9 @@ from ._lock import locked as locked
 
 RUN_FILE = "run.npz"
 # Version 7: AdaGrad's and RMSProp's flows integrate [t0, 1] in s = sqrt t
-# (`flows._clock`), so their solver state there is in s. Version 6: the solver state's part for Lemma 3's I is a dead band per coordinate
-# (`flows._penalty.Band`) instead of psi at the last step's end. Version 5: run.npz holds a
+# (`flows._clock`), so their solver state there is in s. Version 6: the solver state's
+# part for Lemma 3's I is a dead band per coordinate (`flows._penalty.Band`) instead of
+# psi at the last step's end. Version 5: run.npz holds a
 # run id, every segment the run id and the SHA-256 of the file before it, and pytrees (the
 # solver's state, a discrete run's carry) are written one way, `save_tree`. Version 4: the
 # solver state holds psi at the last step's end (Lemma 3's I is accumulated from the step's
