@@ -9,7 +9,7 @@
   decade of t from eps / g^2 to 1, ten decades and more for a small eps, while w moves
   by sqrt(t). In s = sqrt t the same flow is dw/ds = 2 s dw/dt ~ -2 sign(g): bounded,
   and smooth past s ~ sqrt(eps) / |g|. Measured (benchmarks/early_phase.py): the flow
-  of fig1's AdaGrad on the quick CNN to t = 1e-10, 572 steps in s against 3,594 in t.
+  of fig1's AdaGrad on the quick CNN to t = 1e-10, 565 steps in s against 3,589 in t.
 - `T`, u = t, on [t0, 1] for the others (GD, Adam, momentum flows: bounded at t = 0).
 
 With J = dt/du (1, t, or 2 sqrt t) every field is J times the field in t.
