@@ -149,7 +149,8 @@ def _flow_curve(opt, model, train, obj_train, obj_test, s, steps, progress) -> d
     epochs = np.arange(0, s["epochs"] + 1, s["save_every_epochs"])
     # kink_tol 1e-2, not the default 1e-3: the run differs from its flow at O(lr) = 1e-2
     # anyway, and 1e-3 took 1.7x longer (8,742 steps, 185 s against 5,578, 106 s: 32
-    # digits to t = 4e-4; the two flows differ by 0.58 of the 3.9 they moved).
+    # digits to t = 4e-4, measured when AdaGrad's flow started in t, not sqrt t; the two
+    # flows differ by 0.58 of the 3.9 they moved).
     traj = simulate(matching_flow(opt), model, train, steps * eta, ts=epochs * eta,
                     throw=False, progress=progress, kink_tol=1e-2)
     curves = _curves(traj, model, train, obj_train, obj_test)
