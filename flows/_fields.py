@@ -1,6 +1,6 @@
-"""The flows in the variables `simulate` integrates: the time u (t or sqrt t, then log t), the state
-v = w ||w||^(L-1), a momentum flow's lag r = m1 - g; the fields, their explicit / implicit
-split for the IMEX solvers, what is saved, and the pieces of Lemma 3's I(t)."""
+"""The flows in the variables `simulate` integrates: the time u (t or sqrt t, then log t),
+the state v = w ||w||^(L-1), a momentum flow's lag r = m1 - g; the fields, their explicit /
+implicit split for the IMEX solvers, what is saved, and the pieces of Lemma 3's I(t)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._clock import LOG_T, time_and_log_j
+from ._clock import LOG_T
+from ._clock import time_and_log_j as _time
 from ._imex import DecaySplit
 from ._solvers import is_imex
-
 
 # The integration variable u is t, log t or sqrt t (a segment's clock, `_clock`). With
 # J = dt/du every field below is J times the field in t. Late in training g ~ 1/t and
@@ -20,9 +20,7 @@ from ._solvers import is_imex
 # decade), and J * g is computed as exp(log L + log J) * grad log L, which never underflows
 # although g itself may be 1e-300. At t = 1, t and log t coincide to first order (du = dt,
 # J = 1), so the step size and the solver's FSAL state carry across that switch unchanged;
-# from sqrt t they are made anew (`Engine._switch`).
-def _time(u, clock):
-    return time_and_log_j(u, clock)
+# from sqrt t they are made anew (`Engine._switch`). `_time(u, clock)` is (t, log J).
 
 
 # The state variable is v = w ||w||^(L-1) (L = the model's degree; v = w for L = 1), so
