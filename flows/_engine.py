@@ -19,7 +19,7 @@ import numpy as np
 from .. import _checkpoint as ckpt
 from .._cache import CompileClock
 from .._threads import map_chunks
-from ._clock import LOG_T, SQRT_T, clock_of, t_of_u, u_of_t
+from ._clock import LOG_T, SQRT_T, clock_of, starts_in_sqrt_t, t_of_u, u_of_t
 from ._fields import _to_lag, _w_of_v
 from ._kernels import _band_to_log_time, _initial_y, _restart, _start, segment_program
 from ._plan import SegmentPlan, Setup
@@ -57,6 +57,7 @@ class Engine:
         # The part of the wall time spent making programs; the meter hears when one is made.
         self.clock = CompileClock(on_compiled=self.meter.compiled)
         self.calls = 0  # segment calls made (see `_phase`)
+        self.sqrt_start = False  # [t0, 1] in s = sqrt t? (set with the initial state)
         self.seg, self.start_fn, self.restart_fn = self._programs()
 
     def _programs(self):
@@ -87,7 +88,7 @@ class Engine:
         return jnp.asarray(u_of_t(t, clock), self.run.dtype)
 
     def _clock(self, lo):
-        return clock_of(self.run.flow, lo)
+        return clock_of(lo, self.sqrt_start)
 
     def _phase(self):
         # Before the first segment call the meter says "compiling": in a fresh process it
@@ -99,7 +100,8 @@ class Engine:
         """y = (v, m, I) at t0 (v: the margin-scale variable of `_w_of_v`, m = 0, I = 0),
         split over the devices for a sharded batch."""
         run = self.run
-        y = _initial_y(run.flow, run.objective, run.padded_w0, run.t0 >= 1.0, run.dtype)
+        y, g_max = _initial_y(run.flow, run.objective, run.padded_w0, run.t0 >= 1.0, run.dtype)
+        self.sqrt_start = g_max is not None and starts_in_sqrt_t(run.flow, float(g_max))
         if len(run.devices) > 1:
             mesh = jax.sharding.Mesh(np.asarray(run.devices), ("batch",))
             y = jax.device_put(

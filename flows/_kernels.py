@@ -43,10 +43,20 @@ def _args(flow, objective, u, clock):
 
 @eqx.filter_jit
 def _initial_y(flow, objective, w0, lagged: bool, dtype):
-    """y = (v, m, I) at t0 (v the margin-scale variable of `_w_of_v`, m = 0, I = 0), as one
-    program: eager, its few array operations would compile one small program each."""
-    return (_v_of_w(w0, objective.degree), _initial_moments(flow, objective, w0, lagged),
-            jnp.zeros(w0.shape[:-1], dtype))
+    """y = (v, m, I) at t0 (v the margin-scale variable of `_w_of_v`, m = 0, I = 0), and for
+    a flow with `sqrt_start` max |g(w0)| over coordinates and members (None otherwise; it
+    picks the clock, `_clock.starts_in_sqrt_t`), as one program: eager, its few array
+    operations would compile one small program each."""
+    y = (_v_of_w(w0, objective.degree), _initial_moments(flow, objective, w0, lagged),
+         jnp.zeros(w0.shape[:-1], dtype))
+    if not type(flow).sqrt_start:
+        return y, None
+
+    def grad(w):
+        return objective.log_loss_and_grad(w)[1]
+
+    g = grad(w0) if w0.ndim == 1 else jax.vmap(grad)(w0)
+    return y, jnp.max(jnp.abs(g))
 
 
 @eqx.filter_jit

@@ -18,7 +18,14 @@ import mpmath
 import numpy as np
 import pytest
 from marginflow.flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow, simulate
-from marginflow.flows._clock import LOG_T, SQRT_T, T, clock_of
+from marginflow.flows._clock import (
+    LOG_T,
+    SQRT_T,
+    T,
+    clock_of,
+    starts_in_sqrt_t,
+    transition_time,
+)
 from marginflow.models import Linear, Objective, separable_gaussians
 
 
@@ -126,7 +133,26 @@ def test_a_run_in_sqrt_t_agrees_with_one_in_t_in_fewer_steps(problem, flow_in_s,
 
 def test_which_flows_start_in_sqrt_t():
     # Bias-corrected Adam (psi ~ g^2 at t = 0) and GD (h = 1) are bounded at t = 0.
-    assert clock_of(AdaGradFlow(), 0.0) == clock_of(RMSPropFlow(), 0.5) == SQRT_T
-    assert clock_of(AdamFlow(), 0.0) == clock_of(GradientFlow(), 1e-3) == T
-    for flow in (AdaGradFlow(), AdamFlow(), GradientFlow()):
-        assert clock_of(flow, 1.0) == LOG_T
+    for flow in (AdamFlow(1e-30), GradientFlow()):
+        assert not starts_in_sqrt_t(flow, 1e10)
+    # t_c = eps / (c g^2) inside, eps^2 / (c g^2) outside, c = 1 (AdaGrad), 1 - b (RMSProp)
+    assert transition_time(AdaGradFlow(1e-5), 2.0) == pytest.approx(1e-5 / 4, rel=1e-12)
+    assert transition_time(RMSPropFlow(1e-6, 0.9, eps_placement="outside"), 2.0) == (
+        pytest.approx(1e-12 / (0.1 * 4), rel=1e-12))
+    assert transition_time(AdaGradFlow(), 0.0) == float("inf")
+    assert starts_in_sqrt_t(AdaGradFlow(1e-10, eps_placement="outside"), 1.0)  # t_c 1e-20
+    assert starts_in_sqrt_t(RMSPropFlow(1e-16, B), 1.0)  # 1e-15
+    assert not starts_in_sqrt_t(AdaGradFlow(1e-5), 1.0)  # 1e-5: w moves linearly in t long
+    assert clock_of(0.0, True) == SQRT_T and clock_of(0.5, False) == T
+    assert clock_of(1.0, True) == clock_of(1.0, False) == LOG_T
+
+
+def test_a_late_transition_keeps_t(problem):
+    """eps 1e-5: the transition ends near t = 1e-7 here, so simulate integrates in t (the
+    same steps and, to rounding, the same w as the class that never uses sqrt t)."""
+    model, data, *_ = problem
+    flow, in_t = AdaGradFlow(1e-5), AdaGradInT(1e-5)
+    a = simulate(flow, model, data, t1=10.0, n_save=4)
+    b = simulate(in_t, model, data, t1=10.0, n_save=4)
+    assert a.stats["num_steps"] == b.stats["num_steps"]
+    np.testing.assert_allclose(a.w, b.w, rtol=1e-12, atol=0)
