@@ -3,8 +3,9 @@
 From m = 0 the second moment grows like t g^2, so dw/dt ~ -sign(g) / sqrt(t) once t is past
 the eps transition: singular at t = 0 in t, bounded in s. The tests check the displacement
 over that phase against closed forms derived by hand (AdaGrad) and mpmath quadrature
-(RMSProp), and that a run in s agrees with one in t while taking fewer steps. Steps are
-counted, never timed.
+(RMSProp), that a run in s agrees with one in t while taking fewer steps, and that s is
+used only where the eps transition is over by t = 1e-12 (`_clock.starts_in_sqrt_t`).
+Steps are counted, never timed.
 """
 
 from __future__ import annotations
