@@ -1,5 +1,7 @@
-"""AdaGrad's and RMSProp's flows on [0, 1] integrated in s = sqrt t (`simulate`'s clock for
-them, `flows/_clock.py`) against the same flows in t (the clock before), side by side.
+"""AdaGrad's and RMSProp's flows on [0, 1] integrated in s = sqrt t against the same flows in
+t, side by side, each clock forced; the "default clock" column names the one `simulate`
+picks (s where the eps transition of the largest |g(w0)| is over by t = 1e-12,
+`flows/_clock.py`).
 
 From m = 0, psi = m grows like t g^2, so once t >> eps / g^2 (eps inside; eps^2 / g^2
 outside) dw/dt ~ -sign(g) / sqrt(t): a solver in t spends a constant number of steps per
