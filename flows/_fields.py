@@ -230,12 +230,16 @@ def _initial_moments(flow, objective, w0, lagged: bool):
     return _to_lag(objective, w0, m0)
 
 
+def _gradient(objective, w):
+    """g(w) = grad L(w) in w's dtype, member by member for a batch (w of shape (B, p))."""
+
+    def g(w):
+        return objective.log_loss_and_grad(w)[1].astype(w.dtype)
+
+    return g(w) if w.ndim == 1 else jax.vmap(g)(w)
+
+
 @eqx.filter_jit
 def _to_lag(objective, w, m):
     """A momentum flow's (m2, m1) at w as (m2, r), r = m1 - g(w) (see `_fields`)."""
-
-    def minus_g(w):
-        return -objective.log_loss_and_grad(w)[1].astype(w.dtype)
-
-    g = minus_g(w) if w.ndim == 1 else jax.vmap(minus_g)(w)
-    return m.at[..., w.shape[-1]:].add(g)
+    return m.at[..., w.shape[-1]:].add(-_gradient(objective, w))

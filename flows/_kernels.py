@@ -16,6 +16,7 @@ from ._export import StoredProgram
 from ._fields import (
     _decay_over,
     _drop,
+    _gradient,
     _initial_moments,
     _psi,
     _psi_scale,
@@ -51,12 +52,7 @@ def _initial_y(flow, objective, w0, lagged: bool, dtype):
          jnp.zeros(w0.shape[:-1], dtype))
     if not type(flow).sqrt_start:
         return y, None
-
-    def grad(w):
-        return objective.log_loss_and_grad(w)[1]
-
-    g = grad(w0) if w0.ndim == 1 else jax.vmap(grad)(w0)
-    return y, jnp.max(jnp.abs(g))
+    return y, jnp.max(jnp.abs(_gradient(objective, w0)))
 
 
 @eqx.filter_jit
