@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.integrate
 import scipy.optimize
-import scipy.special
 
 # ------------------------------------------------------------------------- models
 #
@@ -149,11 +148,24 @@ def loss_terms_log(loss: str, Phi: np.ndarray, y: np.ndarray) -> np.ndarray:
         # With r = log s: for r < -30, log1p(s) = s (1 - s/2 + s^2/3 - ...) and
         # log ell = r + log1p(-s/2 + s^2/3) (the dropped terms are below s^3 < 1e-39).
         others = _others(Phi, y)
-        r = scipy.special.logsumexp(others, axis=1)
+        r = logsumexp(others, axis=1)
         s = np.exp(np.minimum(r, 0.0))
         return np.where(r < -30.0, r + np.log1p(-s / 2 + s * s / 3),
                         np.log(np.logaddexp(0.0, np.maximum(r, -30.0))))
     raise ValueError(loss)
+
+
+def logsumexp(a: np.ndarray, axis=None, keepdims: bool = False) -> np.ndarray:
+    """log sum e^a, shifted by the largest term (so no term overflows, and a sum that
+    underflows stays finite in log space); -inf where every term is -inf.
+
+    Written out because scipy.special.logsumexp's array-API dispatch cost 2/3 of the
+    oracle's time on the multi-class rows (measured: 14 s of a 19.7 s profile), for the same
+    numbers to rounding (the shift is the standard one)."""
+    top = np.max(a, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    out = np.log(np.sum(np.exp(a - top), axis=axis, keepdims=True)) + top
+    return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def _log_log1p_exp_neg(q):
@@ -172,7 +184,7 @@ def _others(Phi, y):
 
 def log_loss(loss: str, Phi, y) -> float:
     """log L = log sum_i ell_i (logsumexp: finite when L underflows)."""
-    return float(scipy.special.logsumexp(loss_terms_log(loss, Phi, y)))
+    return float(logsumexp(loss_terms_log(loss, Phi, y)))
 
 
 def loss_and_dphi(loss: str, Phi: np.ndarray, y: np.ndarray):
@@ -192,7 +204,7 @@ def loss_and_dphi(loss: str, Phi: np.ndarray, y: np.ndarray):
         # ell_i = logsumexp_j Phi_ij - Phi_{i, y_i}; d ell_i / d Phi_ij = softmax_ij for
         # j != y_i, and -sum_{j != y_i} softmax_ij for j = y_i (the same number as
         # softmax - 1, without the cancellation).
-        lse = scipy.special.logsumexp(Phi, axis=1, keepdims=True)
+        lse = logsumexp(Phi, axis=1, keepdims=True)
         d = np.exp(Phi - lse - log_l)
         rows = np.arange(len(y))
         d[rows, y] = 0.0
@@ -232,7 +244,7 @@ class Problem:
             return float(np.sum(np.exp(-(self.y * Phi))))
         if self.loss == "logistic":
             return float(np.sum(np.logaddexp(0.0, -(self.y * Phi))))
-        lse = scipy.special.logsumexp(Phi, axis=1)
+        lse = logsumexp(Phi, axis=1)
         return float(np.sum(lse - np.take_along_axis(Phi, self.y[:, None], axis=1)[:, 0]))
 
     def log_loss(self, w: np.ndarray) -> float:
