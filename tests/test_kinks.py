@@ -225,7 +225,7 @@ def test_adagrad_converges_to_an_independent_filippov_reference():
 def test_adaptive_flows_converge_to_the_filippov_reference_as_kink_tol_falls(flow, solver):
     """Three decades of kink_tol against the hand-written reference. RMSProp's Euler
     polygons converge erratically (|w_n - w_2n| 1.0e-4, 1.7e-4, 5.8e-5, 4.9e-5 for n = 1e5
-    to 8e5: the flow amplifies perturbations in its sign-like start, as Adam's does), so its
+    to 8e5: in the flow's sign-like start the polygons' own errors grow), so its
     reference is taken at n = 4e5 and 8e5 and trusted to about 1e-4: the 1e-4 run is only
     asked to stay within 3e-4 of it (|w_n - w_2n| 5.8e-5 there). Measured: DecayIMEX
     5.6e-3, 7.1e-4, 6.5e-5; DecayHeun 5.3e-3, 6.0e-4, 2.6e-5; AdaGrad (Bosh3) 1.7e-3,
