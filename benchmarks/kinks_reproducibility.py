@@ -16,7 +16,9 @@ A spread among the runs at one kink_tol is the integrator's: a rounding-sized ch
 flips a discrete choice of its kink steps (DecayIMEX at 1e-3). A comparison with the
 tighter run says nothing below that spread. What is seen and why: docs/solvers.md, "How
 well the runs determine w(t1)".
-Run: python benchmarks/kinks_reproducibility.py [--n 6] [--flows rmsprop,adam]
+With --locate it prints instead where Adam's DecayHeun runs at kink_tol 1e-3 and 1e-4
+part ways (a minute).
+Run: python benchmarks/kinks_reproducibility.py [--n 6] [--flows rmsprop,adam] [--locate]
 (about 5 minutes on 2 cores with --n 6; printed only)
 """
 
@@ -42,9 +44,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6, help="perturbed runs per kink_tol")
     parser.add_argument("--flows", default="rmsprop,adam")
+    parser.add_argument("--locate", action="store_true",
+                        help="only: where Adam's runs at kink_tol 1e-3 and 1e-4 part ways")
     args = parser.parse_args()
     data = separable_gaussians(100, 5, seed=0)
     model = MLP(5, 16, 2, key=jax.random.PRNGKey(0))
+    if args.locate:
+        locate(model, data)
+        return
     theta = np.asarray(flatten(model))
     rng = np.random.default_rng(1)
     starts = [theta]
@@ -81,6 +88,40 @@ def main() -> None:
                 print("  at t1, distance to the kink_tol 1e-4 run from the same start: "
                       + " ".join(f"{x:.1e}" for x in same))
             print(flush=True)
+
+
+def locate(model, data) -> None:
+    """Where Adam's runs at kink_tol 1e-3 and 1e-4 (DecayHeun) part: the first save where
+    they differ by more than 1e-3, the hidden unit whose weights differ most there, its
+    output weight, and the two preactivations of that unit nearest 0 in each run."""
+    ts = np.geomspace(1e-3, 10.0, 400)
+    a, b = (
+        np.asarray(simulate(FLOWS["adam"], model, data, ts[-1], ts=ts, kink_tol=tol,
+                            solver=DecayHeun(), max_steps=200_000).w)
+        for tol in (1e-3, 1e-4)
+    )
+    d = _rel(a, b)
+    i0 = int(np.argmax(d > 1e-3))
+    X = np.asarray(data.X)
+
+    def layers(w):  # (first layer (width, in), output weights (width,))
+        w1, w2 = unflatten(model, w).weights
+        return np.asarray(w1), np.asarray(w2)[0]
+
+    (a1, a2), (b1, b2) = layers(a[i0]), layers(b[i0])
+    j = int(np.argmax(np.linalg.norm(a1 - b1, axis=1) + np.abs(a2 - b2)))
+    print(f"Adam, DecayHeun, kink_tol 1e-3 (a) and 1e-4 (b): they first differ by more than "
+          f"1e-3 at t = {ts[i0]:.3g}; hidden unit {j} differs most. Its output weight and "
+          "its two preactivations <w_j, x_i> nearest 0 (sample: value):")
+    for i in range(max(0, i0 - 30), min(len(ts), i0 + 8), 3):
+        cells = []
+        for w in (a[i], b[i]):
+            w1, _ = layers(w)
+            z = X @ w1[j]
+            near = np.argsort(np.abs(z))[:2]
+            cells.append(" ".join(f"{k}:{z[k]:+.1e}" for k in near))
+        print(f"  t = {ts[i]:.4e}  |a - b| / |b| {d[i]:.1e}  output weight "
+              f"{layers(b[i])[1][j]:+.2e}  a {cells[0]}  b {cells[1]}")
 
 
 if __name__ == "__main__":
