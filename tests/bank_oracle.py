@@ -164,7 +164,8 @@ def logsumexp(a: np.ndarray, axis=None, keepdims: bool = False) -> np.ndarray:
     numbers to rounding (the shift is the standard one)."""
     top = np.max(a, axis=axis, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
-    out = np.log(np.sum(np.exp(a - top), axis=axis, keepdims=True)) + top
+    with np.errstate(divide="ignore"):  # log 0 = -inf: a row of -inf terms, as documented
+        out = np.log(np.sum(np.exp(a - top), axis=axis, keepdims=True)) + top
     return out if keepdims else np.squeeze(out, axis=axis)
 
 

@@ -597,6 +597,37 @@ def test_oracle_log_loss_at_large_margins(loss):
     np.testing.assert_allclose(got, exact, rtol=1e-14)
 
 
+def test_oracle_logsumexp_against_high_precision():
+    # The oracle's own log-sum-exp (NumPy, max-shifted) against 50-digit arithmetic: rows
+    # whose terms overflow (700 + 800) or underflow (-800, -1e4) float64's exp, mixed scales,
+    # a -inf term and an all -inf row (-inf), per axis and over the whole array.
+    mpmath = pytest.importorskip("mpmath")
+    from bank_oracle import logsumexp
+
+    a = np.array([[0.0, -1.0, 2.5, 1e-3], [700.0, 800.0, 799.0, -5.0],
+                  [-800.0, -1e4, -801.0, -900.0], [3.0, -np.inf, 1.0, -20.0],
+                  [-np.inf] * 4])
+
+    def exact(values):
+        with mpmath.workdps(50):
+            total = mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in values if v != -np.inf)
+            return float(mpmath.log(total)) if total > 0 else -np.inf
+
+    # Bound: exp and the sum of n terms err by at most (n + 1) eps relative on the sum, so
+    # by (n + 1) eps absolute on its log; the final shift adds eps relative.
+    eps = np.finfo(float).eps
+
+    def check(got, values):
+        n = values.shape[-1]
+        want = np.array([exact(v) for v in values.reshape(-1, n)]).reshape(got.shape)
+        np.testing.assert_allclose(got, want, rtol=2 * eps, atol=(n + 2) * eps)
+
+    check(logsumexp(a, axis=1), a)
+    check(logsumexp(a[:4], axis=0), a[:4].T)
+    check(logsumexp(a[:4]), a[:4].reshape(1, -1)[0])
+    assert logsumexp(a, axis=1, keepdims=True).shape == (5, 1)
+
+
 # ---------------------------------------------------------------- the table, printed
 def _figures(row: Problem) -> dict:
     """The figures of every check for one row (for the table below)."""
