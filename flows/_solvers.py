@@ -125,9 +125,21 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
     ):
         state = controller_state[0]
+        # A step too long for the field (an exp overflowing) gives NaN or inf. diffrax's PID
+        # turns a NaN error into a NaN step size, and every later step is rejected (seen:
+        # AdaGrad on a ReLU MLP with Bosh3 near t = 1e159). An infinite error makes it shrink
+        # the step 5x instead, and a finite candidate keeps its error scale finite.
+        # `DecayIMEX` and `DecayHeun` do the same in their own steps (`_imex.guard`).
+        finite = all_finite((y1_candidate, y_error))
+        y_error = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
+        y1_candidate = jtu.tree_map(lambda a, b: jnp.where(finite, a, b), y1_candidate, y0)
         keep, next_t0, next_t1, jump, state, result = self.pid.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, state
         )
+        # Still not finite at a step at the resolution of t: the field itself is NaN or inf
+        # there, and shrinking further cannot help: stop with that result.
+        stuck = ~finite & (jnp.abs(t1 - t0) <= 1e-10 * jnp.maximum(1.0, jnp.abs(t0)))
+        result = dfx.RESULTS.where(stuck, dfx.RESULTS.nonfinite, result)
         state = jtu.tree_map(jnp.asarray, state)
         if self.kink_tol is None:
             return keep, next_t0, next_t1, jump, (state, jnp.asarray(next_t1 - next_t0)), result
@@ -135,15 +147,15 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         v0, v1 = y0[0], y1_candidate[0]
         scale = self.pid.atol + self.kink_tol * jnp.maximum(optx.rms_norm(v0), optx.rms_norm(v1))
         size = optx.rms_norm(v1 - v0) / scale
-        # Never a step with a non-finite state, nor one whose implicit stages failed
-        # (diffrax reports those with an infinite error estimate).
-        finite = all_finite((y1_candidate, y_error))
         n, total, small = controller_state[2]
         chattering = small > _CHATTER_STEPS  # kink steps are being taken
         # Rejections of steps this small since the last accepted step above it: the PID
         # resolves an isolated crossing with a few (it shrinks the step up to 5x per
         # rejection); more mean the run is stuck among kinks (sliding, or dense crossings).
-        small = jnp.where(~keep & (size <= 1), small + 1, jnp.where(keep & (size > 1), 0, small))
+        # Never a kink step with a non-finite state, nor one whose implicit stages failed
+        # (diffrax reports those with an infinite error estimate): `finite`, above.
+        small = jnp.where(~keep & (size <= 1) & finite, small + 1,
+                          jnp.where(keep & (size > 1), 0, small))
         kink = ~keep & (size <= 1) & finite & (small > _CHATTER_STEPS)
         dt = t1 - t0
         keep = keep | kink

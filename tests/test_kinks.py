@@ -9,6 +9,7 @@ kink_tol falls; every flow on a ReLU network into the late phase; the statistics
 
 import math
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,6 +266,40 @@ def test_relu_mlp_reaches_the_late_phase(flow):
     assert 0 < traj.stats["num_kink_steps"] < traj.stats["num_accepted_steps"]
     assert 0 < traj.stats["kink_log_time"] < math.inf  # their span in log t
     assert "kink steps" in traj.message  # the run says its accuracy is kink_tol's
+
+
+@pytest.mark.parametrize("kink_tol", [None, 1e-3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nonfinite_step_shrinks_the_next_one(kink_tol, bad):
+    """A candidate step whose values are NaN or inf is rejected, and the next step is 5x
+    shorter (the PID's smallest factor), not NaN: diffrax's PID would turn a NaN error
+    into a NaN step size, after which every step is rejected."""
+    from marginflow.flows._solvers import default_controller
+
+    ctrl = default_controller(1e-8, 1e-12, kink_tol)
+    y0 = (jnp.ones(4), jnp.ones(4), jnp.zeros(()))
+    _, state = ctrl.init(None, 0.0, 1.0, y0, 0.5, None, None, 4)
+    y1 = (jnp.full(4, bad), jnp.ones(4), jnp.zeros(()))
+    error = (jnp.full(4, bad), jnp.zeros(4), jnp.zeros(()))
+    keep, t0, t1, _, _, result = ctrl.adapt_step_size(
+        0.0, 0.5, y0, y1, (None,) * 4, error, 4, state)
+    assert not keep and t0 == 0.0 and result == dfx.RESULTS.successful
+    assert np.isclose(float(t1), 0.5 * 0.2, rtol=1e-12), float(t1)
+    # A non-finite step at the resolution of t: the field itself is not finite there.
+    *_, result = ctrl.adapt_step_size(0.0, 1e-12, y0, y1, (None,) * 4, error, 4, state)
+    assert result == dfx.RESULTS.nonfinite
+
+
+def test_adagrad_on_a_relu_mlp_does_not_stall_on_a_nonfinite_step():
+    """AdaGrad with Bosh3 on this ReLU MLP meets a step whose candidate is NaN near
+    t = 8.7e19; before the controller treated it as an infinite error, the step size
+    became NaN there and the run stopped at max_steps (t = 8.74e19)."""
+    data = separable_gaussians(16, 3, seed=0)
+    traj = simulate(FLOWS["adagrad"], MLP(3, 8, 2, key=jax.random.key(5)), data, 1e20,
+                    n_save=3, kink_tol=1e-2, throw=False)
+    assert traj.success, traj.message
+    assert traj.ts[-1] == 1e20 and np.all(np.isfinite(traj.log_loss))
+    assert np.all(np.diff(traj.log_loss) < 0)
 
 
 def test_a_new_kink_tol_reuses_the_compiled_program():
