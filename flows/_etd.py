@@ -116,5 +116,5 @@ class DecayHeun(DecaySplit):
 
         y1, fa, f1 = jax.lax.fori_loop(0, 2, evaluate, (a, f0, f0))
         y_error = jtu.tree_map(lambda c, b: c / (1.0 + b), correction(fa), bar)
-        y1, y_error, f1, result = guard(t0, du, y0, f0, y1, y_error, f1)
+        y1, y_error, f1, result, _ = guard(t0, du, y0, f0, y1, y_error, f1)
         return y1, y_error, dict(y0=y0, y1=y1), f1, result

@@ -8,6 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
+import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ def _check_number(x, name: str, rule: str, ok, example: str, where: str = "simul
     except (TypeError, ValueError):
         raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
     if not ok(v):
-        raise ValueError(f"{where}: `{name}` {rule}, got {x!r}.")
+        raise ValueError(f"{where}: `{name}` {rule}, got {x!r}; pass e.g. {name}={example}.")
     return v
 
 
@@ -102,13 +103,16 @@ def _check_args(flow, t0, t1, n_save, ts, rtol, atol, max_steps):
             "pass the end time of the integration as t1 (e.g. 1e6)."
         )
     if t1 > 1e300:
-        raise ValueError(f"simulate: `t1` must be <= 1e300 (float64 time axis), got {t1!r}.")
+        raise ValueError(f"simulate: `t1` must be <= 1e300 (float64 time axis), got {t1!r}; "
+                         "pass e.g. t1=1e300.")
     rtol = _check_number(rtol, "rtol", "must be in (0, 1)", lambda v: 0 < v < 1, "1e-8")
     atol = _check_number(atol, "atol", "must be > 0", lambda v: math.isfinite(v) and v > 0,
                           "1e-12")
-    max_steps = check_int(max_steps, "max_steps", "simulate")
+    max_steps = check_int(max_steps, "max_steps", "simulate", 1,
+                          "pass e.g. max_steps=100_000 (a limit per segment)")
     if ts is None:
-        n_save = check_int(n_save, "n_save", "simulate", 2)
+        n_save = check_int(n_save, "n_save", "simulate", 2,
+                           "pass e.g. n_save=100 (t0 and log-spaced times up to t1)")
         ts = default_save_times(t0, t1, int(n_save))
     else:
         ts = np.asarray(ts, dtype=np.float64)
@@ -152,6 +156,41 @@ def _kink_tol(kink_tol, model, rtol: float) -> float | None:
             "pass kink_tol=0 to resolve every kink at rtol."
         )
     return v or None
+
+
+def _check_solver(solver) -> None:
+    """A solver `simulate` can control: an adaptive diffrax solver instance, and an implicit
+    one with its own root-finder tolerances (the step controller lends none: `CarriedPID`
+    is not diffrax's PIDController, whose tolerances diffrax would copy)."""
+    if isinstance(solver, type):
+        raise TypeError(
+            f"simulate: `solver` must be a solver instance, got the class "
+            f"{solver.__name__}; pass {solver.__name__}(), or solver=None for the default."
+        )
+    if not isinstance(solver, dfx.AbstractSolver):
+        raise TypeError(
+            f"simulate: `solver` must be a diffrax solver (or marginflow's DecayIMEX(), "
+            f"DecayHeun()), got {solver!r}; pass e.g. solver=diffrax.Dopri8(), or "
+            "solver=None for the default."
+        )
+    if not isinstance(solver, dfx.AbstractAdaptiveSolver):
+        raise ValueError(
+            f"simulate: `solver` must be adaptive (its error estimate sizes the steps), got "
+            f"{type(solver).__name__}, which has none; pass e.g. diffrax.Heun() for a "
+            "low-order explicit solver, or solver=None for the default."
+        )
+    finder = getattr(solver, "root_finder", None)
+    # diffrax's default is a marker, "taken from diffeqsolve(..., stepsize_controller=...)".
+    own = [isinstance(getattr(finder, tol, 0.0), (int, float, np.ndarray, jax.Array))
+           for tol in ("rtol", "atol")]
+    if isinstance(solver, dfx.AbstractImplicitSolver) and not all(own):
+        raise ValueError(
+            f"simulate: an implicit `solver` needs its root finder's own tolerances, got "
+            f"{type(solver).__name__} whose {type(finder).__name__} takes them from the step "
+            "controller, which lends none here; pass e.g. newton_solver(1e-8), or "
+            f"diffrax.{type(solver).__name__}(root_finder=diffrax.VeryChord(rtol=1e-8, "
+            "atol=1e-12))."
+        )
 
 
 def _devices(batch: bool, shard, n_batch: int) -> list:
@@ -260,6 +299,8 @@ def setup(flow, model, data, t1, *, loss, t0, n_save, ts, solver, rtol, atol, ma
             "`resume` can rebuild it; got a custom solver."
         )
     kink_tol = _kink_tol(kink_tol, objective.model, rtol)
+    if solver is not None:
+        _check_solver(solver)
     if solver is None:
         kinks = kink_tol is not None
         solver = default_solver(flow, int(w0.shape[-1]), rtol=rtol, atol=atol,

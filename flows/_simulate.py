@@ -73,7 +73,9 @@ def simulate(
             (build them with eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)).
         data: a Dataset. loss: "exponential" (default, binary), "logistic" or
             "cross_entropy" (default, multi-class).
-        t1, t0: end and start time, 0 <= t0 < t1 <= 1e300.
+        t1, t0: end and start time, 0 <= t0 < t1 <= 1e300. A fresh state (m = 0) at
+            t0 >= 1e7 has a transient faster than log t resolves in float64
+            (docs/errors.md, "Failed runs keep what they computed").
         n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
         solver: a diffrax solver, used throughout; None picks `default_solver(flow, p)`
             (DecayIMEX for the flows whose moments decay, Dopri8 for GD and AdaGrad).

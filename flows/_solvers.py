@@ -20,7 +20,7 @@ import numpy as np
 import optimistix as optx
 
 from ._clock import log_t_span
-from ._imex import all_finite
+from ._imex import all_finite, at_resolution
 
 
 def wm_norm(y):
@@ -138,7 +138,7 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         )
         # Still not finite at a step at the resolution of t: the field itself is NaN or inf
         # there, and shrinking further cannot help: stop with that result.
-        stuck = ~finite & (jnp.abs(t1 - t0) <= 1e-10 * jnp.maximum(1.0, jnp.abs(t0)))
+        stuck = ~finite & at_resolution(t0, t1 - t0)
         result = dfx.RESULTS.where(stuck, dfx.RESULTS.nonfinite, result)
         state = jtu.tree_map(jnp.asarray, state)
         if self.kink_tol is None:

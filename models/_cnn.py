@@ -98,7 +98,8 @@ class CNN(AbstractModel):
                 "CNN: `widths` must be three positive integers (conv1 channels, conv2 "
                 f"channels, fc units), got {widths!r}; the paper's are (32, 64, 1024)."
             )
-        c1, c2, f = (check_int(v, "widths", "CNN") for v in widths)
+        fix = "pass three positive ints, e.g. widths=(4, 8, 32)"
+        c1, c2, f = (check_int(v, "widths", "CNN", 1, fix) for v in widths)
         self.widths = (c1, c2, f)
         check_key(key, "CNN")
         k1, k2, k3, k4 = jax.random.split(key, 4)

@@ -90,13 +90,19 @@ class Dataset(eqx.Module):
         return h.hexdigest()[:16]
 
 
+def seeded_rng(seed, where: str) -> np.random.Generator:
+    """NumPy's generator for a data set's `seed`, checked: an int >= 0 (NumPy's own refusal
+    of a negative seed names neither the argument nor the function)."""
+    return np.random.default_rng(check_int(seed, "seed", where, 0, "pass e.g. seed=0"))
+
+
 def toy_dataset(seed: int = 0) -> Dataset:
     """The paper's toy data (Sec. 6.2, App. F.3): 100 points in R^2.
 
     x_i = (cos 0.5, sin 0.5) + u_i for 50 points with y = +1 and -(cos 0.5, sin 0.5) + u_i
     for 50 with y = -1, u_i ~ U([-0.6, 0.6]^2).
     """
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed, "toy_dataset")
     c = np.array([np.cos(0.5), np.sin(0.5)])
     u = rng.uniform(-0.6, 0.6, size=(100, 2))
     X = np.concatenate([c + u[:50], -c + u[50:]])
@@ -112,7 +118,7 @@ def soudry_dataset(seed: int = 0) -> Dataset:
     each with <u, y x> > sqrt(2). Any unit d != u has min over the two support vectors
     <d, x> < <d, (1, 1)> <= sqrt(2), so u is the unique maximiser.
     """
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed, "soudry_dataset")
     u = np.array([1.0, 1.0]) / np.sqrt(2)
     u_perp = np.array([1.0, -1.0]) / np.sqrt(2)
     sv = np.array([[0.5, 1.5], [1.5, 0.5]])
@@ -135,7 +141,7 @@ def separable_gaussians(n: int, dim: int, *, gap: float = 0.5, seed: int = 0) ->
     dim = check_int(dim, "dim", "separable_gaussians")
     if not np.isfinite(gap) or gap <= 0:
         raise ValueError(f"separable_gaussians: `gap` must be > 0, got {gap!r}.")
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed, "separable_gaussians")
     u = rng.normal(size=dim)
     u /= np.linalg.norm(u)
     y = np.where(np.arange(n) < n // 2, 1.0, -1.0)

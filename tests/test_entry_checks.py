@@ -247,3 +247,45 @@ def test_run_integer_arguments_refuse_bools_and_strings():
         steps = kwargs.pop("steps")
         with pytest.raises(ValueError, match="must be an integer"):
             run(GD(0.1), model, data, steps, **kwargs)
+
+
+@pytest.mark.parametrize("solver, error, needle", [
+    ("class", TypeError, "pass DecayHeun()"),
+    ("DecayHeun", TypeError, "must be a diffrax solver"),
+    ("euler", ValueError, "must be adaptive"),
+    ("implicit_euler", ValueError, "root finder's own tolerances"),
+])
+def test_simulate_checks_the_solver_before_compiling(solver, error, needle):
+    """Each once failed inside diffrax with a message that named neither `solver` nor a
+    fix (a missing positional argument, a missing attribute, 'Type of `other` not
+    understood')."""
+    import diffrax as dfx
+    from marginflow.flows import DecayHeun
+
+    solver = {"class": DecayHeun, "euler": dfx.Euler(),
+              "implicit_euler": dfx.ImplicitEuler()}.get(solver, solver)
+    with pytest.raises(error, match=needle) as info:
+        simulate(GradientFlow(), ToyLeaky(key=KEY), toy_dataset(0), 10.0, solver=solver)
+    assert "`solver`" in str(info.value) and "pass" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, fix", [
+    ({"rtol": 2.0}, "pass e.g. rtol=1e-8"),
+    ({"atol": -1.0}, "pass e.g. atol=1e-12"),
+    ({"kink_tol": -1}, "pass e.g. kink_tol=1e-3"),
+    ({"n_save": 1}, "pass e.g. n_save=100"),
+    ({"max_steps": 0}, "pass e.g. max_steps="),
+    ({"t1": 1e301}, "pass e.g. t1=1e300"),
+])
+def test_out_of_range_numbers_name_a_fix(kwargs, fix):
+    args = {"t1": 10.0, **kwargs}
+    with pytest.raises(ValueError, match="got .*; " + fix):
+        simulate(GradientFlow(), ToyLeaky(key=KEY), toy_dataset(0), **args)
+
+
+@pytest.mark.parametrize("make", [toy_dataset, soudry_dataset,
+                                  lambda seed: separable_gaussians(10, 2, seed=seed)])
+@pytest.mark.parametrize("seed", [-1, True, 1.5])
+def test_data_sets_check_their_seed(make, seed):
+    with pytest.raises(ValueError, match=r"`seed` must be an integer >= 0, got .*pass e\.g\."):
+        make(seed)

@@ -286,7 +286,7 @@ def test_a_nonfinite_step_shrinks_the_next_one(kink_tol, bad):
     assert not keep and t0 == 0.0 and result == dfx.RESULTS.successful
     assert np.isclose(float(t1), 0.5 * 0.2, rtol=1e-12), float(t1)
     # A non-finite step at the resolution of t: the field itself is not finite there.
-    *_, result = ctrl.adapt_step_size(0.0, 1e-12, y0, y1, (None,) * 4, error, 4, state)
+    *_, result = ctrl.adapt_step_size(0.0, 1e-16, y0, y1, (None,) * 4, error, 4, state)
     assert result == dfx.RESULTS.nonfinite
 
 

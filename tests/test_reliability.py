@@ -35,10 +35,11 @@ class PoisonedFlow(RMSPropFlow):
     """RMSProp whose field turns NaN after t = 3: a forced non-finite state."""
 
     name: ClassVar[str] = "rmsprop"
+    after: ClassVar[float] = 3.0
 
     def vector_field(self, t, w, m, g):
         dw, dm, h, dlogh = super().vector_field(t, w, m, g)
-        poison = jnp.where(t > 3.0, jnp.nan, 0.0)
+        poison = jnp.where(t > self.after, jnp.nan, 0.0)
         return dw + poison, dm, h, dlogh
 
 
@@ -52,6 +53,38 @@ def test_non_finite_state_returns_partial_trajectory(toy):
     assert len(saved_before) >= 2 and traj.ts[-1] <= 3.0 + 1e-9
     with pytest.raises(SimulationError, match="non-finite"):
         simulate(PoisonedFlow(1e-3, 0.9), model, toy, 100.0, max_steps=2000)
+
+
+def test_a_fresh_state_at_a_large_t0_follows_the_shifted_flow(toy):
+    """RMSProp's field does not depend on t, so its flow from w0, m = 0 at t0 is the flow from
+    0 shifted by t0. From t0 = 1e5 the first steps are ~1e-16 in u = log t (the transient of
+    a fresh start); the guard once called them non-finite at 1e-10 |u| and stopped at once,
+    with NaN saves. Bound: each of the run's steps errs by at most about rtol |w|, and the
+    errors add (n_steps rtol, 1.8e-5 here; measured 1.9e-7)."""
+    model, flow = ToyLeaky(key=jax.random.PRNGKey(0)), RMSPropFlow()
+    rel = np.array([0.0, 1e-3, 1.0, 1e3])
+    ref = simulate(flow, model, toy, rel[-1], ts=rel)
+    late = simulate(flow, model, toy, 1e5 + rel[-1], t0=1e5, ts=1e5 + rel, throw=False)
+    assert late.success, late.message
+    np.testing.assert_array_equal(late.w[0], ref.w[0])
+    bound = late.stats["num_steps"] * 1e-8
+    err = np.linalg.norm(late.w - ref.w, axis=1) / np.linalg.norm(ref.w, axis=1)
+    assert np.all(err <= bound), (err, bound)
+
+
+class PoisonedAtOnce(PoisonedFlow):
+    after: ClassVar[float] = 0.0
+
+
+def test_a_run_stopped_at_its_first_step_keeps_its_start(toy):
+    """The field is NaN for every t > 0: the first step stops the run. Its save at t0 comes
+    from that step's dense output, which once interpolated the NaN stages (0 * NaN at the
+    step's start) and saved NaN there."""
+    model = Linear(2, key=jax.random.PRNGKey(0))
+    traj = simulate(PoisonedAtOnce(1e-3, 0.9), model, toy, 100.0, throw=False)
+    assert traj.result == "nonfinite_state"
+    np.testing.assert_array_equal(traj.w[0], np.asarray(model.weight).ravel())
+    assert np.all(np.isfinite(traj.log_loss))
 
 
 def test_same_seed_bitwise_identical(toy):

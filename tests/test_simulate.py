@@ -17,7 +17,7 @@ from marginflow.flows import (
     Trajectory,
     simulate,
 )
-from marginflow.models import Linear, Objective, ToyLeaky, toy_dataset
+from marginflow.models import Linear, Objective, ToyLeaky, flatten, toy_dataset
 
 EPS, B = 1e-5, 0.9
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,6 +153,16 @@ def test_batch_equals_individual_runs(toy):
         assert one.stats["num_steps"] == batch.stats["num_steps"][i]
         assert sum(one.stats["num_steps_per_segment"]) == one.stats["num_steps"]
         assert one.stats["segment_ends"] == batch.stats["segment_ends"] == (1.0, 10.0, 100.0, 1e3)
+        np.testing.assert_array_equal(flatten(batch.model_at(-1, b=i)), batch.w[i, -1])
+    # Indices out of range name the rule, the count and a fix (were bare IndexErrors).
+    for call, needle in ((lambda: batch.member(3), "`b` must be an integer in \\[-3, 3\\)"),
+                         (lambda: batch.model_at(20, b=0), "`i` must be .* \\[-20, 20\\)"),
+                         (lambda: batch.model_at(0, b=5), "3 members"),
+                         (lambda: batch.member(True), "got True")):
+        with pytest.raises(IndexError, match=needle):
+            call()
+    with pytest.raises(ValueError, match="pass the member"):
+        batch.model_at(3)
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
