@@ -111,13 +111,15 @@ def guard(t0, du, y0, f0, y1, y_error, f1):
 
 
 def at_resolution(t0, dt) -> jax.Array:
-    """Whether a step of dt from t0 is within 4 units in the last place of t0 (or of 1).
+    """Whether a step of dt from t0 is within 4 units in the last place of t0 (of 1e-10
+    near 0, where any step is representable: a step shorter than 9e-26 that is still not
+    finite is the field's doing).
 
     Not a fixed fraction like 1e-10 |t0|: the field in u = log t is t h g, and a flow started
     at t0 = 3e4 with m = 0 needs steps of du ~ 1e-11 while its second moment builds up;
     from t0 = 1e5 AdaGrad's first steps are within 16 units of u's last place."""
     eps = jnp.finfo(jnp.result_type(t0, dt)).eps
-    return jnp.abs(dt) <= 4 * eps * jnp.maximum(1.0, jnp.abs(t0))
+    return jnp.abs(dt) <= 4 * eps * jnp.maximum(1e-10, jnp.abs(t0))
 
 
 class _DiagonalIMEX(DecaySplit):

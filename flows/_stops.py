@@ -18,8 +18,10 @@ class Stop(enum.Enum):
     successful = ("", "")
     max_steps_reached = (
         "The maximum number of solver steps was reached.",
-        "increase `max_steps` (a limit per segment: a decade of t, ten after 1e10), loosen "
-        "rtol, or use an implicit solver (solver=None picks one)")
+        "increase `max_steps` (a limit per segment: a decade of t, ten after 1e10) or loosen "
+        "rtol; with a solver of your own, try solver=None (its default treats the stiff "
+        "decay of m implicitly); on a ReLU or max-pool model, keep kink_tol > 0, which "
+        "bounds the steps among kinks")
     nonfinite_state = (
         "The vector field is non-finite (NaN/inf) at the state reached.",
         "the vector field became non-finite (NaN/inf) at the state reached: check the data "

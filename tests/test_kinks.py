@@ -286,8 +286,11 @@ def test_a_nonfinite_step_shrinks_the_next_one(kink_tol, bad):
     assert not keep and t0 == 0.0 and result == dfx.RESULTS.successful
     assert np.isclose(float(t1), 0.5 * 0.2, rtol=1e-12), float(t1)
     # A non-finite step at the resolution of t: the field itself is not finite there.
-    *_, result = ctrl.adapt_step_size(0.0, 1e-16, y0, y1, (None,) * 4, error, 4, state)
+    *_, result = ctrl.adapt_step_size(1e5, 1e5 + 1e-11, y0, y1, (None,) * 4, error, 4, state)
     assert result == dfx.RESULTS.nonfinite
+    # 1e-9 is 70 units in the last place of 1e5: a step too long, not a field that is NaN.
+    *_, result = ctrl.adapt_step_size(1e5, 1e5 + 1e-9, y0, y1, (None,) * 4, error, 4, state)
+    assert result == dfx.RESULTS.successful
 
 
 def test_adagrad_on_a_relu_mlp_does_not_stall_on_a_nonfinite_step():
