@@ -323,7 +323,10 @@ def lemma3_terms(
         m = check_flat(objective, m, where, name="m")
     single = w.ndim == 1
     W = w.reshape(-1, w.shape[-1])
-    M = m.reshape(-1, m.shape[-1])
+    # The second moment at 0 where the solver's saves undershoot it (-1e-17 to -9e-13 seen
+    # late in a run): the flows' own field clips it (`nonnegative`), and with eps outside the
+    # root, sqrt(m) of a negative m made every term NaN.
+    M = flow.nonnegative(jnp.asarray(m).reshape(-1, m.shape[-1]))
     ts = jnp.broadcast_to(jnp.asarray(t, jnp.float64), (W.shape[0],))
     if M.shape != W.shape:
         raise ValueError(

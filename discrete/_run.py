@@ -328,12 +328,11 @@ def run(
     check_homogeneous(objective, w0, "run")  # compiled: run is called in sweeps
 
     w0 = jnp.asarray(w0, dtype=dtype)
+    # The metadata describes the data as given: the analysis functions match the Dataset a
+    # user passes by its fingerprint, which the float32 copy below would change.
+    described = objective
     if dtype == jnp.float32:  # the data too, or every step would promote back to float64
-        y = objective.data.y
-        objective = eqx.tree_at(
-            lambda o: (o.data.X, o.data.y), objective,
-            (objective.data.X.astype(dtype),
-             y.astype(dtype) if jnp.issubdtype(y.dtype, jnp.floating) else y))
+        objective = objective.in_dtype(dtype)
     given = optimizer  # metadata and the time axis from the hyper-parameters as given
     optimizer = jax.tree.map(
         lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, optimizer
@@ -403,7 +402,7 @@ def run(
             f"{first * eta:.6g}) and stopped there. Fix: {_HINT_NONFINITE}."
         )
 
-    meta = _meta(given, objective, steps, save_every, batch_size, dtype, batch)
+    meta = _meta(given, described, steps, save_every, batch_size, dtype, batch)
     meta["wall_time_s"] = wall  # includes compilation on a first call
     traj = Trajectory(
         ts=ts,

@@ -102,7 +102,12 @@ class AbstractFlow(eqx.Module):
         eps = self.eps
         if self.eps_placement == "inside":
             return 1.0 / jnp.sqrt(eps + psi)
-        return 1.0 / (jnp.sqrt(psi) + eps)
+        # sqrt(psi), with derivative 0 at psi = 0 (sqrt's own is infinite there), as the
+        # field's d log h/dt is 0 there: a save whose m fell to 0 (solver error near atol)
+        # gave autodiff through h, as in lemma3_terms, an infinite rate.
+        positive = psi > 0
+        root = jnp.where(positive, jnp.sqrt(jnp.where(positive, psi, 1.0)), 0.0)
+        return 1.0 / (root + eps)
 
     def h(self, t, m, g) -> Float[Array, " p"]:
         """The conditioner h(t) (g is only used by Adam's 'paper' correction at t = 0)."""

@@ -475,8 +475,7 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
     dt = (eta * b / n if gd else eta) / substeps
     du = min(dt, _DU_MAX) if du is None else _positive(du, "du", "0.01")
     start = time.perf_counter()
-    obj = eqx.tree_at(lambda o: (o.data.X, o.data.y), objective,
-                      (objective.data.X.astype(dtype), objective.data.y.astype(dtype)))
+    obj = objective.in_dtype(dtype)
     w0 = jnp.broadcast_to(objective.w0().astype(dtype), (n_paths, objective.w0().shape[0]))
     devices = jax.local_devices() if shard else jax.local_devices()[:1]
     if len(devices) > 1 and n_paths % len(devices) == 0:  # split the paths over the devices

@@ -305,6 +305,11 @@ def _resume(folder, progress, throw: bool) -> Trajectory:
     from ._flow import flow_from_meta
 
     header, arrays, segments = folder.read(repair=folder.writable())
+    if header.get("kind") == "discrete":
+        raise ValueError(
+            f"resume: {folder.directory!r} holds a discrete run; continue it with "
+            "marginflow.discrete.resume_run."
+        )
     # ("conditioner": the key's name in folders written before eps_placement)
     flow = flow_from_meta(header["flow"], header["hyper"],
                           header.get("eps_placement", header.get("conditioner")))

@@ -69,6 +69,15 @@ def check_compatible(model, data: Dataset, loss: AbstractLoss, where: str) -> No
             f"the model, which takes inputs of shape {model.in_shape}; build the model with "
             "the data's input dimension."
         )
+    out = eqx.filter_eval_shape(model, jax.ShapeDtypeStruct(tuple(model.in_shape), data.X.dtype))
+    expected = () if model.out_dim == 1 else (model.out_dim,)
+    if getattr(out, "shape", None) != expected:
+        raise ValueError(
+            f"{where}: the model's output for one input must have shape {expected} (out_dim = "
+            f"{model.out_dim}), got {getattr(out, 'shape', out)}; a model whose parameters "
+            "carry a leading batch axis (stacked with eqx.filter_vmap) needs batch=True, and "
+            "the analysis functions take one member's model."
+        )
     if data.binary:
         if model.out_dim != 1:
             raise ValueError(
@@ -149,6 +158,14 @@ class Objective(eqx.Module):
 
     def grad(self, w):
         return self.log_loss_and_grad(w)[1]
+
+    def in_dtype(self, dtype) -> Objective:
+        """This objective with its data in `dtype` (a float32 run's data, so that no step
+        promotes back to float64); integer class labels stay integers (they index)."""
+        y = self.data.y
+        return eqx.tree_at(lambda o: (o.data.X, o.data.y), self,
+                           (self.data.X.astype(dtype),
+                            y.astype(dtype) if jnp.issubdtype(y.dtype, jnp.floating) else y))
 
     def describe(self) -> dict:
         """The loss / model / data keys every Trajectory's meta carries (JSON values)."""

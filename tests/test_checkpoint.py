@@ -150,6 +150,10 @@ def test_discrete_checkpoint_rules(tmp_path):
     with pytest.raises(ValueError, match="blocks_per_checkpoint"):
         run(RMSProp(0.1, b=0.9, eps=1e-5), model, data, 10, checkpoint=tmp_path / "e",
             blocks_per_checkpoint=0)
+    # ... and the mirror case (was a KeyError: 'flow' from the flow's header keys)
+    run(RMSProp(0.1, b=0.9, eps=1e-5), model, data, 10, checkpoint=tmp_path / "f")
+    with pytest.raises(ValueError, match="holds a discrete run.*resume_run"):
+        resume(tmp_path / "f")
 
 
 # workers=2 with -m slow (13 s; the test suite's budget); 1 keeps the resume of a batch.

@@ -459,3 +459,12 @@ def test_float32_runs_in_float32():
     np.testing.assert_array_equal(t32.ts, t64.ts)
     assert t32.meta["optimizer_hyper"] == t64.meta["optimizer_hyper"]
     assert np.max(np.abs(t32.w - t64.w)) <= 1e-4 * np.max(np.abs(t64.w))
+    # The run describes the data as given (it once hashed its float32 copy, and the
+    # analysis functions then refused the run's own Dataset).
+    assert t32.meta["data"] == t64.meta["data"]
+    assert t32.meta["data"]["fingerprint"] == data.fingerprint()
+    from marginflow.analysis import normalized_margin
+
+    # w agrees to 1e-4 relative (above); the margin q_min / ||w||^2, to a few times that.
+    np.testing.assert_allclose(normalized_margin(model, data, t32),
+                               normalized_margin(model, data, t64), rtol=1e-3, atol=1e-5)

@@ -289,3 +289,17 @@ def test_out_of_range_numbers_name_a_fix(kwargs, fix):
 def test_data_sets_check_their_seed(make, seed):
     with pytest.raises(ValueError, match=r"`seed` must be an integer >= 0, got .*pass e\.g\."):
         make(seed)
+
+
+def test_stacked_models_need_batch_true():
+    """Three stacked Linear(2) once ran as one model (outputs of shape (1,) per input) and
+    reported success; the analysis functions said the model had the wrong p."""
+    from marginflow.analysis import normalized_margin
+
+    data = toy_dataset(0)
+    models = eqx.filter_vmap(lambda k: Linear(2, key=k))(jax.random.split(KEY, 3))
+    for call in (lambda: simulate(GradientFlow(), models, data, 10.0),
+                 lambda: run(GD(0.1), models, data, 10),
+                 lambda: normalized_margin(models, data, np.zeros((3, 2)))):
+        with pytest.raises(ValueError, match=r"shape \(\).*got \(1,\).*needs batch=True"):
+            call()

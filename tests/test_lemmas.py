@@ -112,6 +112,21 @@ def test_lemmas_along_random_linear_runs(flow_name, data_seed, init_seed, scale,
         assert np.all(h[1:] <= h[:-1] * (1 + 1e-8))
 
 
+@pytest.mark.parametrize("flow", [RMSPropFlow(1e-2, 0.9, eps_placement="outside"),
+                                  AdamFlow(1e-2, 0.9, eps_placement="outside")], ids=repr)
+def test_lemmas_late_with_eps_outside_the_root(flow):
+    """To t = 1e8 the saved m falls below the solver's resolution and undershoots 0 (to
+    -9e-13 here): with eps outside the root, sqrt(m) once made A, B and rho NaN at 9 of
+    39 separated saves, and autodiff through h an infinite rate where m was clipped to 0."""
+    data = random_data(8, 1.0, 10, 3)
+    model = Linear(3, key=jax.random.key(2))
+    traj = simulate(flow, model, data, 1e8, n_save=50)
+    terms = check_lemmas(flow, model, data, traj)
+    assert np.all(np.isfinite(terms.A)) and np.all(np.isfinite(terms.dlog_gamma_tilde))
+    last = lemma3_terms(flow, model, data, traj)
+    assert np.isfinite(last.A) and np.isfinite(last.dlog_gamma_tilde)
+
+
 @pytest.mark.slow
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(
