@@ -11,6 +11,8 @@ code has had its say):
   gives (platformdirs: ~/.cache/marginflow/jax on Linux, ~/Library/Caches/marginflow/jax
   on macOS, %LOCALAPPDATA%/marginflow/Cache/jax on Windows), created private (0700):
   JAX runs what it loads from there, so nobody else may write to it;
+- read but not written where that folder exists and is read-only (a shared cache): one
+  warning says so, and JAX's warning for each program it cannot store is filtered out;
 - not at all with MARGINFLOW_CACHE_DIR=off (or 0, false, none);
 - and never over a cache the user configured in JAX (jax_compilation_cache_dir, or
   jax.config's enable_compilation_cache = False): that choice is kept as it is.
@@ -66,6 +68,16 @@ def use_cache() -> str | None:
             stacklevel=3,
         )
         return None
+    if not os.access(folder, os.W_OK | os.X_OK):  # e.g. a shared cache mounted read-only
+        import warnings
+
+        warnings.warn(
+            f"marginflow: the compilation cache folder {folder} is read-only: programs "
+            "stored there are loaded, new ones are not stored (JAX's warning for each is "
+            "silenced). Set MARGINFLOW_CACHE_DIR to a writable folder, or to off.",
+            stacklevel=3,
+        )
+        warnings.filterwarnings("ignore", message="Error writing persistent compilation cache")
     jax.config.update("jax_compilation_cache_dir", folder)
     if jax.config.jax_persistent_cache_min_compile_time_secs > _MIN_COMPILE_TIME_S:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_TIME_S)

@@ -273,6 +273,13 @@ def main(argv=None) -> int:
         # Bad input: one line naming the rule, the value and the fix; no traceback.
         print(f"marginflow {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output left (`| head`): not bad input, and nothing is left to
+        # tell it. Point stdout at devnull so that the interpreter's final flush does not
+        # fail again, and exit as Python's own docs advise (1, as a run cut short).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except OSError as err:
         # A file that cannot be read or written (a full disk, a folder made read-only during
         # the run): one line naming the file and the cause, no traceback.

@@ -44,6 +44,7 @@ class TqdmProgressMeter(AbstractProgressMeter):
 
     def __init__(self):
         self.bar = None
+        self.compiling = False  # between the first segment call and its program
 
     def start(self, total: int) -> None:
         from tqdm.auto import tqdm
@@ -51,11 +52,15 @@ class TqdmProgressMeter(AbstractProgressMeter):
         self.bar = tqdm(total=total, unit="segment", desc="simulate")
 
     def calling(self, first: bool) -> None:
+        self.compiling = first
         self.bar.set_description("simulate (compiling)" if first else "simulate")
         self.bar.refresh()
 
     def compiled(self) -> None:
-        if self.bar is not None:
+        # Programs made before the first segment call (the homogeneity check, the start
+        # state) are not the segment's: the bar reads "integrating" only after that call.
+        if self.bar is not None and self.compiling:
+            self.compiling = False
             self.bar.set_description("simulate (integrating)")
             self.bar.refresh()
 

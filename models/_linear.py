@@ -62,7 +62,13 @@ class DeepLinear(AbstractModel):
     degree: int = eqx.field(static=True)
 
     def __init__(self, dims: Sequence[int], *, key: PRNGKeyArray):
-        dims = tuple(dims)
+        try:
+            dims = tuple(dims)
+        except TypeError:
+            raise TypeError(
+                f"DeepLinear: `dims` must be a sequence (in_dim, hidden..., out_dim), got "
+                f"{dims!r}; pass e.g. dims=(4, 4, 4, 1)."
+            ) from None
         if len(dims) < 2:
             raise ValueError(
                 f"DeepLinear: `dims` must list at least (in_dim, out_dim), got {dims!r}."
@@ -72,9 +78,9 @@ class DeepLinear(AbstractModel):
         keys = jax.random.split(key, len(dims) - 1)
         self.weights = [
             jax.random.uniform(k, (o, i), minval=-1 / jnp.sqrt(i), maxval=1 / jnp.sqrt(i))
-            for k, i, o in zip(keys, dims[:-1], dims[1:], strict=True)
+            for k, i, o in zip(keys, self.dims[:-1], self.dims[1:], strict=True)
         ]
-        self.out_dim = dims[-1]
+        self.out_dim = self.dims[-1]  # a Python int (a NumPy one would be a traced static)
         self.degree = len(dims) - 1
 
     @property

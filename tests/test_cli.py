@@ -77,6 +77,22 @@ def test_console_script_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_reader_that_leaves_early_is_not_bad_input(tmp_path):
+    """`marginflow simulate ... | true`: the pipe is closed before the summary is printed.
+    It once exited with code 2 ("error: cannot access: Broken pipe"), the code of bad
+    input; now 1 (a run whose output was cut short), with nothing on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marginflow.experiments", "simulate", "--out",
+         str(tmp_path / "o"), "--t1", "1e3", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )
+    proc.stdout.close()  # the reader leaves at once
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1, err
+    assert "error" not in err and "Traceback" not in err, err
+    assert (tmp_path / "o" / "trajectory.npz").exists()  # written before the summary
+
+
 def test_simulate_checkpoint_and_resume(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     rc = main(["simulate", "--t1", "1e8", "--out", str(tmp_path / "a"), "--no-progress",

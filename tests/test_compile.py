@@ -125,6 +125,27 @@ def test_cache_opt_out_and_a_users_jax_configuration_are_kept(tmp_path):
     assert not (tmp_path / "ours").exists()
 
 
+def test_a_read_only_cache_folder_is_said_once(tmp_path):
+    """A cache folder that exists but cannot be written (a shared cache mounted read-only):
+    one marginflow warning, and JAX's warning per program it fails to store (26 lines for
+    the CLI's main job) silenced. os.access is patched: as root, chmod does not stop writes."""
+    script = (
+        "import json, os, warnings\n"
+        f"folder = {str(tmp_path)!r}\n"
+        "real = os.access\n"
+        "os.access = lambda p, mode: False if os.path.abspath(p) == folder else real(p, mode)\n"
+        "import marginflow\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    marginflow.use_cache()\n"
+        "    warnings.warn(\"Error writing persistent compilation cache entry for 'x': boom\")\n"
+        "print(json.dumps({'dir': marginflow.cache_dir(), 'seen': [str(w.message) for w in seen]}))"
+    )
+    out = _run(script, MARGINFLOW_CACHE_DIR=str(tmp_path))
+    assert out["dir"] == str(tmp_path)  # still read: what is stored there loads
+    assert len(out["seen"]) == 1 and "read-only" in out["seen"][0], out["seen"]
+
+
 def test_importing_the_flows_does_not_import_plotting_scipy_or_experiments():
     script = (
         "import json, sys; import marginflow.flows, marginflow.models\n"

@@ -303,3 +303,12 @@ def test_stacked_models_need_batch_true():
                  lambda: normalized_margin(models, data, np.zeros((3, 2)))):
         with pytest.raises(ValueError, match=r"shape \(\).*got \(1,\).*needs batch=True"):
             call()
+
+
+def test_deep_linear_dims_from_numpy_and_a_bare_int():
+    """NumPy dims once left out_dim a NumPy int: a JAX static that warned, and kept the
+    traced segment out of the disk cache (its key takes Python ints only)."""
+    m = DeepLinear(np.array([5, 8, 1]), key=KEY)
+    assert type(m.out_dim) is int and all(type(d) is int for d in m.dims)
+    with pytest.raises(TypeError, match=r"`dims` must be a sequence.*pass e\.g\."):
+        DeepLinear(5, key=KEY)

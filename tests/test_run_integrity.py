@@ -378,6 +378,29 @@ def test_a_progress_meter_object_hears_every_segment(setup, reference, tmp_path)
         simulate(FLOW, model, data, T1, n_save=10, progress="yes")
 
 
+def test_the_bar_says_integrating_only_after_the_segment_call():
+    """Programs made before the first segment call (the homogeneity check, the start state)
+    once turned the bar to "integrating" before anything was integrated."""
+    from marginflow.flows._progress import TqdmProgressMeter
+
+    meter = TqdmProgressMeter()
+    meter.start(3)
+    desc = lambda: meter.bar.desc.rstrip(": ")  # noqa: E731  (tqdm adds ": ")
+    try:
+        meter.compiled()  # the homogeneity check's program
+        assert desc() == "simulate"
+        meter.calling(True)
+        assert desc() == "simulate (compiling)"
+        meter.compiled()
+        assert desc() == "simulate (integrating)"
+        meter.done(1.0, 10, 2.0)
+        meter.calling(False)
+        meter.compiled()  # a later program (another save layout) does not relabel the bar
+        assert desc() == "simulate"
+    finally:
+        meter.close()
+
+
 def test_a_checkpoint_folder_object(setup, reference, tmp_path):
     """`checkpoint=` takes a CheckpointFolder, whose methods a subclass can extend: here
     one that counts the segments it writes."""
