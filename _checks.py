@@ -169,7 +169,7 @@ def check_real_type(x, name: str, where: str, example: str) -> None:
 def check_int(x, name: str, where: str, minimum: int = 1, fix: str = "") -> int:
     """`x` as an int; ValueError unless it is an integer (not a bool) >= minimum."""
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
-        fix = fix or f"pass a Python int, e.g. {name}={max(minimum, 2)}"
+        fix = fix or f"pass e.g. {name}={max(minimum, 2)}"
         raise ValueError(f"{where}: `{name}` must be an integer >= {minimum}, got {x!r}; {fix}.")
     return int(x)
 

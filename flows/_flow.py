@@ -104,9 +104,11 @@ class AbstractFlow(eqx.Module):
             return 1.0 / jnp.sqrt(eps + psi)
         # sqrt(psi), with derivative 0 at psi = 0 (sqrt's own is infinite there), as the
         # field's d log h/dt is 0 there: a save whose m fell to 0 (solver error near atol)
-        # gave autodiff through h, as in lemma3_terms, an infinite rate.
+        # gave autodiff through h, as in lemma3_terms, an infinite rate. NaN below 0 and for
+        # NaN, as sqrt gives: a non-finite h still says that m went wrong.
         positive = psi > 0
-        root = jnp.where(positive, jnp.sqrt(jnp.where(positive, psi, 1.0)), 0.0)
+        root = jnp.where(positive, jnp.sqrt(jnp.where(positive, psi, 1.0)),
+                         jnp.where(psi == 0, 0.0, jnp.nan))
         return 1.0 / (root + eps)
 
     def h(self, t, m, g) -> Float[Array, " p"]:

@@ -181,9 +181,12 @@ def _check_solver(solver) -> None:
         )
     finder = getattr(solver, "root_finder", None)
     # diffrax's default is a marker, "taken from diffeqsolve(..., stepsize_controller=...)".
-    own = [isinstance(getattr(finder, tol, 0.0), (int, float, np.ndarray, jax.Array))
-           for tol in ("rtol", "atol")]
-    if isinstance(solver, dfx.AbstractImplicitSolver) and not all(own):
+    try:
+        from diffrax._root_finder import use_stepsize_tol
+    except ImportError:  # another diffrax layout: let diffrax itself report it
+        use_stepsize_tol = object()
+    lent = [getattr(finder, tol, None) is use_stepsize_tol for tol in ("rtol", "atol")]
+    if isinstance(solver, dfx.AbstractImplicitSolver) and any(lent):
         raise ValueError(
             f"simulate: an implicit `solver` needs its root finder's own tolerances, got "
             f"{type(solver).__name__} whose {type(finder).__name__} takes them from the step "

@@ -73,9 +73,10 @@ def simulate(
             (build them with eqx.filter_vmap(lambda k: ToyLeaky(key=k))(keys)).
         data: a Dataset. loss: "exponential" (default, binary), "logistic" or
             "cross_entropy" (default, multi-class).
-        t1, t0: end and start time, 0 <= t0 < t1 <= 1e300. A fresh state (m = 0) at
-            t0 >= 1e7 has a transient faster than log t resolves in float64
-            (docs/errors.md, "Failed runs keep what they computed").
+        t1, t0: end and start time, 0 <= t0 < t1 <= 1e300. A run from w0 (and m = 0) at
+            a large t0 repeats the early phase of a run from 0, whose steps log t in
+            float64 stops resolving from about t0 = 3e5 (AdaGrad on the toy), 1e6
+            (RMSProp), 3e6 (GD) (docs/errors.md, "Failed runs keep what they computed").
         n_save: number of save times, t0 then log-spaced up to t1; or ts: explicit times.
         solver: a diffrax solver, used throughout; None picks `default_solver(flow, p)`
             (DecayIMEX for the flows whose moments decay, Dopri8 for GD and AdaGrad).

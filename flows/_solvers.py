@@ -131,10 +131,10 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         # the step 5x instead, and a finite candidate keeps its error scale finite.
         # `DecayIMEX` and `DecayHeun` do the same in their own steps (`_imex.guard`).
         finite = all_finite((y1_candidate, y_error))
-        y_error = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
-        y1_candidate = jtu.tree_map(lambda a, b: jnp.where(finite, a, b), y1_candidate, y0)
+        safe_error = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
+        safe_y1 = jtu.tree_map(lambda a, b: jnp.where(finite, a, b), y1_candidate, y0)
         keep, next_t0, next_t1, jump, state, result = self.pid.adapt_step_size(
-            t0, t1, y0, y1_candidate, args, y_error, error_order, state
+            t0, t1, y0, safe_y1, args, safe_error, error_order, state
         )
         # Still not finite at a step at the resolution of t: the field itself is NaN or inf
         # there, and shrinking further cannot help: stop with that result.
@@ -153,9 +153,10 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
         # resolves an isolated crossing with a few (it shrinks the step up to 5x per
         # rejection); more mean the run is stuck among kinks (sliding, or dense crossings).
         # Never a kink step with a non-finite state, nor one whose implicit stages failed
-        # (diffrax reports those with an infinite error estimate): `finite`, above.
-        small = jnp.where(~keep & (size <= 1) & finite, small + 1,
-                          jnp.where(keep & (size > 1), 0, small))
+        # (diffrax reports those with an infinite error estimate): `finite`, above. (A step
+        # that `_imex.guard` gave y1 = y0 has size 0 and counts as small, as it always has:
+        # the step sequences of the default runs depend on it.)
+        small = jnp.where(~keep & (size <= 1), small + 1, jnp.where(keep & (size > 1), 0, small))
         kink = ~keep & (size <= 1) & finite & (small > _CHATTER_STEPS)
         dt = t1 - t0
         keep = keep | kink

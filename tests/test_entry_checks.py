@@ -312,3 +312,16 @@ def test_deep_linear_dims_from_numpy_and_a_bare_int():
     assert type(m.out_dim) is int and all(type(d) is int for d in m.dims)
     with pytest.raises(TypeError, match=r"`dims` must be a sequence.*pass e\.g\."):
         DeepLinear(5, key=KEY)
+
+
+def test_an_implicit_solver_with_its_own_tolerances_of_any_float_type_is_accepted():
+    """The check for a root finder that borrows the controller's tolerances looks for
+    diffrax's marker, not for a float type (NumPy float32 tolerances were refused)."""
+    import diffrax as dfx
+    import optimistix as optx
+    from marginflow.flows._plan import _check_solver
+
+    _check_solver(dfx.Kvaerno5(root_finder=optx.Newton(rtol=np.float32(1e-6),
+                                                       atol=np.float32(1e-9))))
+    with pytest.raises(ValueError, match="root finder's own tolerances"):
+        _check_solver(dfx.Kvaerno5())

@@ -57,10 +57,11 @@ def test_non_finite_state_returns_partial_trajectory(toy):
 
 def test_a_fresh_state_at_a_large_t0_follows_the_shifted_flow(toy):
     """RMSProp's field does not depend on t, so its flow from w0, m = 0 at t0 is the flow from
-    0 shifted by t0. From t0 = 1e5 the first steps are ~1e-16 in u = log t (the transient of
-    a fresh start); the guard once called them non-finite at 1e-10 |u| and stopped at once,
-    with NaN saves. Bound: each of the run's steps errs by at most about rtol |w|, and the
-    errors add (n_steps rtol, 1.8e-5 here; measured 1.9e-7)."""
+    0 shifted by t0. From t0 = 1e5 the first steps are 1 unit in the last place of
+    u = log t (1.8e-15: the early phase of a run from w0); the guard once took a non-finite
+    step within 1e-10 |u| for a non-finite field and stopped at once, with NaN saves.
+    Bound: each of the run's steps errs by at most about rtol |w|, and the errors add
+    (n_steps rtol, 1.8e-5 here; measured 1.3e-7 to 1.9e-7 on two machines)."""
     model, flow = ToyLeaky(key=jax.random.PRNGKey(0)), RMSPropFlow()
     rel = np.array([0.0, 1e-3, 1.0, 1e3])
     ref = simulate(flow, model, toy, rel[-1], ts=rel)
