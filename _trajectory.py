@@ -135,8 +135,10 @@ class Trajectory(eqx.Module):
             raise ValueError(f"model_at: `b` is for batched trajectories, got b = {b!r}; "
                              "drop it.")
         i = _index(i, self.ts.shape[0], "model_at", "i", "saves")
-        w = self.w[_index(b, self.w.shape[0], "model_at", "b", "members"), i] if (
-            self.batched) else self.w[i]
+        if self.batched:
+            w = self.w[_index(b, self.w.shape[0], "model_at", "b", "members"), i]
+        else:
+            w = self.w[i]
         return unflatten(from_spec(self.meta["model"]), np.asarray(w))
 
     def flow(self):
