@@ -34,7 +34,11 @@ def is_concrete(x) -> bool:
         return False
 
 
-def real_array(x, name: str, where: str, example: str, *, scalar: bool = False):
+_SWEEP = "to sweep values build the flows with eqx.filter_vmap over the constructor"
+
+
+def real_array(x, name: str, where: str, example: str, *, scalar: bool = False,
+               sweep: str = _SWEEP):
     """`x` as a float array; TypeError for a bool, a string or a non-number, and with
     `scalar` a ValueError for a concrete non-scalar (one flow per value: a sweep vmaps the
     constructor, where the value is a tracer and not checked here)."""
@@ -45,16 +49,15 @@ def real_array(x, name: str, where: str, example: str, *, scalar: bool = False):
         raise TypeError(f"{where}: `{name}` must be a real number, got {x!r}.") from None
     if scalar and is_concrete(x) and arr.ndim != 0:
         raise ValueError(
-            f"{where}: `{name}` must be a scalar, got shape {arr.shape}; to sweep values build "
-            f"the flows with eqx.filter_vmap over the constructor."
+            f"{where}: `{name}` must be a scalar, got shape {arr.shape}; {sweep}."
         )
     return arr
 
 
 def check_positive(x, name: str, where: str, hint: str, example: str, *,
-                   scalar: bool = False):
+                   scalar: bool = False, sweep: str = _SWEEP):
     """`x` as a float array, checked finite and > 0 where it is concrete."""
-    arr = real_array(x, name, where, example, scalar=scalar)
+    arr = real_array(x, name, where, example, scalar=scalar, sweep=sweep)
     if is_concrete(x):
         v = np.asarray(x, dtype=float)
         if not np.all(np.isfinite(v)) or np.any(v <= 0):
@@ -63,9 +66,9 @@ def check_positive(x, name: str, where: str, hint: str, example: str, *,
 
 
 def check_unit(x, name: str, where: str, hint: str, example: str = "0.9", *,
-               scalar: bool = False):
+               scalar: bool = False, sweep: str = _SWEEP):
     """`x` as a float array, checked in [0, 1) where it is concrete (a decay factor b)."""
-    arr = real_array(x, name, where, example, scalar=scalar)
+    arr = real_array(x, name, where, example, scalar=scalar, sweep=sweep)
     if is_concrete(x):
         v = np.asarray(x, dtype=float)
         if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v >= 1):

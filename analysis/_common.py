@@ -10,6 +10,8 @@ state pass the array traj.w instead (see `states`).
 
 from __future__ import annotations
 
+import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,15 @@ def trajectory_objective(traj, model, data, where: str) -> Objective:
             f"{where}: `data` is not the data set the trajectory was computed on (fingerprint "
             f"{data.fingerprint()} != {fp} in traj.meta['data']); pass the same Dataset."
         )
+    spec = _plain(objective.model.spec())
+    if "model" in meta and _plain(meta["model"]) != spec:
+        # Same p and degree is not the same function (a DeepLinear and a ReLU MLP can share
+        # both): the margins of another model are silently wrong numbers.
+        raise ValueError(
+            f"{where}: `model` is not the model the trajectory was computed on: its spec "
+            f"{spec} differs from traj.meta['model'] = {_plain(meta['model'])}; pass the "
+            "model the run was built from."
+        )
     if "degree" in meta and int(meta["degree"]) != objective.degree:
         raise ValueError(
             f"{where}: `model` has degree L = {objective.degree} but the trajectory was "
@@ -64,6 +75,11 @@ def trajectory_objective(traj, model, data, where: str) -> Objective:
             f"has p = {p}; pass the model the run was built from."
         )
     return objective
+
+
+def _plain(spec):
+    # A spec as JSON reads it back (tuples become lists), so a saved and a live spec compare.
+    return json.loads(json.dumps(spec))
 
 
 def is_trajectory(x) -> bool:
@@ -108,22 +124,29 @@ def check_flat(objective: Objective, w, where: str, name: str = "w"):
     return w
 
 
-def check_weights(weights, p: int, where: str):
-    """weights = h_inf^{-1/2} (positive, shape (p,)) for AdaGrad's problem (PA)."""
+def check_weights(weights, shape: tuple, where: str):
+    """weights = h_inf^{-1/2} for AdaGrad's problem (PA): positive and finite, of shape (p,)
+    (one for every state) or the states' own shape (..., p) (one per state: a batched run's
+    conditioner_limit(traj).h_inf ** -0.5 is (B, p)). Returned broadcast to `shape`."""
     if weights is None:
         return None
     weights = np.asarray(weights, dtype=np.float64)
-    if weights.shape != (p,) or not np.all(np.isfinite(weights)) or not np.all(weights > 0):
+    p = shape[-1]
+    if weights.shape not in ((p,), tuple(shape)):
         raise ValueError(
-            f"{where}: `weights` must be a finite positive vector of shape ({p},) (h_inf^{{-1/2}} "
-            f"of AdaGrad's problem (PA)), got shape {weights.shape} with min "
-            f"{np.min(weights) if weights.size else 'n/a'}; pass "
-            "conditioner_limit(traj).h_inf ** -0.5."
+            f"{where}: `weights` must have shape ({p},) or the states' shape {tuple(shape)} "
+            f"(h_inf^{{-1/2}} of AdaGrad's problem (PA), per member for a batched run), got "
+            f"shape {weights.shape}; pass conditioner_limit(traj).h_inf ** -0.5."
         )
-    return jnp.asarray(weights)
+    if not np.all(np.isfinite(weights)) or not np.all(weights > 0):
+        raise ValueError(
+            f"{where}: `weights` must be finite and > 0 (they are h_inf^{{-1/2}}), got min "
+            f"{np.min(weights):.3g} and max {np.max(weights):.3g}; a zero or infinite "
+            "weight means an h_inf of inf or 0: check the run's conditioner_limit."
+        )
+    return jnp.asarray(np.broadcast_to(weights, shape))
 
 
-# ---------------------------------------------------------------- constraint margins
 def other_classes(y, out_dim: int):
     """(N, C - 1) indices j != y_i in increasing order (traceable: j_k = k + [k >= y_i]).
 
@@ -199,3 +222,20 @@ def not_separated_message(where: str, traj=None) -> str:
         f"{where}: the run never separates the data: g(log 1/L) > 0 (equivalently all "
         f"q_i > 0, docs/math.md section 1) fails at its last save{reached}. {advice}"
     )
+
+
+def over_norm_power(q, norm, degree: int) -> np.ndarray:
+    """q / norm^L, elementwise (the normalised margins' ratio). Computed directly, and in
+    logs, sign(q) exp(log|q| - L log norm), only where norm^L over- or underflows float64
+    (a high degree L, or a tiny margin against a large norm), where the direct ratio would
+    read 0 or inf for a finite answer. The log form loses about L |log norm| ulps, which
+    is why it is not used throughout."""
+    q, norm = np.asarray(q, np.float64), np.asarray(norm, np.float64)
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        power = norm**degree
+        out = np.asarray(q / power, np.float64)
+        lost = ~np.isfinite(power) | (power == 0)
+        if np.any(lost):
+            logs = np.log(np.abs(q)) - degree * np.log(norm)
+            out = np.where(lost, np.sign(q) * np.exp(logs), out)
+    return out

@@ -18,6 +18,7 @@ from ._common import (
     check_weights,
     constraint_margins,
     constraint_weights_over_loss,
+    over_norm_power,
     states,
 )
 
@@ -68,7 +69,7 @@ def _one(objective, w, s):
     v = s * w  # the paper's coordinates v = h_inf^{-1/2} w (s = 1 for (P))
     gv = glog / s  # grad_v = h_inf^{1/2} grad_w
     nv, ng = np.linalg.norm(v), np.linalg.norm(gv)
-    gamma = q_min / nv**L
+    gamma = float(over_norm_power(q_min, nv, L))
     # sqrt(2 (1 - cos theta)) = ||v/|v| + grad/|grad|||: the norm form keeps relative accuracy
     # when theta is tiny, where 1 - cos theta cancels to rounding error (~1e-16).
     u = v / nv + gv / ng
@@ -153,8 +154,8 @@ def kkt_residual(
             for its last saved state traj.w[..., -1, :] (checked against the run's model
             and data; the KKT conditions concern the end of a run, and early saves are not
             separated). For chosen saves pass e.g. traj.w[-5:].
-        weights: None for (P); h_inf^{-1/2} (positive, (p,)) for (PA), e.g.
-            conditioner_limit(traj).h_inf ** -0.5.
+        weights: None for (P); h_inf^{-1/2} (positive, (p,), or one per state of the
+            shape of w) for (PA), e.g. conditioner_limit(traj).h_inf ** -0.5.
         loss: default from the labels (the multipliers w_c depend on it); a
             Trajectory's own loss otherwise.
 
@@ -171,10 +172,11 @@ def kkt_residual(
     """
     objective, w = states(model, data, w, loss, "kkt_residual")
     p = w.shape[-1]
-    s = check_weights(weights, p, "kkt_residual")
-    s = np.ones(p) if s is None else np.asarray(s)
+    s = check_weights(weights, w.shape, "kkt_residual")
+    s = np.ones(w.shape) if s is None else np.asarray(s)
     flat = w.reshape(-1, p)
-    rows = [_one(objective, jnp.asarray(x), s) for x in flat]
+    rows = [_one(objective, jnp.asarray(x), si) for x, si in zip(flat, s.reshape(-1, p),
+                                                                 strict=True)]
     lead = w.shape[:-1]
     out = {}
     for key in rows[0]:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
-from ._common import check_weights, margins_stack, states
+from ._common import check_weights, margins_stack, over_norm_power, states
 
 if TYPE_CHECKING:
     from .._trajectory import Trajectory
@@ -37,7 +37,7 @@ def normalized_margin(
         w: a flat parameter vector (p,), a stack (..., p), or a Trajectory, which stands
             for its last saved state traj.w[..., -1, :] (checked against the run's model
             and data). For the margin at every save pass traj.w.
-        weights: None, or a positive vector (p,).
+        weights: None, or positive h_inf^{-1/2}: (p,), or one per state (the shape of w).
 
     Returns:
         numpy array of shape w.shape[:-1] (a 0-d array for one w or an unbatched
@@ -50,16 +50,16 @@ def normalized_margin(
     """
     objective, w = states(model, data, w, loss, "normalized_margin")
     p = w.shape[-1]
-    weights = check_weights(weights, p, "normalized_margin")
+    weights = check_weights(weights, w.shape, "normalized_margin")
     flat = w.reshape(-1, p)
-    scaled = flat if weights is None else flat * weights
+    scaled = flat if weights is None else flat * weights.reshape(-1, p)
     norms = np.linalg.norm(np.asarray(scaled), axis=-1)
     if np.any(norms == 0):
         raise ValueError(
             "normalized_margin: `w` must be non-zero (gamma = q_min / ||w||^L is 0/0 at w = 0)."
         )
     q_min = margins_stack(objective, flat).min(axis=-1)
-    return (q_min / norms**objective.degree).reshape(w.shape[:-1])
+    return over_norm_power(q_min, norms, objective.degree).reshape(w.shape[:-1])
 
 
 def q_min(model, data, w, *, loss=None):

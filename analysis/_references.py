@@ -57,12 +57,13 @@ class MaxMargin(eqx.Module):
 _VERIFY_TOL = 1e-9
 
 
-def constraint_rows(X, y) -> np.ndarray:
+def constraint_rows(X, y, n_classes=None) -> np.ndarray:
     """The rows a_c of the linear constraints a_c . w >= 1 of a linear model.
 
     Binary (float labels +-1): a_i = y_i x_i, w in R^d. Multi-class (integer labels 0..C-1,
-    C = max(y) + 1): one row per pair (i, j != y_i), a = (e_{y_i} - e_j) (x) x_i for W of
-    shape (C, d) flattened row-major (the layout of Linear(d, out_dim=C).weight).
+    C = n_classes, default max(y) + 1): one row per pair (i, j != y_i), a = (e_{y_i} - e_j)
+    (x) x_i for W of shape (C, d) flattened row-major (the layout of
+    Linear(d, out_dim=C).weight).
     """
     X = np.asarray(X, np.float64)
     y = np.asarray(y)
@@ -80,6 +81,11 @@ def constraint_rows(X, y) -> np.ndarray:
                 f"got {sorted(set(np.unique(y).tolist()))[:6]}; pass integer labels 0..C-1 for "
                 "multi-class."
             )
+        if n_classes is not None:
+            raise ValueError(
+                "max_margin_linear: `n_classes` is for multi-class (integer) labels; the "
+                "labels are binary +-1 (one output), drop `n_classes`."
+            )
         return y[:, None] * X
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise ValueError(
@@ -88,6 +94,20 @@ def constraint_rows(X, y) -> np.ndarray:
         )
     n, d = X.shape
     c = int(y.max()) + 1
+    if n_classes is not None:
+        if (isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer))
+                or n_classes < c):
+            raise ValueError(
+                f"max_margin_linear: `n_classes` must be an integer >= max(y) + 1 = {c} (the "
+                f"model's out_dim), got {n_classes!r}."
+            )
+        c = int(n_classes)
+    if c == 1:
+        raise ValueError(
+            "max_margin_linear: the labels hold one class (all 0), so there is no constraint "
+            "j != y_i and no margin to maximise; pass n_classes=C, the model's out_dim, or "
+            "data with two classes or more."
+        )
     rows = []
     for i in range(n):
         for j in range(c):
@@ -242,6 +262,7 @@ def max_margin_linear(
     *,
     norm: str = "l2",
     weights: Float[ArrayLike, " dim"] | None = None,
+    n_classes: int | None = None,
 ) -> MaxMargin:
     """The max-margin linear classifier through the origin: the exact reference of (P)/(PA).
 
@@ -266,10 +287,16 @@ def max_margin_linear(
     Args:
         X: (N, d) inputs; y: (N,) float labels +-1 or integer labels 0..C-1.
         norm: "l2" or "linf". weights: None or positive (dim,) (dim = d, or C d multi-class).
+        n_classes: multi-class only, the model's out_dim C (default max(y) + 1). A class
+            no sample has still enters every sample's constraints as a j != y_i, and w then
+            has the length of the model's C d parameters.
 
     Returns:
         MaxMargin(w, direction, margin, support, multipliers, kkt, verified, norm):
-        `verified` is True when every KKT residual is below 1e-9.
+        `verified` is True when every KKT residual is below 1e-9. The problem is solved
+        scaled so that its largest |a_cj| is 1 (the result scales with the data); `kkt`
+        holds the residuals of that scaled problem, and a margin below about 1e-7 of that
+        scale is beyond the LP's feasibility tolerance (reported as not separable).
 
     Raises:
         ValueError if the data is not linearly separable through the origin, or on bad input.
@@ -279,7 +306,7 @@ def max_margin_linear(
         raise TypeError(f"{where}: pass arrays, max_margin_linear(data.X, data.y).")
     if norm not in ("l2", "linf"):
         raise ValueError(f"{where}: `norm` must be 'l2' or 'linf', got {norm!r}.")
-    A = constraint_rows(X, y)
+    A = constraint_rows(X, y, n_classes)
     dim = A.shape[1]
     if weights is None:
         s = np.ones(dim)
@@ -292,11 +319,19 @@ def max_margin_linear(
                 "** -0.5."
             )
     Av = A / s  # constraints in v = s * w
+    # Solved in units where the largest |a_cj| is 1: the solvers' tolerances are absolute
+    # (HiGHS's feasibility 1e-7, SLSQP's), so inputs of size 1e-8 gave a 13% wrong margin.
+    # With A/c the solution is c v and the multipliers c^2 alpha (l2) or c mu (linf).
+    c = float(np.abs(Av).max())
+    if c == 0.0:
+        raise _not_separable(where)
     if norm == "l2":
-        v, mult, kkt = _solve_l2(Av, where)
+        v, mult, kkt = _solve_l2(Av / c, where)
+        v, mult = v / c, mult / c**2
         margin = 1.0 / np.linalg.norm(v)
     else:
-        v, mult, kkt = _solve_linf(Av, where)
+        v, mult, kkt = _solve_linf(Av / c, where)
+        v, mult = v / c, mult / c
         margin = 1.0 / np.abs(v).max()
     w = v / s
     support = np.nonzero(Av @ v - 1.0 <= 1e-9 * max(1.0, float(np.abs(Av @ v).max())))[0]

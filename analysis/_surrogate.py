@@ -25,6 +25,7 @@ from ._common import (
     constraint_weights_over_loss,
     is_trajectory,
     not_separated_message,
+    over_norm_power,
     separation_index,
     states,
     trajectory_objective,
@@ -86,7 +87,7 @@ def surrogate_margin(traj, model, data) -> SurrogateMargin:
     return SurrogateMargin(
         ts=np.asarray(traj.ts),
         rho=rho,
-        gamma_tilde=g_value / rho**objective.degree,
+        gamma_tilde=over_norm_power(g_value, rho, objective.degree),
         g_value=g_value,
         separated=separated,
         i0=i0,
@@ -289,7 +290,10 @@ def lemma3_terms(
         t: times (k,) or scalar; w, m: states (k, p) or (p,) (traj.w, traj.m). Or a
             Trajectory in place of t, with w and m left out: its last saved state
             (traj.ts[-1], traj.w[..., -1, :], traj.m[..., -1, :]), as everywhere in
-            marginflow.analysis; for every save pass traj.ts, traj.w, traj.m.
+            marginflow.analysis; for every save pass traj.ts, traj.w, traj.m. A discrete
+            run's Trajectory is read on the flow's scale (its t = k eta; AdaGrad's m =
+            lr^2 S_k, docs/math.md section 5); for its arrays pass lr**2 * traj.m for
+            AdaGrad.
 
     Example:
         >>> lemma3_terms(traj.flow(), model, data, traj).dlog_gamma_tilde   # at the end
@@ -312,6 +316,12 @@ def lemma3_terms(
             )
         objective, w = states(model, data, traj, loss, where)
         m = check_flat(objective, traj.m[..., -1, :], where, name="traj.m[-1]")
+        if traj.meta.get("kind") == "discrete":
+            # A discrete run saves its optimiser's n_k; the field needs the flow's m (AdaGrad:
+            # lr^2 S_k, with the S_k of the run its h would be lr times too large).
+            from ..discrete._optimizers import optimizer_from_meta
+
+            m = optimizer_from_meta(traj.meta).flow_moment(m)
         t = float(traj.ts[-1])
     else:
         if w is None or m is None:

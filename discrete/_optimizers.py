@@ -58,17 +58,23 @@ _EXAMPLES = {"lr": "0.1", "eps": "1e-5", "b": "0.9", "b2": "0.9", "b1": "0.9",
              "momentum": "0.9"}
 
 
+# One optimiser per value: an array of values would fail later, inside optax or the scan.
+_SWEEP = "to sweep values call `run` once per value (e.g. [run(GD(lr), ...) for lr in lrs])"
+
+
 def _check_lr(lr, where: str):
-    return check_positive(lr, "lr", where, "the paper's toy runs use lr = 0.1", "0.1")
+    return check_positive(lr, "lr", where, "the paper's toy runs use lr = 0.1", "0.1",
+                          scalar=True, sweep=_SWEEP)
 
 
 def _check_eps(eps, where: str):
     return check_positive(eps, "eps", where,
-                          "the paper uses eps = 1e-5 (PyTorch: 1e-8, AdaGrad 1e-10)", "1e-5")
+                          "the paper uses eps = 1e-5 (PyTorch: 1e-8, AdaGrad 1e-10)", "1e-5",
+                          scalar=True, sweep=_SWEEP)
 
 
 def _check_unit(b, name: str, where: str, hint: str):
-    return check_unit(b, name, where, hint, _EXAMPLES[name])
+    return check_unit(b, name, where, hint, _EXAMPLES[name], scalar=True, sweep=_SWEEP)
 
 
 def _keyword_only(init):
@@ -151,6 +157,11 @@ class AbstractOptimizer(eqx.Module):
         """h_k from the optax state after step k; ones where the rule has none."""
         return jnp.ones_like(w)
 
+    def flow_moment(self, n):
+        """The matching flow's second moment m at the saved n_k (docs/math.md section 5):
+        n_k itself, except AdaGrad's m = lr^2 S_k."""
+        return n
+
     def hyperparameters(self) -> dict:
         return {"lr": _float(self.lr)}
 
@@ -230,6 +241,10 @@ class AdaGrad(AbstractOptimizer):
 
     def conditioner(self, state, w):
         return self._root(self.second_moment(state, w), self.eps)
+
+    def flow_moment(self, n):
+        # lr S_k^{-1/2} = lr^2 (lr^2 S_k)^{-1/2}: the flow's m is lr^2 S_k, its h is h_k / lr.
+        return self.eta * n
 
     def hyperparameters(self):
         return {"lr": _float(self.lr), "eps": _float(self.eps)}

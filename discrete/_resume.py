@@ -15,7 +15,7 @@ from ._run import _fresh, _run_compiled, run
 
 
 def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, resume_segments,
-                      header):
+                      header, data):
     """`run` chunk by chunk, each chunk written atomically to the checkpoint folder.
 
     Chunk c holds save blocks c * per_file .. (c + 1) * per_file - 1 and the carry
@@ -24,14 +24,17 @@ def _run_checkpointed(args, n_blocks, batch_size, batch, checkpoint, per_file, r
     folder = ckpt.checkpoint_folder(checkpoint)
     with folder.locked():  # one writer per folder (marginflow/_checkpoint.py)
         return _run_chunks(args, n_blocks, batch_size, batch, folder, per_file,
-                           resume_segments, header)
+                           resume_segments, header, data)
 
 
-def _run_chunks(args, n_blocks, batch_size, batch, folder, per_file, resume_segments, header):
-    optimizer, objective, w0 = args[0], args[1], args[2]
+def _run_chunks(args, n_blocks, batch_size, batch, folder, per_file, resume_segments, header,
+                data):
+    optimizer, w0 = args[0], args[2]
     if resume_segments is None:
+        # The data as the user passed it (not a float32 run's copy), so that the resumed
+        # run describes the same Dataset (its fingerprint) as the uninterrupted one.
         folder.write_run(dict(header, kind="discrete"), w0=np.asarray(w0),
-                         X=np.asarray(objective.data.X), y=np.asarray(objective.data.y))
+                         X=np.asarray(data.X), y=np.asarray(data.y))
         resume_segments = []
     chunks = [(b, min(per_file, n_blocks - b)) for b in range(0, n_blocks, per_file)]
     parts, carry, last = [], None, None
@@ -44,6 +47,9 @@ def _run_chunks(args, n_blocks, batch_size, batch, folder, per_file, resume_segm
                                    "the optimiser or its state changed since it was written.")
             if is_last:
                 last = {name: arrays["last_" + name] for name in ("w", "m", "h", "log_loss")}
+                # "ok": whether the final point's loss and gradient were finite (checkpoints
+                # written before it was recorded: its loss, as far as they can tell)
+                last["ok"] = arrays.get("last_ok", np.isfinite(arrays["last_log_loss"]))
             continue
         folder.check_writable(f"chunk {k}")
         records, last, carry = jax.block_until_ready(_run_compiled(

@@ -194,8 +194,12 @@ def _run_traced(optimizer, objective, w0, steps, save_every, key, n_blocks, batc
 
             carry, records = jax.lax.fori_loop(0, count, into_row, (carry, rows))
         # The last point: w at k = steps (or at the failing step), with the h_k and n_k its
-        # step would use; the state it would move to is not needed.
-        last = step(carry, key)[1] if finish else None
+        # step would use; the state it would move to is not needed, but whether its loss
+        # and gradient were finite is ("ok"): k cannot count a step that is not taken.
+        last = None
+        if finish:
+            after, last = step(carry, key)
+            last = dict(last, ok=after[3])
         return records, last, carry
 
     if batched:  # a batch of keys (one per member) is mapped with the members
@@ -364,6 +368,7 @@ def run(
                 "dtype": jnp.dtype(dtype).name,
                 "blocks_per_checkpoint": blocks_per_checkpoint,
             },
+            data=described.data,
         )
     k_end = carry[2]
     wall = time.perf_counter() - start
@@ -376,7 +381,9 @@ def run(
         rec, fin = np.asarray(records[name]), np.asarray(last[name])
         arrays[name] = np.concatenate([rec, fin[:, None] if batch else fin[None]],
                                       axis=1 if batch else 0)
-    failed = k_end < steps
+    # The final point's step is evaluated but never taken, so k_end alone cannot tell that
+    # its loss or gradient overflowed: its `ok` does (False too for a run that failed).
+    failed = (k_end < steps) | ~np.asarray(last["ok"], bool)
     if not batch:
         # Keep the saves strictly before the failing step, then the failing iterate.
         keep = np.concatenate([k_saved < k_end, [True]])

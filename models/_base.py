@@ -75,4 +75,10 @@ def from_spec(spec: dict[str, Any]) -> AbstractModel:
     from .._registry import lookup  # the models register themselves on import
 
     cls = lookup("model", spec.get("class"), "model class")
-    return cls(**spec["kwargs"], key=jax.random.PRNGKey(0))
+    kwargs = spec.get("kwargs")
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"from_spec: the spec must hold the model's constructor arguments under 'kwargs' "
+            f"(a dict), got {kwargs!r}; pass the dict that model.spec() returns."
+        )
+    return cls(**kwargs, key=jax.random.PRNGKey(0))

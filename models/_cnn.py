@@ -93,6 +93,8 @@ class CNN(AbstractModel):
                 "elsewhere."
             )
         self.conv = conv
+        if isinstance(widths, np.ndarray) and widths.ndim == 1:
+            widths = widths.tolist()  # three NumPy ints, checked below as Python ints
         if not isinstance(widths, (tuple, list)) or len(widths) != 3:
             raise ValueError(
                 "CNN: `widths` must be three positive integers (conv1 channels, conv2 "

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._checks import check_int
+from .._checks import check_int, check_positive
 
 
 class Dataset(eqx.Module):
@@ -139,8 +139,9 @@ def separable_gaussians(n: int, dim: int, *, gap: float = 0.5, seed: int = 0) ->
     """
     n = check_int(n, "n", "separable_gaussians", 2)
     dim = check_int(dim, "dim", "separable_gaussians")
-    if not np.isfinite(gap) or gap <= 0:
-        raise ValueError(f"separable_gaussians: `gap` must be > 0, got {gap!r}.")
+    gap = float(check_positive(gap, "gap", "separable_gaussians",
+                               "it is the margin the data keep, e.g. gap=0.5", "0.5",
+                               scalar=True))
     rng = seeded_rng(seed, "separable_gaussians")
     u = rng.normal(size=dim)
     u /= np.linalg.norm(u)

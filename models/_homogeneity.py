@@ -21,6 +21,7 @@ import numpy as np
 
 N_ROWS = 16  # compared samples: half of largest norm, half evenly spread
 TOL = 1e-8
+MAX_DEGREE = 1023  # the largest L with 2.0**L finite in float64
 
 
 @jax.jit
@@ -75,6 +76,14 @@ def check_homogeneous(objective, w0, where: str) -> None:
     """Raise a ValueError naming the rule, the value and the fix unless Phi(2w) = 2^L Phi(w)
     on the sampled rows at w0 and at the second point (module docstring). `w0`: the flat
     initial parameters, (p,) or batched (B, p) (then member 0 is checked)."""
+    if objective.degree > MAX_DEGREE:
+        # 2^L itself overflows float64: Phi(2w) = 2^L Phi(w) cannot hold in floating point
+        # unless Phi(w) is below 2^-1024 (subnormal), and ||w||^L overflows from ||w|| = 2.
+        raise ValueError(
+            f"{where}: the model's degree of homogeneity must be at most {MAX_DEGREE} "
+            f"(2^L and ||w||^L must fit in float64), got L = {objective.degree}; use fewer "
+            "layers or a lower power k (an MLP's degree grows like k^depth)."
+        )
     rows = sample_rows(objective.data.X)
     stats, norm1 = _compare(objective, rows, jnp.asarray(w0))
     stats = np.asarray(stats)

@@ -118,7 +118,7 @@ def test_stacked_states_and_errors():
         kkt_residual(model, data, np.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="last axis p = 2"):
         kkt_residual(model, data, np.ones(3))
-    with pytest.raises(ValueError, match="`weights` must be a finite positive vector"):
+    with pytest.raises(ValueError, match="`weights` must be finite and > 0"):
         kkt_residual(model, data, np.ones(2), weights=np.array([1.0, 0.0]))
     with pytest.raises(ValueError, match="non-zero"):
         normalized_margin(model, data, np.zeros(2))

