@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -264,14 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_flags(message: str, parser, command: str) -> str:
+    """The library's message in the command line's words: `n_save` -> `--n-save` and
+    "pass e.g. n_save=100" -> "pass e.g. --n-save 100", for the sub-command's own flags."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        flags = [f for f in action.option_strings if f.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        flag = flags[0]
+        message = message.replace(f"`{action.dest}`", f"`{flag}`")
+        message = re.sub(rf"(?<![\w.-]){re.escape(action.dest)}=", f"{flag} ", message)
+    return message
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _, _, run = _SUBCOMMANDS[args.command]
     try:
         return run(args)
     except (ValueError, TypeError) as err:
         # Bad input: one line naming the rule, the value and the fix; no traceback.
-        print(f"marginflow {args.command}: error: {err}", file=sys.stderr)
+        print(f"marginflow {args.command}: error: {_as_flags(str(err), parser, args.command)}",
+              file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader of our output left (`| head`): not bad input, and nothing is left to

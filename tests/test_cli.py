@@ -49,12 +49,15 @@ def test_simulate_a_relu_mlp_with_kink_steps(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--b", "1.2"], "`b` must be a finite number < 1 (the m-equation decays at rate "
+        (["--b", "1.2"], "`--b` must be a finite number < 1 (the m-equation decays at rate "
                           "1 - b, which must be > 0), got 1.2"),
-        (["--eps", "0"], "`eps` must be a finite number > 0, got 0.0"),
+        (["--eps", "0"], "`--eps` must be a finite number > 0, got 0.0"),
         (["--t1", "-5"], "--t1 must be > 0, got -5.0"),
         (["--model", "toy", "--data", "gaussians"], "--model toy takes 2-D inputs"),
-        (["--n-save", "1"], "`n_save` must be an integer >= 2"),
+        # The library's names in the command line's words: flags, and a fix to type.
+        (["--n-save", "1"], "`--n-save` must be an integer >= 2, got 1; pass e.g. --n-save 100"),
+        (["--kink-tol", "-1"], "`--kink-tol` must be 0 (off) or in (0, 1), got -1.0; pass "
+                               "e.g. --kink-tol 1e-3"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
@@ -73,7 +76,7 @@ def test_console_script_without_traceback(tmp_path):
         capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 2
-    assert "`b` must be a finite number < 1" in proc.stderr and "got 1.0" in proc.stderr
+    assert "`--b` must be a finite number < 1" in proc.stderr and "got 1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
