@@ -113,11 +113,12 @@ def monotone_quantity(traj, model, data) -> MonotoneQuantity:
     """Lemma 3's monotone quantity Q(t) = log gamma_tilde(t) + L * int_{t0}^t P(s) ds.
 
     P(s) = sum_i (d log beta_i^{-1/2}/ds)_+ = sum_i (-1/2 d log h_i/ds)_+ (eq. 12), the
-    penalty rate. `simulate` integrates I(t) = int_0^t P(s) ds as a component of the ODE
-    state with the exact d log h/dt of the vector field (traj.I); here
-    int_{t0}^t P = I(t) - I(t0). Lemma 3 (its proof via eq. 12): Q is non-decreasing for
-    t >= t0 once the data is separated; for gradient flow P = 0 and gamma_tilde itself is
-    monotone. Lemma 2 follows: gamma_tilde(t) >= e^{-L (I(inf) - I(t1))} gamma_tilde(t1).
+    penalty rate. `simulate` accumulates I(t) = int_0^t P(s) ds step by step, as the
+    positive variation of each -1/2 log h_i along every solver step (traj.I; docs/math.md
+    section 4); here int_{t0}^t P = I(t) - I(t0). Lemma 3 (its proof via eq. 12): Q is
+    non-decreasing for t >= t0 once the data is separated; for gradient flow P = 0 and
+    gamma_tilde itself is monotone. Lemma 2 follows:
+    gamma_tilde(t) >= e^{-L (I(inf) - I(t1))} gamma_tilde(t1).
 
     t0 is the first save from which on g(log 1/L) > 0 (which implies all q_i > 0, Lemma
     18); the arrays start there.

@@ -14,6 +14,7 @@ from ._fig2 import fig2 as fig2
 from ._mnist import mnist_5k as mnist_5k
 from ._mnist import mnist_idx as mnist_idx
 from ._mnist import read_idx as read_idx
+from ._momentum import momentum as momentum
 from ._qian import qian as qian
 from ._reproduce import EXPERIMENTS as EXPERIMENTS
 from ._reproduce import reproduce as reproduce

@@ -98,3 +98,27 @@ def test_math_sections_cited_exist():
     missing = sorted({f"{path}: section {n}" for n, path in cited if n not in sections})
     assert not missing, f"docs/math.md has no such section: {missing}"
     assert sections == set(range(1, max(sections) + 1))
+
+
+def _github_slug(heading: str) -> str:
+    # GitHub's rule: lowercase, drop everything but letters, digits, spaces, '-' and '_',
+    # then each space becomes '-' (runs are not collapsed, unlike mkdocs' slugs).
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_anchors_resolve_on_github_too():
+    """README says every page reads fine on GitHub: a link's #anchor must be the GitHub
+    slug of a heading of its target (mkdocs --strict checks mkdocs' slugs, which differ
+    where a heading holds '<->' or '+')."""
+    pages = {p: open(os.path.join(ROOT, p)).read()
+             for p in ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT))]}
+    slugs = {p: {_github_slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+             for p, text in pages.items()}
+    bad = []
+    for page, text in pages.items():
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?#([\w-]+)\)", text):
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target \
+                else page
+            if path in slugs and anchor not in slugs[path]:
+                bad.append(f"{page}: {target}#{anchor}")
+    assert not bad, f"anchors GitHub would not find: {bad}"
