@@ -9,6 +9,7 @@ where, and a hint that says what to change (`Stop`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import equinox as eqx
@@ -19,7 +20,7 @@ import numpy as np
 from .. import _checkpoint as ckpt
 from .._cache import CompileClock
 from .._threads import map_chunks
-from ._clock import LOG_T, SQRT_T, clock_of, starts_in_sqrt_t, t_of_u, u_of_t
+from ._clock import LAG_FROM, LOG_T, SQRT_T, clock_of, starts_in_sqrt_t, t_of_u, u_of_t
 from ._fields import _to_lag, _w_of_v
 from ._kernels import _band_to_log_time, _initial_y, _restart, _start, segment_program
 from ._plan import SegmentPlan, Setup
@@ -88,7 +89,9 @@ class Engine:
         return jnp.asarray(u_of_t(t, clock), self.run.dtype)
 
     def _clock(self, lo):
-        return clock_of(lo, self.sqrt_start)
+        run = self.run
+        kinks = run.flow.n_moments == 2 and run.objective.model.piecewise_linear
+        return clock_of(lo, self.sqrt_start, LAG_FROM if kinks else 1.0)
 
     def _phase(self):
         # Before the first segment call the meter says "compiling": in a fresh process it
@@ -100,7 +103,8 @@ class Engine:
         """y = (v, m, I) at t0 (v: the margin-scale variable of `_w_of_v`, m = 0, I = 0),
         split over the devices for a sharded batch."""
         run = self.run
-        y, g_max = _initial_y(run.flow, run.objective, run.padded_w0, run.t0 >= 1.0, run.dtype)
+        y, g_max = _initial_y(run.flow, run.objective, run.padded_w0,
+                              self._clock(run.t0) == LOG_T, run.dtype)
         self.sqrt_start = g_max is not None and starts_in_sqrt_t(run.flow, float(g_max))
         if len(run.devices) > 1:
             mesh = jax.sharding.Mesh(np.asarray(run.devices), ("batch",))
@@ -175,9 +179,9 @@ class Engine:
             "(device count); resume it on a machine with the same number of devices.")
         return y, state
 
-    def _switch(self, before: int, y, state):
-        """y and the solver / controller state at t = 1, where u becomes log t (from the
-        clock `before`: t or sqrt t)."""
+    def _switch(self, before: int, at: float, y, state):
+        """y and the solver / controller state at t = `at` (1, or `LAG_FROM`), where u
+        becomes log t (from the clock `before`: t or sqrt t)."""
         run = self.run
         if run.flow.n_moments == 1 and before != SQRT_T:
             # From t, the solver state carries over (at t = 1, dy/du = t dy/dt = dy/dt),
@@ -188,9 +192,9 @@ class Engine:
             # (see `_fields`): a new state, so the solver's own state is made anew.
             objective = run.objective
             y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
-        # From sqrt t the solver's state holds dy/ds (FSAL), and du = dt = 2 ds at s = 1:
-        # a step of ds proposed in s is one of 2 ds in log t.
-        scale = 2.0 if before == SQRT_T else 1.0
+        # From sqrt t the solver's state holds dy/ds (FSAL), and du = dt / t = 2 ds / s: a
+        # step of ds proposed in s is one of 2 ds in log t at s = 1; from t, one of dt / t.
+        scale = 2.0 / math.sqrt(at) if before == SQRT_T else 1.0 / at
         state = self.restart_fn(run.flow, run.objective, y, jnp.asarray(0.0, run.dtype),
                                 jnp.asarray(LOG_T, jnp.int32), run.solver, state,
                                 jnp.asarray(scale, run.dtype))
@@ -206,8 +210,9 @@ class Engine:
         axis = 1 if batch else 0  # the saves' time axis
         # t or sqrt t on [t0, 1], log t from t = 1 on (see `_clock`).
         clock = self._clock(lo)
-        if k and clock == LOG_T and bounds[k - 1] < 1.0:  # the switch to u = log t
-            y, state = self._switch(self._clock(bounds[k - 1]), y, state)
+        before = self._clock(bounds[k - 1]) if k else clock
+        if clock == LOG_T and before != LOG_T:  # the switch to u = log t
+            y, state = self._switch(before, lo, y, state)
         # At most `slots` saves per call (the slots are part of the compiled program's
         # shape): a segment with more is integrated in pieces, each ending at its last save.
         wanted = self.plan.saves[k]
