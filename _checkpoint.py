@@ -44,7 +44,10 @@ from ._lock import _umask, holds_lock
 from ._lock import locked as locked
 
 RUN_FILE = "run.npz"
-# Version 7: AdaGrad's and RMSProp's flows integrate [t0, 1] in s = sqrt t
+# Version 8: a momentum flow on a piecewise-linear model integrates m1 itself (in t) until
+# `flows._clock.lag_from`, not its lag r = m1 - g from t = 1: a version-7 segment after
+# t = 1 holds r where version 8 reads m1. Version 7: AdaGrad's and RMSProp's flows
+# integrate [t0, 1] in s = sqrt t
 # (`flows._clock`), so their solver state there is in s. Version 6: the solver state's
 # part for Lemma 3's I is a dead band per coordinate (`flows._penalty.Band`) instead of
 # psi at the last step's end. Version 5: run.npz holds a
@@ -55,7 +58,7 @@ RUN_FILE = "run.npz"
 # saved at a segment's end is (v, m, I) with v = w ||w||^(L-1), under the key y_v (version
 # 2: y_w held w). Version 2: segments are ten decades wide after t = 1e10 (version 1:
 # decades throughout).
-_FORMAT = "marginflow.checkpoint/7"
+_FORMAT = "marginflow.checkpoint/8"
 # What reading a damaged .npz raises: a truncated zip, a bad member, a bad header, I/O.
 _DAMAGE = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError)
 

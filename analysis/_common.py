@@ -126,16 +126,19 @@ def check_flat(objective: Objective, w, where: str, name: str = "w"):
 
 def check_weights(weights, shape: tuple, where: str):
     """weights = h_inf^{-1/2} for AdaGrad's problem (PA): positive and finite, of shape (p,)
-    (one for every state) or the states' own shape (..., p) (one per state: a batched run's
-    conditioner_limit(traj).h_inf ** -0.5 is (B, p)). Returned broadcast to `shape`."""
+    (one for every state), the states' own shape (..., p) (one per state: a batched run's
+    conditioner_limit(traj).h_inf ** -0.5 is (B, p)), or (B, p) for states (B, n, p) (one
+    per member, for every save of traj.w). Returned broadcast to `shape`."""
     if weights is None:
         return None
     weights = np.asarray(weights, dtype=np.float64)
     p = shape[-1]
-    if weights.shape not in ((p,), tuple(shape)):
+    shape = tuple(shape)
+    per_member = len(shape) >= 3 and weights.shape == shape[:-2] + (p,)
+    if weights.shape not in ((p,), shape) and not per_member:
         raise ValueError(
-            f"{where}: `weights` must have shape ({p},) or the states' shape {tuple(shape)} "
-            f"(h_inf^{{-1/2}} of AdaGrad's problem (PA), per member for a batched run), got "
+            f"{where}: `weights` must have shape ({p},), the states' shape {tuple(shape)}, or "
+            f"one per member (h_inf^{{-1/2}} of AdaGrad's problem (PA)), got "
             f"shape {weights.shape}; pass conditioner_limit(traj).h_inf ** -0.5."
         )
     if not np.all(np.isfinite(weights)) or not np.all(weights > 0):
@@ -144,6 +147,8 @@ def check_weights(weights, shape: tuple, where: str):
             f"{np.min(weights):.3g} and max {np.max(weights):.3g}; a zero or infinite "
             "weight means an h_inf of inf or 0: check the run's conditioner_limit."
         )
+    if per_member:
+        weights = weights[..., None, :]  # one per member (B, p), for every save of traj.w
     return jnp.asarray(np.broadcast_to(weights, shape))
 
 
@@ -234,7 +239,7 @@ def over_norm_power(q, norm, degree: int) -> np.ndarray:
     with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
         power = norm**degree
         out = np.asarray(q / power, np.float64)
-        lost = ~np.isfinite(power) | (power == 0)
+        lost = ~np.isfinite(power) | (power < np.finfo(np.float64).tiny)  # subnormal too
         if np.any(lost):
             logs = np.log(np.abs(q)) - degree * np.log(norm)
             out = np.where(lost, np.sign(q) * np.exp(logs), out)

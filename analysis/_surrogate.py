@@ -294,7 +294,10 @@ def lemma3_terms(
             marginflow.analysis; for every save pass traj.ts, traj.w, traj.m. A discrete
             run's Trajectory is read on the flow's scale (its t = k eta; AdaGrad's m =
             lr^2 S_k, docs/math.md section 5); for its arrays pass lr**2 * traj.m for
-            AdaGrad.
+            AdaGrad. So rho here is the flow's; `surrogate_margin` of the same run uses the
+            run's own h_k, lr times the flow's h, and its rho is 1/sqrt(lr) times this one
+            (a constant factor: the monotone quantity and the limit directions are the
+            same).
 
     Example:
         >>> lemma3_terms(traj.flow(), model, data, traj).dlog_gamma_tilde   # at the end

@@ -28,6 +28,8 @@ With J = dt/du (1, t, or 2 sqrt t) every field is J times the field in t.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,20 +56,34 @@ def starts_in_sqrt_t(flow, g_max: float) -> bool:
 
 def clock_of(lo: float, sqrt_start: bool, log_from: float = 1.0) -> int:
     """The clock of a segment that starts at t = lo: log t from `log_from` on (1, but
-    `LAG_FROM` for a momentum flow on a piecewise-linear model, `_fields`)."""
+    `lag_from` for a momentum flow on a piecewise-linear model, `_fields`)."""
     if lo >= (1.0 if sqrt_start else log_from):
         return LOG_T
     return SQRT_T if sqrt_start else T
 
 
 # A momentum flow carries its first moment as the lag r = m1 - g in log time (`_fields`),
-# which misses g's jumps where a ReLU or max-pool kink is crossed. On a piecewise-linear
-# model it therefore stays in u = t, with m1 itself, until t = LAG_FROM: the kinks crossed
-# early are followed, and those crossed later err by about |dg| / (1 - b1) with |g| ~ 1/t
-# below 1e-6. Later than that m1 itself would stiffen (its coupling to w grows like
-# sqrt((1 - b1) t)): measured on the toy, AdamFlow(b1=0.9) in t took 2,011 steps over
-# [1e7, 1e8] and 34,537 over [1e9, 1e10].
-LAG_FROM = 1e6
+# which misses g's jumps where a ReLU or max-pool kink is crossed: an error of about
+# |dg| / (1 - b1) in w per crossing. On a piecewise-linear model it therefore stays in
+# u = t, with m1 itself, until (1 - b1) t reaches `LAG_AT` (from the next segment start,
+# a decade; at most 1e6): kinks crossed before are followed, later ones err by about
+# |g| / (1 - b1), with |g| ~ 1/t late, so about 1/LAG_AT relative in the 1/t regime.
+# Later than that m1 itself stiffens: an explicit step across its coupling to w is
+# limited to dt ~ sqrt(t / ((1 - b1) H)), H ~ 1/t the Hessian, so a decade costs about
+# sqrt((1 - b1) t) steps times a problem's constant. Measured on a ReLU MLP(2, 8, 2) on
+# 20 points to 1e7: m1 in t up to 1e6 took 38,378 steps over [1e5, 1e6] with b1 = 0 and
+# ran out of steps there with b1 = -9; with LAG_AT = 1e4, 10,843 and 15,153 steps in all
+# (7,911 and 11,122 in the decade before the switch); the lag from t = 1: 1,843 and 4,125.
+LAG_AT = 1e4
+
+
+def lag_from(decay: float) -> float:
+    """The t from which a momentum flow whose m1 decays at the rate `decay` = 1 - b1 is
+    integrated as its lag on a piecewise-linear model: LAG_AT / (1 - b1) in [1, 1e6],
+    rounded up to a power of ten (a segment start) with a margin for rounding (b1 = 0.9
+    gives 1e4 / 0.09999999999999998, which is 1e5)."""
+    t = min(max(LAG_AT / decay, 1.0), 1e6)
+    return float(10.0 ** math.ceil(math.log10(t) - 1e-9))
 
 
 def u_of_t(t, clock: int):

@@ -20,7 +20,7 @@ import numpy as np
 from .. import _checkpoint as ckpt
 from .._cache import CompileClock
 from .._threads import map_chunks
-from ._clock import LAG_FROM, LOG_T, SQRT_T, clock_of, starts_in_sqrt_t, t_of_u, u_of_t
+from ._clock import LOG_T, SQRT_T, clock_of, lag_from, starts_in_sqrt_t, t_of_u, u_of_t
 from ._fields import _to_lag, _w_of_v
 from ._kernels import _band_to_log_time, _initial_y, _restart, _start, segment_program
 from ._plan import SegmentPlan, Setup
@@ -89,9 +89,16 @@ class Engine:
         return jnp.asarray(u_of_t(t, clock), self.run.dtype)
 
     def _clock(self, lo):
+        return clock_of(lo, self.sqrt_start, self.log_from)
+
+    @property
+    def log_from(self) -> float:
+        """Where u becomes log t: 1, but later for a momentum flow on a piecewise-linear
+        model (`_clock.lag_from`; of the slowest decay where a batch of flows has many)."""
         run = self.run
-        kinks = run.flow.n_moments == 2 and run.objective.model.piecewise_linear
-        return clock_of(lo, self.sqrt_start, LAG_FROM if kinks else 1.0)
+        if run.flow.n_moments == 1 or not run.objective.model.piecewise_linear:
+            return 1.0
+        return lag_from(float(np.min(1.0 - np.asarray(run.flow.b1))))
 
     def _phase(self):
         # Before the first segment call the meter says "compiling": in a fresh process it
@@ -180,22 +187,24 @@ class Engine:
         return y, state
 
     def _switch(self, before: int, at: float, y, state):
-        """y and the solver / controller state at t = `at` (1, or `LAG_FROM`), where u
-        becomes log t (from the clock `before`: t or sqrt t)."""
+        """y and the solver / controller state at t = `at` (1, or `_clock.lag_from` for a
+        momentum flow on a piecewise-linear model), where u becomes log t (from the clock
+        `before`: t or sqrt t)."""
         run = self.run
         if run.flow.n_moments == 1 and before != SQRT_T:
             # From t, the solver state carries over (at t = 1, dy/du = t dy/dt = dy/dt),
             # but the band of Lemma 3's I holds sample times, which move to u.
             return y, _band_to_log_time(state)
         if run.flow.n_moments == 2:
-            # A momentum flow's first moment becomes its lag r = m1 - g from t = 1 on
-            # (see `_fields`): a new state, so the solver's own state is made anew.
+            # A momentum flow's first moment becomes its lag r = m1 - g from here on
+            # (see `_fields`): a new state, so the solver's own state is made anew at u =
+            # log(at), where the reused first stage must be evaluated.
             objective = run.objective
             y = (y[0], _to_lag(objective, _w_of_v(y[0], objective.degree), y[1]), y[2])
         # From sqrt t the solver's state holds dy/ds (FSAL), and du = dt / t = 2 ds / s: a
         # step of ds proposed in s is one of 2 ds in log t at s = 1; from t, one of dt / t.
         scale = 2.0 / math.sqrt(at) if before == SQRT_T else 1.0 / at
-        state = self.restart_fn(run.flow, run.objective, y, jnp.asarray(0.0, run.dtype),
+        state = self.restart_fn(run.flow, run.objective, y, jnp.asarray(math.log(at), run.dtype),
                                 jnp.asarray(LOG_T, jnp.int32), run.solver, state,
                                 jnp.asarray(scale, run.dtype))
         return y, state

@@ -71,9 +71,11 @@ def _dv(w, dw, degree: int):
 # and whose coupling term H (J dw/dt) is O(1/t): one Hessian-vector product per field
 # evaluation. The lag is exact where g is continuous; where it jumps (a ReLU kink crossed)
 # r misses the jump -dg, an error in m1 that decays at the rate 1 - b1 and moves w by about
-# |dg| / (1 - b1). So r is used in log time only (t >= 1, segments with clock LOG_T), where
-# g ~ 1/t; before, on [t0, 1] (J = 1, nothing stiff), m1 itself is integrated. At t = 1
-# `simulate` converts m1 to r and restarts the solver's own state. The saves hold m1.
+# |dg| / (1 - b1). So r is used in log time only (segments with clock LOG_T), where
+# g ~ 1/t; before (J = 1, nothing stiff yet), m1 itself is integrated: on [t0, 1], and on
+# a piecewise-linear model, whose kinks are still crossed after t = 1, until
+# `_clock.lag_from`. At that switch `simulate` converts m1 to r and restarts the solver's
+# own state. The saves hold m1.
 def _lag_to_m1(flow, m, g, lagged):
     """The flow's moments (m2, m1) from the integrated (m2, r) where `lagged` (m itself
     otherwise, and for one-moment flows)."""

@@ -142,8 +142,9 @@ class _DiagonalIMEX(DecaySplit):
         explicit, rates = terms.terms
         du = t1 - t0
         # The state holds F(t0, y0) from the previous step. `made_jump` is ignored: simulate's
-        # fields have no jumps in u (at the switch t = 1 to u = log t, dt/du = 1 on both sides)
-        # and a lax.cond on it would evaluate both branches under vmap.
+        # fields have no jumps within a segment (where u becomes log t, a new segment, the
+        # solver state is made anew or, at t = 1 from t, dt/du = 1 on both sides) and a
+        # lax.cond on it would evaluate both branches under vmap.
         del made_jump
         f0 = solver_state
         n_stages = len(self.C)

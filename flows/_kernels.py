@@ -71,11 +71,12 @@ def _start(flow, objective, y0, u_start, u_end, clock, solver, controller):
 @eqx.filter_jit
 def _restart(flow, objective, y, u_start, clock, solver, state, step_scale):
     """`state` with the solver's own state made anew for `solver` at y, in a new clock or
-    state (a momentum flow's m1 turned into its lag at t = 1, see `_fields`; the switch
-    from sqrt t to log t, whose FSAL derivative is in the old variable).
+    state (a momentum flow's m1 turned into its lag where u becomes log t, see `_fields`;
+    the switch from sqrt t to log t, whose FSAL derivative is in the old variable).
 
     The controller's error history carries over, its proposed step is multiplied by
-    `step_scale` (du_new / du_old: 2 from sqrt t to log t at t = 1), and the dead band of
+    `step_scale` (du_new / du_old: 2 from sqrt t to log t at t = 1, 1 / t from t), and the
+    dead band of
     Lemma 3's I moves to u_start (psi, its argument, is the same function of t)."""
     args = _args(flow, objective, u_start, clock)
     controller_state, (_, band) = state

@@ -126,8 +126,8 @@ def simulate(
     m-equation's decay (rate (1 - b) t in u) is the only stiff part and `default_solver`
     treats it implicitly, exactly and in O(p) (GD and AdaGrad have none: the explicit
     Dopri8); a momentum flow's first moment is integrated as its lag behind g from t = 1 on
-    (from t = 1e6 on a piecewise-linear model, whose g jumps at kinks; docs/math.md
-    section 9). Lemma 3's I(t) is accumulated from each step's end
+    (on a piecewise-linear model, whose g jumps at kinks, from where (1 - b1) t reaches
+    1e4, at most 1e6; docs/math.md section 9). Lemma 3's I(t) is accumulated from each step's end
     states (`PenaltyIntegral`), not integrated. t * grad L is formed as
     exp(log L + log t) * grad log L, so nothing underflows up to t = 1e300.
 

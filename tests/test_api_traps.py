@@ -112,7 +112,10 @@ def test_per_member_weights_of_a_batched_run(batched):
     for b in range(2):
         assert gamma[b] == mfa.normalized_margin(model, data, a.w[b, -1], weights=W[b])
         assert kkt.gamma[b] == mfa.kkt_residual(model, data, a.w[b, -1], weights=W[b]).gamma
-    with pytest.raises(ValueError, match=r"shape \(3,\) or the states' shape \(2, 3\)"):
+    # ... and for every save of traj.w, (B, n, p), the same weights per member.
+    curve = mfa.normalized_margin(model, data, a.w, weights=W)
+    assert curve[:, -1].tolist() == gamma.tolist()
+    with pytest.raises(ValueError, match=r"shape \(3,\), the states' shape \(2, 3\)"):
         mfa.normalized_margin(model, data, a, weights=W[:, :2])
     with pytest.raises(ValueError, match=r"finite and > 0 .*got min 0"):
         mfa.normalized_margin(model, data, a, weights=W * [[1.0, 0.0, 1.0]])

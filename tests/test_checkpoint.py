@@ -22,7 +22,7 @@ import pytest
 from marginflow._checkpoint import read_checkpoint
 from marginflow.discrete import RMSProp, resume_run, run
 from marginflow.flows import RMSPropFlow, resume, simulate
-from marginflow.models import ToyLeaky, toy_dataset
+from marginflow.models import Linear, ToyLeaky, soudry_dataset, toy_dataset
 
 T1 = 1e300
 STEPS, SAVE_EVERY = 200_000, 1000  # discrete: 200 save blocks, one file each
@@ -178,33 +178,38 @@ def test_batched_resume_keeps_the_thread_chunking(tmp_path, workers):
 
 # One case in the default run; each of the others compiles its own programs (~10 s each):
 # they run with `-m slow`.
-@pytest.mark.parametrize("batch,flow_name", [
-    (False, "momentum"),
-    pytest.param(False, "adam_momentum", marks=pytest.mark.slow),
-    pytest.param(True, "momentum", marks=pytest.mark.slow),
-    pytest.param(True, "adam_momentum", marks=pytest.mark.slow),
+@pytest.mark.parametrize("batch,flow_name,kinked", [
+    (False, "momentum", True),
+    (False, "momentum", False),
+    pytest.param(False, "adam_momentum", True, marks=pytest.mark.slow),
+    pytest.param(True, "momentum", True, marks=pytest.mark.slow),
+    pytest.param(True, "adam_momentum", False, marks=pytest.mark.slow),
 ])
-def test_resume_across_the_momentum_lag_switch(tmp_path, batch, flow_name):
-    """A momentum flow's first moment m1 becomes its lag r = m1 - g at t = 1, the start of
-    segment 1, where the solver's own state is made anew (docs/math.md section 9). Resume
-    from a checkpoint that ends before the switch (segment [0, 1]) and from one that ends
-    after it ([1, 10]): both must equal the uninterrupted run bitwise."""
+def test_resume_across_the_momentum_lag_switch(tmp_path, batch, flow_name, kinked):
+    """A momentum flow's first moment m1 becomes its lag r = m1 - g where u becomes log t,
+    and the solver's own state is made anew (docs/math.md section 9): at t = 1 on a smooth
+    model, and on a piecewise-linear one (the toy) at the first decade from
+    1e4 / (1 - b1) = 2e4 on, t = 1e5. Resume from a checkpoint that ends before the switch
+    and from one that ends after it: both must equal the uninterrupted run bitwise."""
     import equinox as eqx
     from marginflow.flows import AdamFlow, MomentumFlow
 
+    make = (lambda k: ToyLeaky(key=k)) if kinked else (lambda k: Linear(2, key=k))
     if batch:
-        model = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(6), 3))
+        model = eqx.filter_vmap(make)(jax.random.split(jax.random.key(6), 3))
     else:
-        model = ToyLeaky(key=jax.random.key(6))
+        model = make(jax.random.key(6))
     flow = MomentumFlow(0.5) if flow_name == "momentum" else AdamFlow(1e-5, 0.9, b1=0.5)
-    data = toy_dataset(0)
+    data = toy_dataset(0) if kinked else soudry_dataset(0)
+    switch, t1 = (1e5, 1e6) if kinked else (1.0, 1e4)
     full = None
-    for keep in (1, 2):  # segment 0 ends at t = 1, segment 1 at 10
+    for keep in (1, 2):  # the last segment kept ends at the switch, or one decade after
         d = str(tmp_path / f"ck{keep}")
-        run_ = simulate(flow, model, data, 1e4, batch=batch, workers=1, checkpoint=d)
+        run_ = simulate(flow, model, data, t1, batch=batch, workers=1, checkpoint=d)
         full = run_ if full is None else full
-        assert run_.stats["segment_ends"][keep - 1] == (1.0 if keep == 1 else 10.0)
-        k = keep
+        ends = list(run_.stats["segment_ends"])
+        k = ends.index(switch) + keep
+        assert ends[k - 1] == switch * 10.0 ** (keep - 1)
         while os.path.exists(os.path.join(d, f"segment_{k:05d}.npz")):
             os.remove(os.path.join(d, f"segment_{k:05d}.npz"))
             k += 1
