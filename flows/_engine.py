@@ -217,7 +217,8 @@ class Engine:
             self.checkpoint.check_writable(f"segment {k} ([{lo:.3g}, {hi:.3g}])")
         batch = run.batch
         axis = 1 if batch else 0  # the saves' time axis
-        # t or sqrt t on [t0, 1], log t from t = 1 on (see `_clock`).
+        # t or sqrt t on [t0, 1] (t up to `log_from` where that is later), log t after
+        # (see `_clock`).
         clock = self._clock(lo)
         before = self._clock(bounds[k - 1]) if k else clock
         if clock == LOG_T and before != LOG_T:  # the switch to u = log t
