@@ -137,7 +137,7 @@ def check_weights(weights, shape: tuple, where: str):
     per_member = len(shape) >= 3 and weights.shape == shape[:-2] + (p,)
     if weights.shape not in ((p,), shape) and not per_member:
         raise ValueError(
-            f"{where}: `weights` must have shape ({p},), the states' shape {tuple(shape)}, or "
+            f"{where}: `weights` must have shape ({p},), the states' shape {shape}, or "
             f"one per member (h_inf^{{-1/2}} of AdaGrad's problem (PA)), got "
             f"shape {weights.shape}; pass conditioner_limit(traj).h_inf ** -0.5."
         )
@@ -152,6 +152,27 @@ def check_weights(weights, shape: tuple, where: str):
     return jnp.asarray(np.broadcast_to(weights, shape))
 
 
+def check_n_classes(n_classes, c: int, binary: bool, where: str) -> int:
+    """The number of classes C of a multi-class linear problem: `n_classes` (the model's
+    out_dim, where some class has no sample) checked to be an integer >= max(y) + 1 = c,
+    or c itself when it is None; binary labels take none."""
+    if n_classes is None:
+        return c
+    if binary:
+        raise ValueError(
+            f"{where}: `n_classes` is for multi-class (integer) labels; the labels are "
+            "binary +-1 (one output), drop `n_classes`."
+        )
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) \
+            or n_classes < c:
+        raise ValueError(
+            f"{where}: `n_classes` must be an integer >= max(y) + 1 = {c} (the model's "
+            f"out_dim), got {n_classes!r}."
+        )
+    return int(n_classes)
+
+
+# ---------------------------------------------------------------- constraint margins
 def other_classes(y, out_dim: int):
     """(N, C - 1) indices j != y_i in increasing order (traceable: j_k = k + [k >= y_i]).
 

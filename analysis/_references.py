@@ -11,7 +11,7 @@ from jaxtyping import ArrayLike, Float
 
 from .._records import record_repr
 from ..models import Dataset
-from ._common import is_trajectory
+from ._common import check_n_classes, is_trajectory
 
 
 def angle(a: Float[ArrayLike, "... p"], b: Float[ArrayLike, "... p"]) -> np.ndarray:
@@ -81,11 +81,7 @@ def constraint_rows(X, y, n_classes=None) -> np.ndarray:
                 f"got {sorted(set(np.unique(y).tolist()))[:6]}; pass integer labels 0..C-1 for "
                 "multi-class."
             )
-        if n_classes is not None:
-            raise ValueError(
-                "max_margin_linear: `n_classes` is for multi-class (integer) labels; the "
-                "labels are binary +-1 (one output), drop `n_classes`."
-            )
+        check_n_classes(n_classes, 2, True, "max_margin_linear")
         return y[:, None] * X
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise ValueError(
@@ -93,15 +89,7 @@ def constraint_rows(X, y, n_classes=None) -> np.ndarray:
             f"dtype {y.dtype} with min {y.min()}."
         )
     n, d = X.shape
-    c = int(y.max()) + 1
-    if n_classes is not None:
-        if (isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer))
-                or n_classes < c):
-            raise ValueError(
-                f"max_margin_linear: `n_classes` must be an integer >= max(y) + 1 = {c} (the "
-                f"model's out_dim), got {n_classes!r}."
-            )
-        c = int(n_classes)
+    c = check_n_classes(n_classes, int(y.max()) + 1, False, "max_margin_linear")
     if c == 1:
         raise ValueError(
             "max_margin_linear: the labels hold one class (all 0), so there is no constraint "

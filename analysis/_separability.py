@@ -7,6 +7,7 @@ import scipy.optimize
 import scipy.sparse
 
 from ..models import Dataset
+from ._common import check_n_classes
 
 
 def _rows(X: np.ndarray, y: np.ndarray, binary: bool, n_classes: int):
@@ -76,23 +77,7 @@ def linearly_separable(data: Dataset, *, n_classes: int | None = None) -> bool:
     X = np.asarray(data.X, np.float64).reshape(len(data), -1)
     y = np.asarray(data.y)
     binary = data.binary
-    c = 2 if binary else data.n_classes
-    if n_classes is not None:
-        if binary:
-            raise ValueError(
-                f"{where}: `n_classes` is for multi-class (integer) labels; the labels are "
-                "binary +-1 (one output), drop `n_classes`."
-            )
-        if (
-            isinstance(n_classes, bool)
-            or not isinstance(n_classes, (int, np.integer))
-            or n_classes < c
-        ):
-            raise ValueError(
-                f"{where}: `n_classes` must be an integer >= max(y) + 1 = {c} (the model's "
-                f"out_dim), got {n_classes!r}."
-            )
-        c = int(n_classes)
+    c = check_n_classes(n_classes, 2 if binary else data.n_classes, binary, where)
     if not binary:
         y = y.astype(np.int64)
         if c == 1:
