@@ -28,7 +28,7 @@ from .._trajectory import Trajectory, raise_if_failed
 from ._engine import Engine, Outcome
 from ._flow import AbstractFlow
 from ._plan import DEFAULT_KINK_TOL as DEFAULT_KINK_TOL
-from ._plan import SegmentPlan, Setup, setup
+from ._plan import SegmentPlan, Setup, matmul_precision, setup
 from ._plan import default_save_times as default_save_times
 from ._progress import progress_meter
 from ._separation import separation_verdict
@@ -94,8 +94,10 @@ def simulate(
             "not_separable", checked by an LP only when the run failed or ended with
             L >= ell(0)); with throw=False the Trajectory is returned and its `result` /
             `message` say why.
-        dtype: jnp.float64 (default; every theory check) or jnp.float32 (GPU speed runs;
-            needs rtol >= 1e-6 and t1 <= 1e30).
+        dtype: jnp.float64 (default; every theory check) or jnp.float32 (speed runs;
+            needs rtol >= 1e-6 and t1 <= 1e30; its field is traced at JAX's matmul
+            precision "highest" unless you set one, since GPUs round float32 products to
+            TF32 by default: docs/performance.md, "The CNN on a GPU").
         shard: with batch=True, split the batch over all local devices (jax.sharding; the
             default None does so whenever there are several); False keeps one device.
         checkpoint: a folder (or a `marginflow.CheckpointFolder`); the run is written
@@ -149,7 +151,8 @@ def simulate(
         if folder is not None and _resume is None:
             folder.write_run(run.checkpoint_header(), **run.checkpoint_arrays())
         engine = Engine(run, plan, meter=meter, checkpoint=folder)
-        out = engine.integrate(_resume)
+        with matmul_precision(run.dtype):  # float32: no TF32 on GPUs (flows/_plan.py)
+            out = engine.integrate(_resume)
     return raise_if_failed(_trajectory(run, plan, out), "simulate", throw)
 
 
