@@ -122,6 +122,30 @@ def _toy_grad(X, y):
     return g
 
 
+def _kinked_reference(flow, b1, g, w0):
+    """w at TS_TOY of MomentumFlow(b1), or AdamFlow(1e-5, 0.9, b1=b1) with the paper's
+    correction, from w0 with gradient g (numpy), by scipy's DOP853 at rtol 1e-12."""
+    p = w0.size
+
+    def field(t, s):
+        w, m2, m1 = s[:p], s[p:2 * p], s[2 * p:]
+        gw = g(w)
+        if isinstance(flow, MomentumFlow):
+            return np.concatenate([-m1, np.zeros(p), (1 - b1) * (gw - m1)])
+        c, lim = _correction(0.9, t, "paper")
+        c1, lim1 = _correction(b1, t, "paper")
+        psi = m2 / c if t > 0 else lim * gw * gw
+        m1_hat = m1 / c1 if t > 0 else lim1 * gw
+        # m2 >= 0 on the exact path; a trial stage can dip below by rounding
+        return np.concatenate([-m1_hat / np.sqrt(1e-5 + np.maximum(psi, 0.0)),
+                               0.1 * (gw * gw - m2), (1 - b1) * (gw - m1)])
+
+    sol = solve_ivp(field, (0.0, TS_TOY[-1]), np.concatenate([w0, np.zeros(2 * p)]),
+                    method="DOP853", t_eval=TS_TOY, rtol=1e-12, atol=1e-14)
+    assert sol.success
+    return sol.y[:p].T
+
+
 @pytest.mark.parametrize("make, b1", [(lambda b1: MomentumFlow(b1), 0.5),
                                       (lambda b1: AdamFlow(1e-5, 0.9, b1=b1), 0.9)])
 def test_momentum_flows_follow_kinks_after_t_1(make, b1):
@@ -137,28 +161,10 @@ def test_momentum_flows_follow_kinks_after_t_1(make, b1):
     flow = make(b1)
     for key in (jax.random.PRNGKey(0), jax.random.split(jax.random.PRNGKey(5), 3)[0]):
         model = ToyLeaky(key=key)
-        w0 = np.asarray(flatten(model), dtype=float)
-        p = w0.size
-
-        def field(t, s, w0=w0, p=p):
-            w, m2, m1 = s[:p], s[p:2 * p], s[2 * p:]
-            gw = g(w)
-            if isinstance(flow, MomentumFlow):
-                return np.concatenate([-m1, np.zeros(p), (1 - b1) * (gw - m1)])
-            c, lim = _correction(0.9, t, "paper")
-            c1, lim1 = _correction(b1, t, "paper")
-            psi = m2 / c if t > 0 else lim * gw * gw
-            m1_hat = m1 / c1 if t > 0 else lim1 * gw
-            return np.concatenate([-m1_hat / np.sqrt(1e-5 + psi), 0.1 * (gw * gw - m2),
-                                   (1 - b1) * (gw - m1)])
-
-        sol = solve_ivp(field, (0.0, TS_TOY[-1]), np.concatenate([w0, np.zeros(2 * p)]),
-                        method="DOP853", t_eval=TS_TOY, rtol=1e-12, atol=1e-14)
-        assert sol.success
+        ref = _kinked_reference(flow, b1, g, np.asarray(flatten(model), dtype=float))
         traj = simulate(flow, model, data, TS_TOY[-1], ts=TS_TOY, rtol=1e-10, atol=1e-14,
                         kink_tol=0)
-        scale = np.max(np.abs(sol.y[:p]))
-        assert np.max(np.abs(traj.w - sol.y[:p].T)) <= 1e-6 * scale
+        assert np.max(np.abs(traj.w - ref)) <= 1e-6 * np.max(np.abs(ref))
 
 
 def _relu_mlp_grad(X, y, width):
@@ -192,38 +198,20 @@ def test_momentum_flows_on_a_relu_mlp_against_scipy(make, b1):
     X, y = np.asarray(data.X), np.asarray(data.y)
     model = MLP(2, width, 2, key=jax.random.PRNGKey(3))
     w0 = np.asarray(flatten(model), dtype=float)
-    p = w0.size
     g = _relu_mlp_grad(X, y, width)
     # The layout and the gradient written here are marginflow's own at w0.
     _, grad = Objective(model, data).log_loss_and_grad(jnp.asarray(w0))  # (log L, grad L)
     np.testing.assert_allclose(np.asarray(grad), g(w0), rtol=1e-12)
     flow = make(b1)
-
-    def field(t, s):
-        w, m2, m1 = s[:p], s[p:2 * p], s[2 * p:]
-        gw = g(w)
-        if isinstance(flow, MomentumFlow):
-            return np.concatenate([-m1, np.zeros(p), (1 - b1) * (gw - m1)])
-        c, lim = _correction(0.9, t, "paper")
-        c1, lim1 = _correction(b1, t, "paper")
-        psi = m2 / c if t > 0 else lim * gw * gw
-        m1_hat = m1 / c1 if t > 0 else lim1 * gw
-        # m2 >= 0 on the exact path; a trial stage can dip below by rounding
-        return np.concatenate([-m1_hat / np.sqrt(1e-5 + np.maximum(psi, 0.0)),
-                               0.1 * (gw * gw - m2), (1 - b1) * (gw - m1)])
-
-    sol = solve_ivp(field, (0.0, TS_TOY[-1]), np.concatenate([w0, np.zeros(2 * p)]),
-                    method="DOP853", t_eval=TS_TOY, rtol=1e-12, atol=1e-14)
-    assert sol.success
-    flips = np.sum(np.diff(np.sign(X @ sol.y[:width * 2].T.reshape(-1, width, 2)
+    ref = _kinked_reference(flow, b1, g, w0)
+    flips = np.sum(np.diff(np.sign(X @ ref[:, :width * 2].reshape(-1, width, 2)
                                    .transpose(0, 2, 1)), axis=0) != 0)
     assert flips > 0, "no kink crossed between the saves: the test would not test kinks"
     traj = simulate(flow, model, data, TS_TOY[-1], ts=TS_TOY, rtol=1e-10, atol=1e-14,
                     kink_tol=0)
     assert traj.success, traj.message
-    scale = np.max(np.abs(sol.y[:p]))
-    assert np.max(np.abs(traj.w - sol.y[:p].T)) <= 1e-6 * scale, (
-        np.max(np.abs(traj.w - sol.y[:p].T)) / scale)
+    scale = np.max(np.abs(ref))
+    assert np.max(np.abs(traj.w - ref)) <= 1e-6 * scale, np.max(np.abs(traj.w - ref)) / scale
 
 
 def test_a_momentum_flow_on_kinks_is_the_same_from_t0_1():
