@@ -296,6 +296,8 @@ class Engine:
                 f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
                 f"{bad.text} Fix: {bad.hint}."
             )
+            if 0 < run.t0 == lo and reached_t <= run.t0 * (1 + 1e-3):
+                out.message += _late_start_note(run.t0)
         if self.checkpoint is not None:
             self.checkpoint.write_segment(
                 k,
@@ -307,3 +309,19 @@ class Engine:
                 **ckpt.save_tree("state", state),
             )
         return y, state
+
+
+def _late_start_note(t0: float) -> str:
+    """Why a run from t0 > 0 that stops at once did so: its hint alone (more steps, the
+    data's scale) points elsewhere."""
+    # One last place of the time variable, in t: u = log t beyond t = 1, t before.
+    resolution = t0 * np.spacing(np.log(t0)) if t0 >= 1 else np.spacing(t0)
+    return (
+        f" The run started at t0 = {t0:.6g} from m = 0 and stopped within 0.1% of it: the "
+        "flow's early phase (m growing from 0, where h is up to 1/eps, or 1/sqrt(eps) with "
+        "eps inside the root) then happens at t0, without the s = sqrt(t) clock a start "
+        "at 0 gets, in steps that cannot be shorter than one last place of the time "
+        f"variable (about {resolution:.2g} in t there). Start at t0 = 0 and save from "
+        "where you need (`ts=`), or at a smaller t0 (docs/errors.md, 'Failed runs keep "
+        "what they computed')."
+    )

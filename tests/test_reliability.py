@@ -73,6 +73,20 @@ def test_a_fresh_state_at_a_large_t0_follows_the_shifted_flow(toy):
     assert np.all(err <= bound), (err, bound)
 
 
+def test_a_late_start_that_stops_at_once_says_why(toy):
+    """From t0 > 0 with m = 0 a flow repeats its early phase at t0, where h is up to
+    1/eps: with eps = 1e-12 outside the root the run from t0 = 2 does not leave t0 (it
+    stopped at max_steps, 3,000 steps, at t = 2). The max_steps hint alone (more steps,
+    looser rtol) points elsewhere; the message must name the start."""
+    model = ToyLeaky(key=jax.random.PRNGKey(0))
+    flow = RMSPropFlow(1e-12, 0.9, eps_placement="outside")
+    traj = simulate(flow, model, toy, 20.0, t0=2.0, max_steps=300, n_save=5, throw=False)
+    assert not traj.success and traj.ts[-1] <= 2.0 * (1 + 1e-3)
+    assert "started at t0 = 2 from m = 0" in traj.message, traj.message
+    assert "Start at t0 = 0" in traj.message
+    assert np.all(np.isfinite(traj.w))
+
+
 class PoisonedAtOnce(PoisonedFlow):
     after: ClassVar[float] = 0.0
 
