@@ -53,13 +53,28 @@ def normalized_margin(
     weights = check_weights(weights, w.shape, "normalized_margin")
     flat = w.reshape(-1, p)
     scaled = flat if weights is None else flat * weights.reshape(-1, p)
-    norms = np.linalg.norm(np.asarray(scaled), axis=-1)
+    scaled = np.asarray(scaled)
+    with np.errstate(over="ignore"):
+        norms = np.linalg.norm(scaled, axis=-1)
+    # Where the sum of squares overflowed (entries from about 1e154 on): max|x_i| times the
+    # norm of x / max|x_i|.
+    big = ~np.isfinite(norms) & np.all(np.isfinite(scaled), axis=-1)
+    if np.any(big):
+        top = np.max(np.abs(scaled[big]), axis=-1)
+        norms[big] = top * np.linalg.norm(scaled[big] / top[:, None], axis=-1)
     if np.any(norms == 0):
         raise ValueError(
             "normalized_margin: `w` must be non-zero (gamma = q_min / ||w||^L is 0/0 at w = 0)."
         )
     q_min = margins_stack(objective, flat).min(axis=-1)
-    return over_norm_power(q_min, norms, objective.degree).reshape(w.shape[:-1])
+    gamma = np.array(over_norm_power(q_min, norms, objective.degree), np.float64)
+    # Where q itself left float64 (||w||^L beyond 1e308: inf, or inf - inf = NaN for a
+    # multi-class margin), homogeneity gives gamma = q_min(w / ||w||) (q(c w) = c^L q(w)).
+    lost = ~np.isfinite(q_min) & np.isfinite(norms)
+    if np.any(lost):
+        unit = np.asarray(flat)[lost] / norms[lost, None]
+        gamma[lost] = margins_stack(objective, unit).min(axis=-1)
+    return gamma.reshape(w.shape[:-1])
 
 
 def q_min(model, data, w, *, loss=None):
