@@ -20,6 +20,7 @@ import optax
 
 from .._cache import use_cache
 from .._checks import check_finite_params, check_int, is_model, require_x64
+from .._precision import matmul_precision
 from .._threads import n_workers as n_threads
 from .._trajectory import Trajectory, raise_if_failed
 from ..models import Objective
@@ -284,7 +285,8 @@ def run(
         batch: many initialisations in one call (vmap).
         throw: raise SimulationError (holding the partial Trajectory) on a non-finite loss;
             with throw=False the Trajectory is returned and `result` / `message` say why.
-        dtype: jnp.float64 (default) or jnp.float32.
+        dtype: jnp.float64 (default) or jnp.float32 (traced at JAX's matmul precision
+            "highest" unless you set one: GPUs round float32 products to TF32 by default).
         checkpoint: a folder; the run is computed in chunks of `blocks_per_checkpoint`
             save blocks and each chunk is written there atomically (its saves and the
             optimiser's state), so `resume_run(folder)` continues a killed run, losing at
@@ -346,30 +348,31 @@ def run(
     args = (optimizer, objective, w0, jnp.asarray(steps, jnp.int32),
             jnp.asarray(save_every, jnp.int32), key)
     n_workers = n_threads(workers, int(w0.shape[0]) if batch else 1, "run")
-    if checkpoint is None and batch and jax.default_backend() == "cpu":
-        from ._batch import _run_batch  # it calls _run_compiled per chunk
+    with matmul_precision(dtype):  # float32: no TF32 on GPUs (_precision.py)
+        if checkpoint is None and batch and jax.default_backend() == "cpu":
+            from ._batch import _run_batch  # it calls _run_compiled per chunk
 
-        records, last, carry = _run_batch(args, n_blocks, batch_size, n_workers)
-    elif checkpoint is None:
-        records, last, carry = jax.block_until_ready(
-            _run_compiled(*args, n_blocks, batch_size, batch)
-        )
-    else:
-        from ._resume import _run_checkpointed  # the checkpointed run calls _run_compiled
+            records, last, carry = _run_batch(args, n_blocks, batch_size, n_workers)
+        elif checkpoint is None:
+            records, last, carry = jax.block_until_ready(
+                _run_compiled(*args, n_blocks, batch_size, batch)
+            )
+        else:
+            from ._resume import _run_checkpointed  # the checkpointed run calls _run_compiled
 
-        records, last, carry = _run_checkpointed(
-            args, n_blocks, batch_size, batch, checkpoint, blocks_per_checkpoint, _resume,
-            header={
-                "optimizer": given.name, "optimizer_hyper": given.hyperparameters(),
-                "eps_placement": given.eps_placement, "model": objective.model.spec(),
-                "loss": objective.loss.name, "steps": steps, "save_every": save_every,
-                "batch_size": None if batch_size is None else batch_size.size,
-                "batch": bool(batch),
-                "dtype": jnp.dtype(dtype).name,
-                "blocks_per_checkpoint": blocks_per_checkpoint,
-            },
-            data=described.data,
-        )
+            records, last, carry = _run_checkpointed(
+                args, n_blocks, batch_size, batch, checkpoint, blocks_per_checkpoint, _resume,
+                header={
+                    "optimizer": given.name, "optimizer_hyper": given.hyperparameters(),
+                    "eps_placement": given.eps_placement, "model": objective.model.spec(),
+                    "loss": objective.loss.name, "steps": steps, "save_every": save_every,
+                    "batch_size": None if batch_size is None else batch_size.size,
+                    "batch": bool(batch),
+                    "dtype": jnp.dtype(dtype).name,
+                    "blocks_per_checkpoint": blocks_per_checkpoint,
+                },
+                data=described.data,
+            )
     k_end = carry[2]
     wall = time.perf_counter() - start
 

@@ -76,24 +76,6 @@ def default_save_times(t0: float, t1: float, n_save: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- validation
-def matmul_precision(dtype):
-    """The context in which a run's field is traced: JAX's matmul precision "highest" for a
-    float32 run unless the user set one (jax.config or jax.default_matmul_precision), else
-    no change.
-
-    On recent NVIDIA GPUs JAX's default precision computes float32 matrix products and
-    convolutions in TF32 (a 10-bit mantissa): measured on an H200, the gradient of the
-    paper's CNN on 1,000 digits was off by 4.6e-3 relative to float64 at the default and by
-    4.3e-7 at "highest" (1.3 ms against 2.3 ms). A field that wrong cannot be integrated to
-    rtol >= 1e-6: the step-size controller would chase TF32's rounding. float64 is never
-    rounded to TF32, and on a CPU the setting changes nothing."""
-    import contextlib
-
-    if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
-        return jax.default_matmul_precision("highest")
-    return contextlib.nullcontext()
-
-
 def _check_number(x, name: str, rule: str, ok, example: str, where: str = "simulate") -> float:
     check_real_type(x, name, where, example)
     try:

@@ -80,6 +80,7 @@ import lineax as lx
 import numpy as np
 
 from .._checks import check_int, require_x64
+from .._precision import matmul_precision
 from .._trajectory import Trajectory
 from ..models._objective import Objective
 from . import _sampling
@@ -426,6 +427,8 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
             the second moment fails while it averages few squared batch gradients.
         shard: split the paths over the local devices when there are several and they
             divide n_paths (meta["devices"] says how many were used).
+        dtype: jnp.float64 (default) or jnp.float32 (traced at JAX's matmul precision
+            "highest" unless you set one: GPUs round float32 products to TF32 by default).
     Returns:
         a Trajectory with a leading path axis: w (P, n, p), m (P, n, k p), conditioner h
         (P, n, p), log_loss (P, n) of the full loss L; I = 0 (Lemma 3's penalty is not
@@ -485,21 +488,22 @@ def simulate_sde(flow, model, data, t1: float, *, batch_size: int, eta: float, k
     else:
         devices = devices[:1]
     stats = {}
-    if gd:
-        scale = _noise_scale(n, b, eta)
-        w, m, h, ok, steps = _gd_paths(obj, w0, scale, t1, dt, du, save, key, tree, dtype)
-        extra = {"noise_scale": scale, "du": du}
-    else:
-        sampling = _Sampling(b / n, _sampling.cochran(n, b), _sampling.pair_factor(n, b),
-                             jnp.asarray(math.sqrt(eta), dtype))
-        flow = jax.tree_util.tree_map(
-            lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, flow)
-        w, m, h, ok, below, steps = _adaptive(flow, obj, sampling, eta, b, w0, k, t1, dt,
-                                              save, key, tree, dtype)
-        extra = {"kappa": sampling.kappa, "pair_factor": sampling.mu, "exact_steps": k}
-        stats["paths_m2_negative"] = int(np.sum(below > 0))
-        stats["max_time_m2_negative"] = float(np.max(below, initial=0.0))
-    log_loss = np.asarray(_log_losses(obj, jnp.asarray(w)))
+    with matmul_precision(dtype):  # float32: no TF32 on GPUs (_precision.py)
+        if gd:
+            scale = _noise_scale(n, b, eta)
+            w, m, h, ok, steps = _gd_paths(obj, w0, scale, t1, dt, du, save, key, tree, dtype)
+            extra = {"noise_scale": scale, "du": du}
+        else:
+            sampling = _Sampling(b / n, _sampling.cochran(n, b), _sampling.pair_factor(n, b),
+                                 jnp.asarray(math.sqrt(eta), dtype))
+            flow = jax.tree_util.tree_map(
+                lambda x: jnp.asarray(x, dtype) if eqx.is_inexact_array(x) else x, flow)
+            w, m, h, ok, below, steps = _adaptive(flow, obj, sampling, eta, b, w0, k, t1, dt,
+                                                  save, key, tree, dtype)
+            extra = {"kappa": sampling.kappa, "pair_factor": sampling.mu, "exact_steps": k}
+            stats["paths_m2_negative"] = int(np.sum(below > 0))
+            stats["max_time_m2_negative"] = float(np.max(below, initial=0.0))
+        log_loss = np.asarray(_log_losses(obj, jnp.asarray(w)))
     wall = time.perf_counter() - start
     result = "successful" if ok.all() else "nonfinite_state"
     message = "" if ok.all() else (

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checkpoint as ckpt
+from .._precision import matmul_precision
 from .._trajectory import Trajectory, raise_if_failed
 from ._engine import Engine, Outcome
 from ._flow import AbstractFlow
 from ._plan import DEFAULT_KINK_TOL as DEFAULT_KINK_TOL
-from ._plan import SegmentPlan, Setup, matmul_precision, setup
+from ._plan import SegmentPlan, Setup, setup
 from ._plan import default_save_times as default_save_times
 from ._progress import progress_meter
 from ._separation import separation_verdict
@@ -151,7 +152,7 @@ def simulate(
         if folder is not None and _resume is None:
             folder.write_run(run.checkpoint_header(), **run.checkpoint_arrays())
         engine = Engine(run, plan, meter=meter, checkpoint=folder)
-        with matmul_precision(run.dtype):  # float32: no TF32 on GPUs (flows/_plan.py)
+        with matmul_precision(run.dtype):  # float32: no TF32 on GPUs (_precision.py)
             out = engine.integrate(_resume)
     return raise_if_failed(_trajectory(run, plan, out), "simulate", throw)
 

@@ -288,34 +288,3 @@ def test_newton_krylov_linear_solve_is_one_gmres_cycle():
     sol = lx.linear_solve(lx.MatrixLinearOperator(a), b, gmres, throw=False)
     assert sol.result == lx.RESULTS.successful
     assert np.linalg.norm(a @ sol.value - b) < 0.5 * np.linalg.norm(b)
-
-
-class _RecordsPrecision(ToyLeaky):
-    """The toy, noting JAX's matmul precision each time its function is traced."""
-
-    def __call__(self, x):
-        _TRACED_PRECISIONS.append((x.dtype, jax.config.jax_default_matmul_precision))
-        return super().__call__(x)
-
-
-_TRACED_PRECISIONS: list = []
-
-
-def test_float32_fields_are_traced_at_full_precision():
-    # On recent NVIDIA GPUs JAX's default precision rounds float32 matrix products to TF32
-    # (measured on an H200: the paper CNN's gradient 4.6e-3 from float64), too coarse for a
-    # controller at rtol >= 1e-6; simulate traces a float32 field at "highest". The setting
-    # is read where the model is traced, so this checks it on any platform. A precision the
-    # user chose is kept, and float64 runs are traced as the user's settings say (simulate's
-    # entry checks evaluate the model in float64 whatever the run's dtype).
-    m, d = _RecordsPrecision(key=jax.random.key(0)), toy_dataset(0)
-    kw = dict(rtol=1e-5, atol=1e-8, n_save=3)
-    cases = [(np.float32, None, "highest"), (np.float32, "bfloat16", "bfloat16"),
-             (np.float64, None, None)]
-    for dtype, chosen, expected in cases:
-        _TRACED_PRECISIONS.clear()
-        with jax.default_matmul_precision(chosen):
-            traj = simulate(FLOWS["gd"], m, d, 10.0, dtype=dtype, **kw)
-        assert traj.success, traj.message
-        in_dtype = {p for x, p in _TRACED_PRECISIONS if x == dtype}
-        assert in_dtype == {expected}, (dtype, chosen, _TRACED_PRECISIONS)

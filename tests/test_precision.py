@@ -1,0 +1,58 @@
+"""float32 runs are traced at full float32 matrix-product precision (marginflow/_precision.py).
+
+On recent NVIDIA GPUs JAX's default precision rounds float32 matrix products and
+convolutions to TF32 (measured on an H200: the paper CNN's gradient 4.6e-3 from float64,
+4.3e-7 at "highest"), too coarse for a controller at rtol >= 1e-6 or for comparing a
+discrete run with its flow. The setting is read where the model is traced, so these tests
+check it on any platform: a model records the precision each time it is traced.
+"""
+
+import jax
+import marginflow  # noqa: F401  (float64)
+import numpy as np
+import pytest
+from marginflow.discrete import RMSProp, run
+from marginflow.flows import GradientFlow, simulate, simulate_sde
+from marginflow.models import ToyLeaky, toy_dataset
+
+_TRACED: list = []
+
+
+class _RecordsPrecision(ToyLeaky):
+    """The toy, noting (input dtype, JAX's matmul precision) each time it is traced."""
+
+    def __call__(self, x):
+        _TRACED.append((x.dtype, jax.config.jax_default_matmul_precision))
+        return super().__call__(x)
+
+
+def _simulate(model, data, dtype):
+    return simulate(GradientFlow(), model, data, 10.0, dtype=dtype, rtol=1e-5, atol=1e-8,
+                    n_save=3)
+
+
+def _run(model, data, dtype):
+    return run(RMSProp(0.01, b=0.9, eps=1e-5), model, data, 20, dtype=dtype)
+
+
+def _sde(model, data, dtype):
+    return simulate_sde(GradientFlow(), model, data, 0.01, batch_size=50, eta=0.001,
+                        key=jax.random.key(0), n_paths=2, n_save=3, dtype=dtype)
+
+
+@pytest.mark.parametrize("entry", [_simulate, _run, _sde])
+def test_float32_runs_are_traced_at_full_precision(entry):
+    """A float32 run is traced at "highest"; a precision the user chose is kept ("default"
+    keeps TF32 for those who want it); float64 runs are traced as the user's settings say
+    (the entry checks evaluate the model in float64 whatever the run's dtype, so only
+    traces in the run's dtype are looked at)."""
+    model, data = _RecordsPrecision(key=jax.random.key(0)), toy_dataset(0)
+    cases = [(np.float32, None, "highest"), (np.float32, "default", "default"),
+             (np.float64, None, None)]
+    for dtype, chosen, expected in cases:
+        _TRACED.clear()
+        with jax.default_matmul_precision(chosen):
+            traj = entry(model, data, dtype)
+        assert traj.success, traj.message
+        in_dtype = {p for x, p in _TRACED if x == dtype}
+        assert in_dtype == {expected}, (entry.__name__, dtype, chosen, _TRACED)
