@@ -15,15 +15,16 @@ solver and kink tolerance, to t1 = 1e6. The script prints, in one run:
    at JAX's default matmul precision (TF32 on recent NVIDIA GPUs: a 10-bit mantissa in
    matrix products and convolutions) and in float32 at "highest", each with its distance
    to the float64 gradient;
-4. for each of --runs (flow:dtype, dtype float64, float32 or float32-highest; run in turn
-   while the --budget in seconds lasts, each free to use all that is left): a line per
-   segment (a decade of t) with the time reached, steps, kink steps and wall time;
-   then the result, the first save at 100% training accuracy, the accuracy at the end, the
-   compile time, and the solver's overhead = wall time after compilation / (gradient
-   evaluations x one gradient), with 2 evaluations per step for Heun and DecayHeun (the
-   CNN's default solvers) and the Lemma 3 walk's costs included in the wall time.
-   A run still going when the budget runs out is stopped at its next segment end and
-   reported as far as it got.
+4. for each of --runs (flow:dtype; dtype float64, float32 at "highest" as simulate traces
+   it, or float32-tf32 at JAX's default precision; run in turn while the --budget in
+   seconds lasts, each free to use all that is left): a line per segment (a decade of t)
+   with the time reached, steps and wall time; then the result, the kink steps, the
+   first save at 100% training accuracy, the accuracy at the end, the compile time, and
+   the solver's overhead = wall time after compilation / (gradient evaluations x one
+   gradient at the run's precision), with 2 evaluations per step (rejected ones
+   included) for Heun and DecayHeun, the CNN's default solvers; the Lemma 3 walk's cost
+   is in the wall time. A run still going when the budget runs out is stopped at its
+   next segment end and reported as far as it got.
 
 Run: python benchmarks/gpu_cnn.py [--n 1000] [--runs rmsprop:float64,adagrad:float64]
      [--budget 420] [--mnist path/to/mnist_5k.csv.gz] [--widths 32,64,1024]
@@ -111,7 +112,9 @@ def gradient_seconds(objective, dtype, precision=None) -> tuple[float, jnp.ndarr
 
 def run_flow(name, dtype_name, model, train, until, t_grad) -> None:
     dtype = jnp.float64 if dtype_name == "float64" else jnp.float32
-    precision = "highest" if dtype_name.endswith("highest") else None
+    # float32 runs of simulate are traced at "highest" unless a precision is set; the
+    # "float32-tf32" run sets JAX's "default" (TF32 on the GPU) to see what it does.
+    precision = "default" if dtype_name == "float32-tf32" else None
     rtol, atol = (1e-8, 1e-12) if dtype == jnp.float64 else (1e-6, 1e-9)
     print(f"{name} flow, {dtype_name}, rtol {rtol:g}:", flush=True)
     meter = SegmentLines(until)
@@ -134,15 +137,17 @@ def run_flow(name, dtype_name, model, train, until, t_grad) -> None:
     steps, rejected = int(traj.stats["num_steps"]), int(traj.stats["num_rejected_steps"])
     compiling = float(traj.meta["compile_time_s"])
     solver = traj.meta["solver"]
-    evals = EVALS_PER_STEP.get(solver, float("nan")) * (steps + rejected)
+    evals = EVALS_PER_STEP.get(solver, float("nan")) * steps  # num_steps counts rejected
+    label = {"float32": "float32-highest", "float32-tf32": "float32"}.get(dtype_name,
+                                                                        dtype_name)
     print(f"  {traj.result}: t = {traj.ts[-1]:.3g}, {steps} steps ({rejected} rejected, "
           f"{traj.stats.get('num_kink_steps', 0)} kink steps), solver {solver}, "
           f"{wall:.1f} s in all, {compiling:.1f} s compiling\n"
           f"  first save at 100% training accuracy: "
           f"{f'{full[0]:.3g}' if full else 'not reached'}; at the end {acc[-1]:.3f}\n"
           f"  overhead = {wall - compiling:.1f} s / ({evals} evaluations x "
-          f"{t_grad[dtype_name] * 1e3:.2f} ms) = "
-          f"{(wall - compiling) / (evals * t_grad[dtype_name]):.2f}", flush=True)
+          f"{t_grad[label] * 1e3:.2f} ms) = "
+          f"{(wall - compiling) / (evals * t_grad[label]):.2f}", flush=True)
 
 
 def main() -> None:
