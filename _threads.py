@@ -91,11 +91,15 @@ def map_chunks(call, trees, workers: int, *, size: int | None = None):
         return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
 
     padded = jax.tree.map(pad, trees)
+    # The run's matmul precision (marginflow/_precision.py) is a thread-local setting that
+    # worker threads would not see: each call is made under the caller's.
+    precision = jax.config.jax_default_matmul_precision
 
     def one(i):
         part = jax.tree.map(
             lambda x: x if np.ndim(x) == 0 else x[i * size:(i + 1) * size], padded)
-        return jax.block_until_ready(call(*part))
+        with jax.default_matmul_precision(precision):
+            return jax.block_until_ready(call(*part))
 
     if workers == 1:
         outs = [one(0)]

@@ -51,28 +51,29 @@ def normalized_margin(
     objective, w = states(model, data, w, loss, "normalized_margin")
     p = w.shape[-1]
     weights = check_weights(weights, w.shape, "normalized_margin")
-    flat = w.reshape(-1, p)
-    scaled = flat if weights is None else flat * weights.reshape(-1, p)
-    scaled = np.asarray(scaled)
-    with np.errstate(over="ignore"):
-        norms = np.linalg.norm(scaled, axis=-1)
-    # Where the sum of squares overflowed (entries from about 1e154 on): max|x_i| times the
-    # norm of x / max|x_i|.
-    big = ~np.isfinite(norms) & np.all(np.isfinite(scaled), axis=-1)
-    if np.any(big):
-        top = np.max(np.abs(scaled[big]), axis=-1)
-        norms[big] = top * np.linalg.norm(scaled[big] / top[:, None], axis=-1)
-    if np.any(norms == 0):
+    flat = np.asarray(w.reshape(-1, p))
+    weights = None if weights is None else np.asarray(weights).reshape(-1, p)  # w's shape
+    if np.any(np.all(flat == 0, axis=-1)):
         raise ValueError(
             "normalized_margin: `w` must be non-zero (gamma = q_min / ||w||^L is 0/0 at w = 0)."
         )
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = flat if weights is None else flat * weights
+        norms = np.linalg.norm(scaled, axis=-1)
+        power = norms ** objective.degree
     q_min = margins_stack(objective, flat).min(axis=-1)
     gamma = np.array(over_norm_power(q_min, norms, objective.degree), np.float64)
-    # Where q itself left float64 (||w||^L beyond 1e308: inf, or inf - inf = NaN for a
-    # multi-class margin), homogeneity gives gamma = q_min(w / ||w||) (q(c w) = c^L q(w)).
-    lost = ~np.isfinite(q_min) & np.isfinite(norms)
+    # Where ||w||^L or q leaves float64's normal range (the sum of squares overflows from
+    # |w_i| ~ 1e154; q or ||w||^L beyond 1e308 or below 1e-308, where digits are lost), or
+    # q is 0 (exactly, or underflowed), homogeneity gives gamma directly:
+    # gamma(w) = q_min(c w) for c = 1 / ||weights * w|| (q(c w) = c^L q(w)), with c w
+    # formed from w / max|w_i| so that nothing overflows or underflows on the way.
+    tiny = np.finfo(np.float64).tiny
+    lost = ~np.isfinite(q_min) | (np.abs(q_min) < tiny) | ~np.isfinite(power) | (power < tiny)
     if np.any(lost):
-        unit = np.asarray(flat)[lost] / norms[lost, None]
+        x = flat[lost] / np.max(np.abs(flat[lost]), axis=-1, keepdims=True)
+        xs = x if weights is None else x * weights[lost]
+        unit = x / np.linalg.norm(xs, axis=-1, keepdims=True)
         gamma[lost] = margins_stack(objective, unit).min(axis=-1)
     return gamma.reshape(w.shape[:-1])
 

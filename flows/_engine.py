@@ -296,8 +296,11 @@ class Engine:
                 f"{where} stopped in the segment [{lo:.3g}, {hi:.3g}] at t = {reached_t:.6g}: "
                 f"{bad.text} Fix: {bad.hint}."
             )
-            if 0 < run.t0 == lo and reached_t <= run.t0 * (1 + 1e-3):
-                out.message += _late_start_note(run.t0)
+            # One run that stopped where it started, from t0 > 0 (a batch's members stop at
+            # different times; its saves do not say where).
+            if (not batch and 0 < run.t0 == lo and bad in _STALLS
+                    and float(end_t) <= run.t0 * (1 + 1e-3)):
+                out.message += _late_start_note(run, clock)
         if self.checkpoint is not None:
             self.checkpoint.write_segment(
                 k,
@@ -311,17 +314,32 @@ class Engine:
         return y, state
 
 
-def _late_start_note(t0: float) -> str:
-    """Why a run from t0 > 0 that stops at once did so: its hint alone (more steps, the
-    data's scale) points elsewhere."""
-    # One last place of the time variable, in t: u = log t beyond t = 1, t before.
-    resolution = t0 * np.spacing(np.log(t0)) if t0 >= 1 else np.spacing(t0)
-    return (
-        f" The run started at t0 = {t0:.6g} from m = 0 and stopped within 0.1% of it: the "
-        "flow's early phase (m growing from 0, where h is up to 1/eps, or 1/sqrt(eps) with "
-        "eps inside the root) then happens at t0, without the s = sqrt(t) clock a start "
-        "at 0 gets, in steps that cannot be shorter than one last place of the time "
-        f"variable (about {resolution:.2g} in t there). Start at t0 = 0 and save from "
-        "where you need (`ts=`), or at a smaller t0 (docs/errors.md, 'Failed runs keep "
-        "what they computed')."
-    )
+# The stops a stalled start shows (not the implicit solver's failures).
+_STALLS = (Stop.max_steps_reached, Stop.nonfinite_state, Stop.dt_min_reached)
+
+
+def _late_start_note(run, clock) -> str:
+    """A likely cause of a run from t0 > 0 that stopped within 0.1% of t0, which the stop's
+    own hint (more steps, the data's scale) does not name; "" where none applies."""
+    t0, flow = run.t0, run.flow
+    # A last place of the time variable, in t, where it is coarser than t's own (u = log t
+    # from about t = e on: log t has fewer digits to spare than t).
+    u = float(u_of_t(t0, clock))
+    coarse = clock == LOG_T and abs(u) >= 1
+    res = t0 * float(np.spacing(np.asarray(u, run.dtype))) if coarse else None
+    if not flow.has_conditioner and not coarse:
+        return ""  # GD and the momentum flow: nothing stiff repeats at t0
+    where = (f"in log t, whose last place is about {res:.2g} in t there (docs/errors.md, "
+             "'Failed runs keep what they computed')") if coarse else ""
+    text = f" A likely cause: the run started at t0 = {t0:.6g} from w0"
+    if flow.has_conditioner:
+        text += (", m = 0, and stopped within 0.1% of it. Its early phase (m growing from 0, "
+                 "where h is up to 1/eps, or 1/sqrt(eps) with eps inside the root) then "
+                 "happens at t0")
+        if clock != SQRT_T:
+            text += ", without the s = sqrt(t) clock a start at 0 gets"
+        if coarse:
+            text += ", " + where
+    else:
+        text += f" and stopped within 0.1% of it: its first steps are short, and it steps {where}"
+    return text + ". Start at t0 = 0 and save from where you need (`ts=`), or at a smaller t0."

@@ -243,18 +243,20 @@ def test_margins_over_a_power_in_range_are_the_plain_ratio():
     np.testing.assert_array_equal(over_norm_power(q, norm, 3), q / norm**3)
 
 
-@pytest.mark.parametrize("scale", [1e150, 1e200, 1e300])
-def test_normalized_margin_where_q_itself_overflows(scale):
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1e150, 1e200, 1e300])
+def test_normalized_margin_where_q_or_the_norm_leaves_float64(scale):
     """gamma(c w) = gamma(w) for c > 0. On the toy (L = 2) at ||w|| ~ 1e200 the margins
-    q_i ~ 1e400 leave float64 and gamma read NaN; it now comes from q_min(w / ||w||). Both
+    q_i ~ 1e400 leave float64 and gamma read NaN, and at 1e-200 the sum of squares
+    underflowed to 0 ("w must be non-zero"); it now comes from q_min(w / ||w||). Both
     are the same function of the direction in float64, so a few ulps of w / ||w|| (times
     the condition of q_min, O(1) here) bound the difference: 1e-13 relative. The weighted
-    margin (AdaGrad's gamma_A) and several states at once are checked the same way."""
+    margin (AdaGrad's gamma_A, weights up to 1e10, so that weights * w overflows where w
+    does not) and several states at once are checked the same way."""
     data = toy_dataset(0)
     model = ToyLeaky(key=jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     w = rng.normal(size=(3, 3))
-    weights = rng.uniform(0.5, 2.0, size=3)
+    weights = rng.uniform(0.5, 2.0, size=3) * np.array([1.0, 1e10, 1.0])
     for kw in ({}, {"weights": weights}):
         ref = normalized_margin(model, data, w, **kw)
         got = normalized_margin(model, data, scale * w, **kw)

@@ -7,6 +7,7 @@ discrete run with its flow. The setting is read where the model is traced, so th
 check it on any platform: a model records the precision each time it is traced.
 """
 
+import equinox as eqx
 import jax
 import marginflow  # noqa: F401  (float64)
 import numpy as np
@@ -18,12 +19,16 @@ from marginflow.models import ToyLeaky, toy_dataset
 _TRACED: list = []
 
 
-class _RecordsPrecision(ToyLeaky):
-    """The toy, noting (input dtype, JAX's matmul precision) each time it is traced."""
+def _recording_toy():
+    """A new class each time (so no program traced for another test is reused): the toy,
+    noting (input dtype, JAX's matmul precision) each time it is traced."""
 
-    def __call__(self, x):
-        _TRACED.append((x.dtype, jax.config.jax_default_matmul_precision))
-        return super().__call__(x)
+    class RecordsPrecision(ToyLeaky):
+        def __call__(self, x):
+            _TRACED.append((x.dtype, jax.config.jax_default_matmul_precision))
+            return super().__call__(x)
+
+    return RecordsPrecision
 
 
 def _simulate(model, data, dtype):
@@ -40,13 +45,29 @@ def _sde(model, data, dtype):
                         key=jax.random.key(0), n_paths=2, n_save=3, dtype=dtype)
 
 
-@pytest.mark.parametrize("entry", [_simulate, _run, _sde])
+def _batch(model, data):
+    """Three initialisations (the recording class), for the batched runs: on a CPU they are
+    cut into chunks integrated from worker threads, which must see the caller's setting."""
+    return eqx.filter_vmap(lambda k: type(model)(key=k))(jax.random.split(jax.random.key(1), 3))
+
+
+def _simulate_batch(model, data, dtype):
+    return simulate(GradientFlow(), _batch(model, data), data, 10.0, dtype=dtype, rtol=1e-5,
+                    atol=1e-8, n_save=3, batch=True, workers=2)
+
+
+def _run_batch(model, data, dtype):
+    return run(RMSProp(0.01, b=0.9, eps=1e-5), _batch(model, data), data, 20, dtype=dtype,
+               batch=True, workers=2)
+
+
+@pytest.mark.parametrize("entry", [_simulate, _run, _sde, _simulate_batch, _run_batch])
 def test_float32_runs_are_traced_at_full_precision(entry):
     """A float32 run is traced at "highest"; a precision the user chose is kept ("default"
     keeps TF32 for those who want it); float64 runs are traced as the user's settings say
     (the entry checks evaluate the model in float64 whatever the run's dtype, so only
     traces in the run's dtype are looked at)."""
-    model, data = _RecordsPrecision(key=jax.random.key(0)), toy_dataset(0)
+    model, data = _recording_toy()(key=jax.random.key(0)), toy_dataset(0)
     cases = [(np.float32, None, "highest"), (np.float32, "default", "default"),
              (np.float64, None, None)]
     for dtype, chosen, expected in cases:

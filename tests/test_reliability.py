@@ -2,6 +2,7 @@
 
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import marginflow  # noqa: F401
@@ -75,16 +76,25 @@ def test_a_fresh_state_at_a_large_t0_follows_the_shifted_flow(toy):
 
 def test_a_late_start_that_stops_at_once_says_why(toy):
     """From t0 > 0 with m = 0 a flow repeats its early phase at t0, where h is up to
-    1/eps: with eps = 1e-12 outside the root the run from t0 = 2 does not leave t0 (it
-    stopped at max_steps, 3,000 steps, at t = 2). The max_steps hint alone (more steps,
-    looser rtol) points elsewhere; the message must name the start."""
+    1/eps: with eps = 1e-12 outside the root the run from t0 = 2 does not leave t0 (at
+    max_steps = 3,000 as at 300). The max_steps hint alone (more steps, looser rtol)
+    points elsewhere; the message must name the start. A run that failed elsewhere, and a
+    batch (whose members stop at different times), get no such note."""
     model = ToyLeaky(key=jax.random.PRNGKey(0))
     flow = RMSPropFlow(1e-12, 0.9, eps_placement="outside")
     traj = simulate(flow, model, toy, 20.0, t0=2.0, max_steps=300, n_save=5, throw=False)
     assert not traj.success and traj.ts[-1] <= 2.0 * (1 + 1e-3)
-    assert "started at t0 = 2 from m = 0" in traj.message, traj.message
+    assert "started at t0 = 2 from w0, m = 0" in traj.message, traj.message
     assert "Start at t0 = 0" in traj.message
     assert np.all(np.isfinite(traj.w))
+    # Failed at t = 3, twice t0: another cause.
+    later = simulate(PoisonedFlow(1e-3, 0.9), Linear(2, key=jax.random.PRNGKey(0)), toy,
+                     100.0, t0=1.5, throw=False, max_steps=2000)
+    assert later.result == "nonfinite_state" and "A likely cause" not in later.message
+    batch = eqx.filter_vmap(lambda k: ToyLeaky(key=k))(jax.random.split(jax.random.key(1), 2))
+    both = simulate(flow, batch, toy, 20.0, t0=2.0, max_steps=300, n_save=5, throw=False,
+                    batch=True)
+    assert not both.success and "A likely cause" not in both.message
 
 
 class PoisonedAtOnce(PoisonedFlow):
