@@ -27,6 +27,7 @@ _SECONDS = {
     "test_sharding.py": 29, "test_loss_numerics.py": 28, "test_compile.py": 26,
     "test_models.py": 24, "test_analysis_trajectories.py": 22, "test_momentum.py": 22,
     "test_run_integrity.py": 21, "test_readme.py": 21, "test_sde.py": 21, "test_cli.py": 18,
+    "test_precision.py": 12,
 }
 
 
