@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
-from ._common import check_weights, margins_stack, over_norm_power, states
+from ._common import check_weights, margins_stack, states
 
 if TYPE_CHECKING:
     from .._trajectory import Trajectory
@@ -57,12 +57,11 @@ def normalized_margin(
         raise ValueError(
             "normalized_margin: `w` must be non-zero (gamma = q_min / ||w||^L is 0/0 at w = 0)."
         )
-    with np.errstate(over="ignore", under="ignore"):
-        scaled = flat if weights is None else flat * weights
-        norms = np.linalg.norm(scaled, axis=-1)
-        power = norms ** objective.degree
     q_min = margins_stack(objective, flat).min(axis=-1)
-    gamma = np.array(over_norm_power(q_min, norms, objective.degree), np.float64)
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        scaled = flat if weights is None else flat * weights
+        power = np.linalg.norm(scaled, axis=-1) ** objective.degree
+        gamma = np.asarray(q_min / power, np.float64)  # replaced below where out of range
     # Where ||w||^L or q leaves float64's normal range (the sum of squares overflows from
     # |w_i| ~ 1e154; q or ||w||^L beyond 1e308 or below 1e-308, where digits are lost), or
     # q is 0 (exactly, or underflowed), homogeneity gives gamma directly:
