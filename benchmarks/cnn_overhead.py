@@ -31,8 +31,9 @@ import numpy as np
 from marginflow.flows import RMSPropFlow, simulate
 from marginflow.models import CNN, Dataset, Objective
 
-# Gradient evaluations per step of the solvers `simulate` picks for the RMSProp flow.
-EVALS_PER_STEP = {"DecayHeun": 2, "DecayIMEX": 8}
+# Gradient evaluations per step of the solvers `simulate` picks for the CNN's flows (Heun
+# for AdaGrad; gpu_cnn.py uses this too).
+EVALS_PER_STEP = {"DecayHeun": 2, "Heun": 2, "DecayIMEX": 8}
 
 
 def measure(n: int, dtype_name: str, t1: float, max_steps: int) -> list[str]:

@@ -44,13 +44,12 @@ import jax
 import jax.numpy as jnp
 import marginflow
 import numpy as np
+from cnn_overhead import EVALS_PER_STEP  # per step of each solver picked for the CNN
 from marginflow.experiments import mnist_5k
 from marginflow.flows import AbstractProgressMeter, AdaGradFlow, RMSPropFlow, simulate
 from marginflow.models import CNN, Objective, ToyLeaky, toy_dataset, unflatten
 
 FLOWS = {"rmsprop": lambda: RMSPropFlow(1e-5, 0.9), "adagrad": lambda: AdaGradFlow(1e-5)}
-# Gradient evaluations per accepted or rejected step of the solvers picked for the CNN.
-EVALS_PER_STEP = {"DecayHeun": 2, "Heun": 2, "DecayIMEX": 8}
 
 
 class OutOfTime(Exception):

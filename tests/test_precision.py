@@ -45,19 +45,19 @@ def _sde(model, data, dtype):
                         key=jax.random.key(0), n_paths=2, n_save=3, dtype=dtype)
 
 
-def _batch(model, data):
+def _batch(model):
     """Three initialisations (the recording class), for the batched runs: on a CPU they are
     cut into chunks integrated from worker threads, which must see the caller's setting."""
     return eqx.filter_vmap(lambda k: type(model)(key=k))(jax.random.split(jax.random.key(1), 3))
 
 
 def _simulate_batch(model, data, dtype):
-    return simulate(GradientFlow(), _batch(model, data), data, 10.0, dtype=dtype, rtol=1e-5,
+    return simulate(GradientFlow(), _batch(model), data, 10.0, dtype=dtype, rtol=1e-5,
                     atol=1e-8, n_save=3, batch=True, workers=2)
 
 
 def _run_batch(model, data, dtype):
-    return run(RMSProp(0.01, b=0.9, eps=1e-5), _batch(model, data), data, 20, dtype=dtype,
+    return run(RMSProp(0.01, b=0.9, eps=1e-5), _batch(model), data, 20, dtype=dtype,
                batch=True, workers=2)
 
 
