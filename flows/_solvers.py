@@ -226,14 +226,18 @@ def default_solver(flow, p: int, *, rtol: float = 1e-8, atol: float = 1e-12,
     segment (docs/solvers.md, "Dense kinks"). Only the CNN declares dense kinks: an MLP's
     density depends on its data.
 
-    Chosen by wall time (`benchmarks/solver_choice.py`, docs/performance.md): for GD and
-    AdaGrad, Dopri8 throughout against `DecayIMEX` then Dopri8 from 1e10 (the previous
-    default), compiled to t1 = 1e100: 0.035 / 0.037 s and 0.036 / 0.042 s (GD on the MLP
-    and the deep linear net), 0.074 / 0.080 s and 0.124 / 0.177 s (AdaGrad), but 0.080 /
-    0.058 s and 0.106 / 0.085 s on the toy; on a first call 2.5-3.2 s against 5.9-7.5 s,
-    because one program is compiled instead of two. The first call is what a user meets
-    in a new process or notebook: it decides. With a decay, an explicit step is stable
-    only below about 3 / ((1 - b) t) in u = log t, and `DecayIMEX` is the choice.
+    Chosen by wall time at matched accuracy (`benchmarks/solver_choice.py`,
+    docs/performance.md): each candidate's compiled time to t1 = 1e100 and its error (the
+    direction of w against an rtol-1e-12 reference), the lower-order ones also at rtol 1e-9
+    and 1e-10. For GD and AdaGrad Dopri5 and Tsit5 were up to 1.6x faster than Dopri8 at
+    rtol 1e-8 but 3 to 38 times less accurate; matching Dopri8's error cost them more time
+    on the MLP and the deep linear net. On the toy, whose cost is its kink crossings,
+    Tsit5 at 1e-9 was 1.3x faster than Dopri8 at 1e-8 and as accurate or better; Dopri8
+    stays, since a toy rule would buy 0.04 s compiled against a 3 s first call and change
+    every toy result. Against `DecayIMEX` then Dopri8 from 1e10 (an earlier default),
+    Dopri8 throughout compiles one program instead of two: a first call of 2.5-3.2 s
+    against 5.9-7.5 s. With a decay, an explicit step is stable only below about
+    3 / ((1 - b) t) in u = log t, and `DecayIMEX` is the choice.
 
     Why `DecayIMEX` for a decay. After separation g ~ 1/t, and in u = log t (which
     `simulate` uses from t = 1 on) the w-equation dw/du = -t h g is O(1): a constant number
