@@ -44,21 +44,22 @@ from ._lock import _umask, holds_lock
 from ._lock import locked as locked
 
 RUN_FILE = "run.npz"
-# Version 8: a momentum flow on a piecewise-linear model integrates m1 itself (in t) until
-# `flows._clock.lag_from`, not its lag r = m1 - g from t = 1: a version-7 segment after
-# t = 1 holds r where version 8 reads m1. Version 7: AdaGrad's and RMSProp's flows
-# integrate [t0, 1] in s = sqrt t
-# (`flows._clock`), so their solver state there is in s. Version 6: the solver state's
-# part for Lemma 3's I is a dead band per coordinate (`flows._penalty.Band`) instead of
-# psi at the last step's end. Version 5: run.npz holds a
-# run id, every segment the run id and the SHA-256 of the file before it, and pytrees (the
-# solver's state, a discrete run's carry) are written one way, `save_tree`. Version 4: the
-# solver state holds psi at the last step's end (Lemma 3's I is accumulated from the step's
-# end states, flows/_penalty.py) and AdaGrad's late solver is Dopri8. Version 3: the state
-# saved at a segment's end is (v, m, I) with v = w ||w||^(L-1), under the key y_v (version
-# 2: y_w held w). Version 2: segments are ten decades wide after t = 1e10 (version 1:
-# decades throughout).
-_FORMAT = "marginflow.checkpoint/8"
+# Version 9: the kink-step controller's state holds the step size of its last small
+# rejection (`flows._solvers.CarriedPID`): a version-8 state lacks it. Version 8: a
+# momentum flow on a piecewise-linear model integrates m1 itself (in t) until
+# `flows._clock.lag_from`, not its lag r = m1 - g from t = 1: a version-7 segment after t
+# = 1 holds r where version 8 reads m1. Version 7: AdaGrad's and RMSProp's flows integrate
+# [t0, 1] in s = sqrt t (`flows._clock`), so their solver state there is in s. Version 6:
+# the solver state's part for Lemma 3's I is a dead band per coordinate
+# (`flows._penalty.Band`) instead of psi at the last step's end. Version 5: run.npz holds
+# a run id, every segment the run id and the SHA-256 of the file before it, and pytrees
+# (the solver's state, a discrete run's carry) are written one way, `save_tree`. Version
+# 4: the solver state holds psi at the last step's end (Lemma 3's I is accumulated from
+# the step's end states, flows/_penalty.py) and AdaGrad's late solver is Dopri8. Version
+# 3: the state saved at a segment's end is (v, m, I) with v = w ||w||^(L-1), under the key
+# y_v (version 2: y_w held w). Version 2: segments are ten decades wide after t = 1e10
+# (version 1: decades throughout).
+_FORMAT = "marginflow.checkpoint/9"
 # What reading a damaged .npz raises: a truncated zip, a bad member, a bad header, I/O.
 _DAMAGE = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError)
 

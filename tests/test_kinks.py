@@ -17,7 +17,15 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from marginflow.analysis import normalized_margin
 from marginflow.flows import AdaGradFlow, AdamFlow, GradientFlow, RMSPropFlow, simulate
-from marginflow.models import CNN, MLP, DeepLinear, Linear, ToyLeaky, separable_gaussians
+from marginflow.models import (
+    CNN,
+    MLP,
+    DeepLinear,
+    Linear,
+    ToyLeaky,
+    separable_gaussians,
+    toy_dataset,
+)
 
 FLOWS = {
     "gd": GradientFlow(),
@@ -303,6 +311,23 @@ def test_adagrad_on_a_relu_mlp_does_not_stall_on_a_nonfinite_step():
     assert traj.success, traj.message
     assert traj.ts[-1] == 1e20 and np.all(np.isfinite(traj.log_loss))
     assert np.all(np.diff(traj.log_loss) < 0)
+
+
+@pytest.mark.parametrize("flow", [GradientFlow(), AdaGradFlow(1e-5)], ids=["gd", "adagrad"])
+def test_a_tighter_rtol_on_isolated_kinks_stays_at_rtol(flow):
+    """The toy's kinks are isolated: each crossing is resolved at rtol and the steps grow
+    back between them. Their rejections used to add up across crossings (the count of
+    small rejections restarted only at a step above kink_tol), so a tighter rtol set off
+    kink steps, which err by up to kink_tol: GD at rtol 1e-10 to t = 10 took 4 and was
+    6.1e-8 from the rtol-1e-12 run (AdaGrad 3, 6.7e-7). Now neither run takes one, and the
+    two agree to 4e-11 (GD) and 1.4e-10 (AdaGrad) measured: 1e-8 allows 100x the error of
+    a run at rtol 1e-10, and fails at the old 6e-8."""
+    model, data = ToyLeaky(key=jax.random.key(0)), toy_dataset(0)
+    a = simulate(flow, model, data, 10.0, n_save=5, rtol=1e-10)
+    b = simulate(flow, model, data, 10.0, n_save=5, rtol=1e-12)
+    assert a.success and b.success
+    assert a.stats["num_kink_steps"] == b.stats["num_kink_steps"] == 0
+    assert np.linalg.norm(a.w[-1] - b.w[-1]) <= 1e-8 * np.linalg.norm(b.w[-1])
 
 
 def test_a_new_kink_tol_reuses_the_compiled_program():
