@@ -84,8 +84,8 @@ class CarriedPID(dfx.AbstractAdaptiveStepSizeController):
     crossings are mostly still resolved at rtol: the count of small rejections also
     restarts once the steps have grown back _CLEAR_FACTOR times past the last rejected one
     (on the toy, 4 initialisations x 4 flows to 1e6, one run took one kink step; at rtol
-    1e-9 GD took 3, docs/performance.md). The
-    state then also counts the kink steps and their span in log t (`kink_stats`).
+    1e-9 GD took 3, docs/performance.md). The state then also counts the kink steps and
+    their span in log t (`kink_stats`).
     """
 
     pid: dfx.PIDController
