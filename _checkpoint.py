@@ -47,8 +47,8 @@ RUN_FILE = "run.npz"
 # Version 9: the kink-step controller's state holds the step size of its last small
 # rejection (`flows._solvers.CarriedPID`): a version-8 state lacks it. Version 8: a
 # momentum flow on a piecewise-linear model integrates m1 itself (in t) until
-# `flows._clock.lag_from`, not its lag r = m1 - g from t = 1: a version-7 segment after t
-# = 1 holds r where version 8 reads m1. Version 7: AdaGrad's and RMSProp's flows integrate
+# `flows._clock.lag_from`, not its lag r = m1 - g from t = 1: a version-7 segment after
+# t = 1 holds r where version 8 reads m1. Version 7: AdaGrad's and RMSProp's flows integrate
 # [t0, 1] in s = sqrt t (`flows._clock`), so their solver state there is in s. Version 6:
 # the solver state's part for Lemma 3's I is a dead band per coordinate
 # (`flows._penalty.Band`) instead of psi at the last step's end. Version 5: run.npz holds

@@ -25,7 +25,7 @@ rtol 1e-8, with the fastest run of any candidate at any of its rtols whose error
 larger ("matched accuracy"); it must be within 1.1x. The ratio at equal rtol is printed
 beside it, and the default's steps(1e100) / steps(1e5), a check on the cost of the late
 decades relative to the early ones.
-Run: python benchmarks/solver_choice.py [--record]   (about 15 minutes on 2 cores)
+Run: python benchmarks/solver_choice.py [--record]   (about 8 minutes on 2 cores)
 """
 
 from __future__ import annotations
