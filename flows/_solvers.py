@@ -209,8 +209,14 @@ def kink_stats(controller_state):
 
 
 def default_controller(rtol: float, atol: float, kink_tol: float | None = None) -> CarriedPID:
-    """PID gains (0.3, 0.4) were measured to need fewer steps than I-control on the toy."""
-    pid = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4, norm=wm_norm)
+    """PID gains (0.3, 0.4) were measured to need fewer steps than I-control on the toy.
+
+    rtol and atol are arrays, as kink_tol is: traced, so a run at another tolerance (a
+    convergence study) reuses the compiled program. As Python floats they were static, and
+    each tolerance compiled the segment anew. They are weakly typed (from Python floats),
+    so a float32 run's error norms stay in float32."""
+    pid = dfx.PIDController(rtol=jnp.asarray(float(rtol)), atol=jnp.asarray(float(atol)),
+                            pcoeff=0.3, icoeff=0.4, norm=wm_norm)
     return CarriedPID(pid, None, None if kink_tol is None else jnp.asarray(kink_tol))
 
 

@@ -21,7 +21,7 @@ os.environ.setdefault("MARGINFLOW_CACHE_DIR", str(_FOLDER))
 # run took 11:49 at 1.5 busy cores. So the files go out longest first (their measured
 # seconds on 2 cores, `--durations=0`), and the tail is made of short files.
 _SECONDS = {
-    "test_notebooks.py": 207, "test_bank.py": 75, "test_experiments.py": 110,
+    "test_notebooks.py": 127, "test_bank.py": 75, "test_experiments.py": 110,
     "test_sde_adaptive.py": 71, "test_long_horizon.py": 65, "test_simulate.py": 54,
     "test_kinks.py": 52, "test_discrete_run.py": 44, "test_discrete_dictionary.py": 50,
     "test_sharding.py": 29, "test_loss_numerics.py": 28, "test_compile.py": 26,

@@ -19,7 +19,8 @@ from marginflow.models import ToyLeaky, toy_dataset
 
 def test_no_retrace_for_new_t1_n_save_eps_b_or_data():
     """eps and b are array leaves, the save times are traced and padded to a fixed number
-    of slots, the data are arrays: a new value of any of them reuses the compiled segment."""
+    of slots, the data are arrays, and so are the tolerances rtol, atol and kink_tol: a new
+    value of any of them reuses the compiled segment."""
     model = ToyLeaky(key=jax.random.PRNGKey(3))
     simulate(RMSPropFlow(eps=1e-5, b=0.9), model, toy_dataset(seed=0), t1=1e3, n_save=20)
     n0 = eqx.debug.get_num_traces(_segment_counted)
@@ -27,6 +28,9 @@ def test_no_retrace_for_new_t1_n_save_eps_b_or_data():
     simulate(RMSPropFlow(eps=1e-5, b=0.9), model, toy_dataset(seed=1), t1=1e2, n_save=7)
     # More saves in a segment than one call has slots: the segment runs in pieces.
     simulate(RMSPropFlow(eps=1e-4, b=0.99), model, toy_dataset(seed=2), t1=10.0, n_save=300)
+    # A convergence study: other tolerances, the same program.
+    simulate(RMSPropFlow(eps=1e-5, b=0.9), model, toy_dataset(seed=0), t1=1e3, n_save=20,
+             rtol=1e-10, atol=1e-14, kink_tol=1e-4)
     assert eqx.debug.get_num_traces(_segment_counted) == n0
 
 

@@ -149,10 +149,14 @@ def test_which_flows_start_in_sqrt_t():
 
 
 def test_a_late_transition_keeps_t(problem):
-    """eps 1e-5: the transition ends near t = 1e-7 here, so simulate integrates in t (the
-    same steps and, to rounding, the same w as the class that never uses sqrt t)."""
+    """eps 3e-3 outside the root (eps^2 = 9e-6 in the transition time): it ends near
+    t = 1e-7 here, so simulate integrates in t (the same steps and, to rounding, the same w
+    as the class that never uses sqrt t). The flows are those of the sqrt-t test above with
+    another eps, which is traced: no new program. Where eps inside the root keeps t is
+    `test_which_flows_start_in_sqrt_t`'s."""
     model, data, *_ = problem
-    flow, in_t = AdaGradFlow(1e-5), AdaGradInT(1e-5)
+    flow = AdaGradFlow(3e-3, eps_placement="outside")
+    in_t = AdaGradInT(3e-3, eps_placement="outside")
     a = simulate(flow, model, data, t1=10.0, n_save=4)
     b = simulate(in_t, model, data, t1=10.0, n_save=4)
     assert a.stats["num_steps"] == b.stats["num_steps"]

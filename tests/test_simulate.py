@@ -112,12 +112,14 @@ def test_rmsprop_margin_close_to_exact_gamma(runs, toy, toy_model):
 def test_integration_accuracy_against_tight_run(toy, toy_model):
     flow = RMSPropFlow(EPS, B)
     ts = np.geomspace(1e-2, 1e2, 30)
-    loose = simulate(flow, toy_model, toy, 1e2, ts=ts, rtol=1e-6, atol=1e-10)
+    # The default tolerances (rtol 1e-8, atol 1e-12: the program `runs` compiled), against
+    # a run 1000 times tighter.
+    loose = simulate(flow, toy_model, toy, 1e2, ts=ts)
     tight = simulate(flow, toy_model, toy, 1e2, ts=ts, rtol=1e-11, atol=1e-15)
-    err = np.max(np.abs(loose.w - tight.w) / (1e-10 / 1e-6 + np.abs(tight.w)))
+    err = np.max(np.abs(loose.w - tight.w) / (1e-12 / 1e-8 + np.abs(tight.w)))
     # Global error of an adaptive method is a modest multiple of the local tolerance; we
-    # measured 3e-6 (3 rtol) here and allow 100 rtol so solver changes do not flake.
-    assert err < 100 * 1e-6
+    # measured 1.1e-7 (11 rtol) here and allow 100 rtol so solver changes do not flake.
+    assert err < 100 * 1e-8
 
 
 def test_save_load_roundtrip_and_model_at(tmp_path, runs, toy, toy_model):
