@@ -76,16 +76,10 @@ def kernel(tmp_path_factory):
             "display_name": "marginflow test", "language": "python"}
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     env = dict(os.environ, MARGINFLOW_QUICK="1", MPLBACKEND="Agg", JUPYTER_PATH=str(home))
-    saved = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = str(home)  # the kernel spec manager reads it here
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(home))  # the kernel spec manager reads it here
         km = jupyter_client.KernelManager(kernel_name="marginflow-test")
         km.start_kernel(env=env, cwd=str(NOTEBOOKS[0].parent))
-    finally:
-        if saved is None:
-            os.environ.pop("JUPYTER_PATH", None)
-        else:
-            os.environ["JUPYTER_PATH"] = saved
     state = {"km": km, "used": False}
     yield state
     km.shutdown_kernel(now=True)
