@@ -6,7 +6,8 @@ CNN on 1,000 digits was off by 4.6e-3 relative to float64 at the default and by 
 "highest" (1.3 ms against 2.3 ms). A field that wrong cannot be integrated to rtol >= 1e-6
 (the step-size controller would chase TF32's rounding), and a discrete run that wrong cannot
 be compared with a flow. float64 is never rounded to TF32, and on a CPU the setting changes
-nothing.
+nothing. A checkpoint records the precision of a float32 run (`precision_of`), and a resume
+continues at it (`resumed_at`), whatever the resuming process has set.
 """
 
 from __future__ import annotations
@@ -25,3 +26,19 @@ def matmul_precision(dtype):
     if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
         return jax.default_matmul_precision("highest")
     return contextlib.nullcontext()
+
+
+def precision_of(dtype) -> str | None:
+    """The matmul precision a run of `dtype` computes at, as `matmul_precision` decides it:
+    None for float64 (never rounded), else the user's setting or "highest"."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return None
+    return str(jax.config.jax_default_matmul_precision or "highest")
+
+
+def resumed_at(precision: str | None):
+    """The context a resumed run is traced in: the precision its checkpoint recorded (None:
+    a float64 run, or a folder written before precisions were recorded: as a new run)."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checkpoint as ckpt
+from .._precision import resumed_at
 from .._trajectory import Trajectory
 from ._run import _fresh, _run_compiled, run
 
@@ -109,7 +110,8 @@ def _resume_run(folder, throw: bool) -> Trajectory:
     else:
         model = unflatten(skeleton, w0)
     dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
-    return run(optimizer, model, Dataset(arrays["X"], arrays["y"]), header["steps"],
-               loss=header["loss"], save_every=header["save_every"], batch=header["batch"],
-               throw=throw, dtype=dtype, checkpoint=folder,
-               blocks_per_checkpoint=header["blocks_per_checkpoint"], _resume=segments)
+    with resumed_at(header.get("matmul_precision")):  # float32: the run's own precision
+        return run(optimizer, model, Dataset(arrays["X"], arrays["y"]), header["steps"],
+                   loss=header["loss"], save_every=header["save_every"],
+                   batch=header["batch"], throw=throw, dtype=dtype, checkpoint=folder,
+                   blocks_per_checkpoint=header["blocks_per_checkpoint"], _resume=segments)

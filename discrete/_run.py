@@ -20,7 +20,7 @@ import optax
 
 from .._cache import use_cache
 from .._checks import check_finite_params, check_int, is_model, require_x64
-from .._precision import matmul_precision
+from .._precision import matmul_precision, precision_of
 from .._threads import n_workers as n_threads
 from .._trajectory import Trajectory, raise_if_failed
 from ..models import Objective
@@ -369,6 +369,7 @@ def run(
                     "batch_size": None if batch_size is None else batch_size.size,
                     "batch": bool(batch),
                     "dtype": jnp.dtype(dtype).name,
+                    "matmul_precision": precision_of(dtype),  # resume continues at it
                     "blocks_per_checkpoint": blocks_per_checkpoint,
                 },
                 data=described.data,

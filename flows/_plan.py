@@ -16,6 +16,7 @@ import numpy as np
 
 from .._cache import use_cache
 from .._checks import check_finite_params, check_int, check_real_type, require_x64
+from .._precision import precision_of
 from .._threads import n_workers
 from ..models import Objective
 from ..models._homogeneity import check_homogeneous
@@ -257,6 +258,8 @@ class Setup:
             # same one, whatever this machine's core count.
             "workers": self.threads,
             "kink_tol": self.kink_tol if self.kink_tol is not None else 0.0,
+            # float32: TF32 or full products on a GPU; resume continues at the same one.
+            "matmul_precision": precision_of(self.dtype),
         }
 
     def checkpoint_arrays(self) -> dict:

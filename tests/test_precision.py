@@ -88,3 +88,43 @@ def test_a_chosen_precision_and_float64_are_left_alone():
         assert traj.success, traj.message
         in_dtype = {p for x, p in _TRACED if x == dtype}
         assert in_dtype == {expected}, (dtype, chosen, _TRACED)
+
+
+def test_a_resume_continues_at_the_checkpoints_precision(tmp_path, monkeypatch):
+    """The checkpoint of a float32 run records the precision it ran at, and `resume` /
+    `resume_run` continue at it whatever the resuming process has set: TF32 ("default")
+    stays TF32, and full precision stays full even inside `default_matmul_precision
+    ("default")`. A float64 run records none and is resumed as the process says. Spied on:
+    the precision in force when the resume calls `simulate` / `run` (the test above shows
+    that the setting in force is the one traced)."""
+    from marginflow.discrete import _resume as discrete_resume
+    from marginflow.discrete import resume_run
+    from marginflow.flows import _simulate as flows_simulate
+    from marginflow.flows import resume
+
+    seen = []
+
+    def spy(original):
+        def called(*args, **kwargs):
+            seen.append(jax.config.jax_default_matmul_precision)
+            return original(*args, **kwargs)
+        return called
+
+    monkeypatch.setattr(flows_simulate, "simulate", spy(flows_simulate.simulate))
+    monkeypatch.setattr(discrete_resume, "run", spy(discrete_resume.run))
+    model, data = ToyLeaky(key=jax.random.key(0)), toy_dataset(0)
+    with jax.default_matmul_precision("default"):
+        flow = simulate(GradientFlow(), model, data, 10.0, dtype=np.float32, rtol=1e-5,
+                        atol=1e-8, n_save=3, checkpoint=tmp_path / "flow")
+        tf32 = run(RMSProp(0.01, b=0.9, eps=1e-5), model, data, 20, dtype=np.float32,
+                   checkpoint=tmp_path / "tf32")
+    full = run(RMSProp(0.01, b=0.9, eps=1e-5), model, data, 20, dtype=np.float32,
+               checkpoint=tmp_path / "full")
+    f64 = run(RMSProp(0.01, b=0.9, eps=1e-5), model, data, 20, checkpoint=tmp_path / "f64")
+    assert seen == []  # the spies see resumes only
+    again = [resume(tmp_path / "flow"), resume_run(tmp_path / "tf32")]
+    with jax.default_matmul_precision("default"):
+        again += [resume_run(tmp_path / "full"), resume_run(tmp_path / "f64")]
+    assert seen == ["default", "default", "highest", "default"]
+    for first, second in zip([flow, tf32, full, f64], again, strict=True):
+        np.testing.assert_array_equal(second.w, first.w)
