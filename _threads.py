@@ -57,9 +57,11 @@ def usable_cores() -> int:
     return cores
 
 
-# JAX settings that context managers set per thread (jax.debug_nans(True) etc.).
+# JAX settings that context managers set per thread (jax.debug_nans(True) etc.). Not the
+# matmul precision: `map_chunks` makes each call under the caller's, and a float32 run (or
+# its resume) sets one, which must not cost the batch its chunking.
 _SCOPED = ("jax_debug_nans", "jax_debug_infs", "jax_default_device", "jax_disable_jit",
-           "jax_numpy_dtype_promotion", "jax_default_matmul_precision", "jax_enable_x64")
+           "jax_numpy_dtype_promotion", "jax_enable_x64")
 
 
 def _scoped_settings():

@@ -20,7 +20,7 @@ os.environ.setdefault("MARGINFLOW_CACHE_DIR", str(_FOLDER))
 # tests, which put the notebooks (8 tests, a fifth of the suite's time) near the end: one
 # run took 11:49 at 1.5 busy cores. So the files go out longest first (their measured
 # seconds on 2 cores, `--durations=0`), and the tail is made of short files.
-_SECONDS = {  # every file over 5 s; the shorter ones (0 here) make the tail
+_SECONDS = {  # every file of 5 s or more; the shorter ones (0 here) make the tail
     "test_notebooks.py": 138, "test_experiments.py": 86, "test_bank.py": 80,
     "test_momentum.py": 54, "test_kinks.py": 54, "test_sde_adaptive.py": 51,
     "test_long_horizon.py": 50, "test_discrete_run.py": 43, "test_sde.py": 32,

@@ -7,6 +7,8 @@ discrete run with its flow. The setting is read where the model is traced, so th
 check it on any platform: a model records the precision each time it is traced.
 """
 
+import os
+
 import equinox as eqx
 import jax
 import marginflow  # noqa: F401  (float64)
@@ -92,39 +94,51 @@ def test_a_chosen_precision_and_float64_are_left_alone():
 
 def test_a_resume_continues_at_the_checkpoints_precision(tmp_path, monkeypatch):
     """The checkpoint of a float32 run records the precision it ran at, and `resume` /
-    `resume_run` continue at it whatever the resuming process has set: TF32 ("default")
-    stays TF32, and full precision stays full even inside `default_matmul_precision
-    ("default")`. A float64 run records none and is resumed as the process says. Spied on:
-    the precision in force when the resume calls `simulate` / `run` (the test above shows
-    that the setting in force is the one traced)."""
+    `resume_run` continue at it whatever the resuming process has set: full precision
+    stays full inside `default_matmul_precision("default")`, and TF32 ("default") stays
+    TF32 outside it. A float64 run records none and is resumed as the process says. Spied
+    on: the precision in force when the resume calls `simulate` / `run` (the test above
+    shows that the setting in force is the one traced), and the flow's thread chunks: a
+    batch in 2 chunks, whose chunking the checkpoint records, once fell back to one call
+    under the resume's precision. Each run loses its last checkpoint file, as a kill would
+    leave it, so the resumes compute."""
     from marginflow.discrete import _resume as discrete_resume
     from marginflow.discrete import resume_run
+    from marginflow.flows import _plan as flows_plan
     from marginflow.flows import _simulate as flows_simulate
     from marginflow.flows import resume
 
-    seen = []
+    seen, chunks = [], []
 
-    def spy(original):
+    def spy(original, into, value):
         def called(*args, **kwargs):
-            seen.append(jax.config.jax_default_matmul_precision)
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
+            into.append(value(out))
+            return out
         return called
 
-    monkeypatch.setattr(flows_simulate, "simulate", spy(flows_simulate.simulate))
-    monkeypatch.setattr(discrete_resume, "run", spy(discrete_resume.run))
+    precision = lambda _: jax.config.jax_default_matmul_precision  # noqa: E731
+    monkeypatch.setattr(flows_simulate, "simulate", spy(flows_simulate.simulate, seen, precision))
+    monkeypatch.setattr(discrete_resume, "run", spy(discrete_resume.run, seen, precision))
+    monkeypatch.setattr(flows_plan, "n_workers", spy(flows_plan.n_workers, chunks, int))
     model, data = ToyLeaky(key=jax.random.key(0)), toy_dataset(0)
+    rule, files = RMSProp(0.01, b=0.9, eps=1e-5), dict(save_every=5, blocks_per_checkpoint=3)
+    flow = simulate(GradientFlow(), _batch(model), data, 10.0, dtype=np.float32, rtol=1e-5,
+                    atol=1e-8, n_save=3, batch=True, workers=2,
+                    checkpoint=tmp_path / "flow")  # 2 files: [0, 1] and [1, 10]
     with jax.default_matmul_precision("default"):
-        flow = simulate(GradientFlow(), model, data, 10.0, dtype=np.float32, rtol=1e-5,
-                        atol=1e-8, n_save=3, checkpoint=tmp_path / "flow")
-        tf32 = run(RMSProp(0.01, b=0.9, eps=1e-5), model, data, 20, dtype=np.float32,
-                   checkpoint=tmp_path / "tf32")
-    full = run(RMSProp(0.01, b=0.9, eps=1e-5), model, data, 20, dtype=np.float32,
-               checkpoint=tmp_path / "full")
-    f64 = run(RMSProp(0.01, b=0.9, eps=1e-5), model, data, 20, checkpoint=tmp_path / "f64")
+        tf32 = run(rule, model, data, 60, dtype=np.float32, checkpoint=tmp_path / "tf32",
+                   **files)  # 60 steps: 4 files of 3 saves
+    f64 = run(rule, model, data, 60, checkpoint=tmp_path / "f64", **files)
+    for name in ("flow", "tf32", "f64"):
+        names = sorted(f for f in os.listdir(tmp_path / name) if f.startswith("segment_"))
+        assert len(names) == (2 if name == "flow" else 4), names
+        os.remove(tmp_path / name / names[-1])
     assert seen == []  # the spies see resumes only
-    again = [resume(tmp_path / "flow"), resume_run(tmp_path / "tf32")]
     with jax.default_matmul_precision("default"):
-        again += [resume_run(tmp_path / "full"), resume_run(tmp_path / "f64")]
-    assert seen == ["default", "default", "highest", "default"]
-    for first, second in zip([flow, tf32, full, f64], again, strict=True):
+        again = [resume(tmp_path / "flow"), resume_run(tmp_path / "f64")]
+    again.insert(1, resume_run(tmp_path / "tf32"))
+    assert seen == ["highest", "default", "default"]
+    assert chunks == [2, 2]  # the run's and the resume's
+    for first, second in zip([flow, tf32, f64], again, strict=True):
         np.testing.assert_array_equal(second.w, first.w)

@@ -166,6 +166,10 @@ def test_thread_chunks_honour_thread_local_settings_and_scalars():
     assert n_workers(3, 10, "t") == 3 and n_workers(3, 2, "t") == 2
     with jax.debug_nans(True):
         assert n_workers(3, 10, "t") == 1
+    # The matmul precision is passed to the threads (map_chunks): a float32 run, which sets
+    # one, and its resume keep their chunking.
+    with jax.default_matmul_precision("highest"):
+        assert n_workers(3, 10, "t") == 3
     out = map_chunks(lambda a, s: (a * s, s + 0 * a), (np.arange(5.0), 3.0), 2)
     np.testing.assert_array_equal(out[0], 3.0 * np.arange(5.0))
     np.testing.assert_array_equal(out[1], np.full(5, 3.0))
