@@ -7,7 +7,7 @@ CNN on 1,000 digits was off by 4.6e-3 relative to float64 at the default and by 
 (the step-size controller would chase TF32's rounding), and a discrete run that wrong cannot
 be compared with a flow. float64 is never rounded to TF32, and on a CPU the setting changes
 nothing. A checkpoint records the precision of a float32 run (`precision_of`), and a resume
-continues at it (`resumed_at`), whatever the resuming process has set.
+continues at it (`at_precision`), whatever the resuming process has set.
 """
 
 from __future__ import annotations
@@ -23,22 +23,21 @@ def matmul_precision(dtype):
     float32 unless the user set one (`jax.default_matmul_precision(...)` or the
     `jax_default_matmul_precision` setting; "default" or "tensorfloat32" keeps TF32),
     else no change."""
-    if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
-        return jax.default_matmul_precision("highest")
-    return contextlib.nullcontext()
+    return at_precision(precision_of(dtype))
 
 
 def precision_of(dtype) -> str | None:
-    """The matmul precision a run of `dtype` computes at, as `matmul_precision` decides it:
+    """The matmul precision a run of `dtype` computes at (`matmul_precision` enters it):
     None for float64 (never rounded), else the user's setting or "highest"."""
     if jnp.dtype(dtype) != jnp.float32:
         return None
     return str(jax.config.jax_default_matmul_precision or "highest")
 
 
-def resumed_at(precision: str | None):
-    """The context a resumed run is traced in: the precision its checkpoint recorded (None:
-    a float64 run, or a folder written before precisions were recorded: as a new run)."""
+def at_precision(precision: str | None):
+    """The context that traces at `precision` (None: no change). A resumed run is traced
+    at the precision its checkpoint recorded (None: a float64 run, or a folder written
+    before precisions were recorded: as a new run)."""
     if precision is None:
         return contextlib.nullcontext()
     return jax.default_matmul_precision(precision)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checkpoint as ckpt
-from .._precision import resumed_at
+from .._precision import at_precision
 from .._trajectory import Trajectory
 from ._run import _fresh, _run_compiled, run
 
@@ -110,7 +110,7 @@ def _resume_run(folder, throw: bool) -> Trajectory:
     else:
         model = unflatten(skeleton, w0)
     dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
-    with resumed_at(header.get("matmul_precision")):  # float32: the run's own precision
+    with at_precision(header.get("matmul_precision")):  # float32: the run's own precision
         return run(optimizer, model, Dataset(arrays["X"], arrays["y"]), header["steps"],
                    loss=header["loss"], save_every=header["save_every"],
                    batch=header["batch"], throw=throw, dtype=dtype, checkpoint=folder,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checkpoint as ckpt
-from .._precision import matmul_precision, resumed_at
+from .._precision import at_precision, matmul_precision
 from .._trajectory import Trajectory, raise_if_failed
 from ._engine import Engine, Outcome
 from ._flow import AbstractFlow
@@ -326,7 +326,7 @@ def _resume(folder, progress, throw: bool) -> Trajectory:
     else:
         model = unflatten(skeleton, jnp.asarray(arrays["w0"]))
     dtype = jnp.float64 if header["dtype"] == "float64" else jnp.float32
-    with resumed_at(header.get("matmul_precision")):  # float32: the run's own precision
+    with at_precision(header.get("matmul_precision")):  # float32: the run's own precision
         return simulate(
             flow, model, data, header["t1"], loss=header["loss"], t0=header["t0"],
             ts=arrays["save_ts"], rtol=header["rtol"], atol=header["atol"],

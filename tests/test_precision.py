@@ -136,9 +136,9 @@ def test_a_resume_continues_at_the_checkpoints_precision(tmp_path, monkeypatch):
         os.remove(tmp_path / name / names[-1])
     assert seen == []  # the spies see resumes only
     with jax.default_matmul_precision("default"):
-        again = [resume(tmp_path / "flow"), resume_run(tmp_path / "f64")]
-    again.insert(1, resume_run(tmp_path / "tf32"))
-    assert seen == ["highest", "default", "default"]
+        flow_again, f64_again = resume(tmp_path / "flow"), resume_run(tmp_path / "f64")
+    tf32_again = resume_run(tmp_path / "tf32")
+    assert seen == ["highest", "default", "default"]  # flow, f64, tf32
     assert chunks == [2, 2]  # the run's and the resume's
-    for first, second in zip([flow, tf32, f64], again, strict=True):
-        np.testing.assert_array_equal(second.w, first.w)
+    for first, again in ((flow, flow_again), (tf32, tf32_again), (f64, f64_again)):
+        np.testing.assert_array_equal(again.w, first.w)
