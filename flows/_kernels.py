@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .. import _xla_option_ours
+from .._xla import EMITTERS, option_ours
 from ._export import StoredProgram
 from ._fields import (
     _decay_over,
@@ -150,27 +150,30 @@ _segment_counted = eqx.debug.assert_max_traces(_segment_traced, max_traces=None)
 # A warm process loads the traced segment instead of tracing it (`_export`).
 _segment = StoredProgram("segment", _segment_counted)
 
-# XLA's CPU backend has two code generators for fused loops: its fusion emitters (the
-# default) and the classic loop emitters. The segment is a few hundred small kernels, which
-# the classic emitters compile 15-30% faster; the results are the same bit for bit, but on
-# large arrays their kernels run slower. `benchmarks/emitters.py` (docs/performance.md,
-# "Which code generator"), RMSProp flow, classic / default, two recordings: the toy (p n =
-# 300) compiles in 0.68-0.73x the time, its run (0.05-0.1 s) no slower; MLP(5, 16, 2) on 100
-# points (9.6e3) 0.75-0.81x, run 0.85-1.09x; MLP(20, 64, 2) on 200 points (2.7e5) 0.81-0.86x
-# but runs 1.14-1.36x; MLP(20, 256, 2) on 400 points (2.2e6) 0.82-0.86x, runs 1.26-1.30x.
-# So problems where compiling is the whole wait get the classic emitters: p n (times the
-# batch) <= CLASSIC_EMITTERS_MAX_WORK.
+# XLA's CPU backend has two code generators for fused loops: its fusion emitters (XLA's
+# default) and the classic loop emitters (the process default marginflow sets, `_xla`). The
+# segment is a few hundred small kernels, which the classic emitters compile 15-30% faster;
+# the results are the same bit for bit, but on large arrays their kernels run slower.
+# `benchmarks/emitters.py` (docs/performance.md, "Which code generator"), RMSProp flow,
+# classic / fusion, two recordings: the toy (p n = 300) compiles in 0.68-0.73x the time, its
+# run (0.05-0.1 s) no slower; MLP(5, 16, 2) on 100 points (9.6e3) 0.75-0.81x, run
+# 0.85-1.09x; MLP(20, 64, 2) on 200 points (2.7e5) 0.81-0.86x but runs 1.14-1.36x;
+# MLP(20, 256, 2) on 400 points (2.2e6) 0.82-0.86x, runs 1.26-1.30x. So problems where
+# compiling is the whole wait get the classic emitters, p n (times the batch) <=
+# CLASSIC_EMITTERS_MAX_WORK, and larger ones the fusion emitters, each named explicitly so
+# that the choice does not depend on the process default.
 CLASSIC_EMITTERS_MAX_WORK = 100_000
-_CLASSIC = {"xla_cpu_use_fusion_emitters": False}
-_segment_classic = StoredProgram("segment", _segment_counted, compiler_options=_CLASSIC)
+_segment_classic = StoredProgram("segment", _segment_counted, compiler_options={EMITTERS: False})
+_segment_fusion = StoredProgram("segment", _segment_counted, compiler_options={EMITTERS: True})
 
 
 def segment_program(objective, w0, platform: str):
-    """`_segment`, or its twin compiled with XLA's classic CPU loop emitters when the
-    problem is small (see CLASSIC_EMITTERS_MAX_WORK), on CPU, unless the choice is not
-    marginflow's (`_xla_option_ours`: XLA_FLAGS names the option, MARGINFLOW_XLA_DEFAULTS=0,
-    or a jaxlib it was not measured with)."""
-    if platform != "cpu" or not _xla_option_ours("xla_cpu_use_fusion_emitters"):
+    """The segment compiled with XLA's classic CPU loop emitters when the problem is small
+    (see CLASSIC_EMITTERS_MAX_WORK) and with its fusion emitters otherwise, on CPU; the
+    plain `_segment` elsewhere, or where the choice is not marginflow's (`_xla.option_ours`:
+    XLA_FLAGS names the option, MARGINFLOW_XLA_DEFAULTS=0, or a jaxlib it was not measured
+    with)."""
+    if platform != "cpu" or not option_ours(EMITTERS):
         return _segment
     work = w0.size * objective.data.X.shape[0]  # p n, times the batch when w0 is (B, p)
-    return _segment_classic if work <= CLASSIC_EMITTERS_MAX_WORK else _segment
+    return _segment_classic if work <= CLASSIC_EMITTERS_MAX_WORK else _segment_fusion

@@ -82,6 +82,7 @@ import numpy as np
 from .._checks import check_int, require_x64
 from .._precision import matmul_precision
 from .._trajectory import Trajectory
+from .._xla import FusionPinned
 from ..models._objective import Objective
 from . import _sampling
 from ._flow import AbstractFlow, GradientFlow
@@ -202,7 +203,7 @@ def _paths_traced(objective, scale, w0, grid, n, index, log_time, key, tree: boo
 # Trace counters (eqx.debug.get_num_traces): the tests check that a new eta, T or set of
 # save times does not retrace the paths.
 _paths_counted = eqx.debug.assert_max_traces(_paths_traced, max_traces=None)
-_paths = eqx.filter_jit(_paths_counted)
+_paths = FusionPinned(_paths_counted)  # `_xla`: long runs, on large batches of paths
 
 
 class _Sampling(eqx.Module):
@@ -341,7 +342,7 @@ def _adaptive_paths_traced(flow, objective, sampling, w0, m0, grid, n, index, ke
 
 
 _adaptive_paths_counted = eqx.debug.assert_max_traces(_adaptive_paths_traced, max_traces=None)
-_adaptive_paths = eqx.filter_jit(_adaptive_paths_counted)
+_adaptive_paths = FusionPinned(_adaptive_paths_counted)  # the classic emitters compile it 3x longer
 
 
 def _grid(lo: float, hi: float, step: float, saves: np.ndarray):

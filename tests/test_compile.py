@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import marginflow  # noqa: F401
 import numpy as np
+import pytest
 from marginflow.flows import RMSPropFlow, simulate
 from marginflow.flows._kernels import _segment_counted
 from marginflow.flows._plan import save_slots
@@ -173,10 +174,10 @@ def test_small_problems_compile_with_the_classic_emitters_bit_for_bit(monkeypatc
     assert _kernels.segment_program(toy, w_toy, "gpu") is _kernels._segment
     big = Objective(MLP(20, 64, 2, key=jax.random.PRNGKey(0)), separable_gaussians(200, 20))
     assert big.w0().size * 200 > _kernels.CLASSIC_EMITTERS_MAX_WORK
-    assert _kernels.segment_program(big, big.w0(), "cpu") is _kernels._segment
+    assert _kernels.segment_program(big, big.w0(), "cpu") is _kernels._segment_fusion
     # a batch counts each member's work
     batch = np.zeros((_kernels.CLASSIC_EMITTERS_MAX_WORK // (w_toy.size * 100) + 1, w_toy.size))
-    assert _kernels.segment_program(toy, batch, "cpu") is _kernels._segment
+    assert _kernels.segment_program(toy, batch, "cpu") is _kernels._segment_fusion
     with monkeypatch.context() as m:
         m.setenv("MARGINFLOW_XLA_DEFAULTS", "0")
         assert _kernels.segment_program(toy, w_toy, "cpu") is _kernels._segment
@@ -184,14 +185,60 @@ def test_small_problems_compile_with_the_classic_emitters_bit_for_bit(monkeypatc
     flow, model, data = RMSPropFlow(eps=1e-5, b=0.9), ToyLeaky(key=jax.random.PRNGKey(5)), \
         toy_dataset(seed=0)
     classic = simulate(flow, model, data, t1=1e4, n_save=11)
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")
-                       + " --xla_cpu_use_fusion_emitters=true")
-    assert _kernels.segment_program(toy, w_toy, "cpu") is _kernels._segment
-    default = simulate(flow, model, data, t1=1e4, n_save=11)
-    assert classic.success and default.success
-    assert classic.stats["num_steps"] == default.stats["num_steps"]
+    monkeypatch.setattr(_kernels, "CLASSIC_EMITTERS_MAX_WORK", 0)  # the toy counts as large
+    assert _kernels.segment_program(toy, w_toy, "cpu") is _kernels._segment_fusion
+    fusion = simulate(flow, model, data, t1=1e4, n_save=11)
+    assert classic.success and fusion.success
+    assert classic.stats["num_steps"] == fusion.stats["num_steps"]
     for name in ("w", "m", "I", "log_loss"):
-        np.testing.assert_array_equal(getattr(classic, name), getattr(default, name))
+        np.testing.assert_array_equal(getattr(classic, name), getattr(fusion, name))
+
+
+_BOTH = """
+import hashlib, json, jax, numpy as np, marginflow
+from marginflow.discrete import RMSProp, run
+from marginflow.flows import RMSPropFlow, simulate
+from marginflow.models import ToyLeaky, toy_dataset
+model, data = ToyLeaky(key=jax.random.PRNGKey(5)), toy_dataset(seed=0)
+flow = simulate(RMSPropFlow(eps=1e-5, b=0.9), model, data, t1=1e4, n_save=11)
+steps = run(RMSProp(0.05, eps=1e-5, b=0.9), model, data, 300, save_every=30)
+print(json.dumps({k: hashlib.sha256(np.asarray(a).tobytes()).hexdigest() for k, a in
+                  (("flow", flow.w), ("flow_I", flow.I), ("run", steps.w))}))
+"""
+
+
+def test_results_do_not_depend_on_the_process_default_code_generator():
+    """marginflow makes XLA's classic emitters the process default (`_xla`), for the small
+    programs; a flow's programs give the same bits under either default, and a discrete
+    run pins the fusion emitters, so both equal a process that keeps XLA's own defaults
+    (MARGINFLOW_XLA_DEFAULTS=0, no flag inherited)."""
+    from marginflow import _xla
+
+    if "--xla_cpu_use_fusion_emitters=false" not in os.environ.get("XLA_FLAGS", "").split():
+        pytest.skip("this process does not run with marginflow's XLA defaults")
+    namespace = {}
+    exec(compile(_BOTH.replace("print(", "result = ("), "<both>", "exec"), namespace)
+    here = namespace["result"]
+    plain = _run(_BOTH, MARGINFLOW_XLA_DEFAULTS="0", MARGINFLOW_XLA_ADDED="",
+                 XLA_FLAGS=" ".join(_xla.user_flags()))
+    assert json.loads(here) == plain
+
+
+def test_fusion_pinned_programs_follow_the_choice(monkeypatch):
+    """`FusionPinned` compiles with the fusion emitters where the choice is marginflow's
+    and hands the plain program back where it is the user's."""
+    from marginflow import _xla
+
+    pinned = _xla.FusionPinned(lambda x: x + 1)
+    assert int(pinned(1)) == 2
+    calls = []
+    monkeypatch.setattr(_xla, "option_ours", lambda option: True)
+    monkeypatch.setattr(pinned, "fusion", lambda *a: calls.append("fusion"))
+    monkeypatch.setattr(pinned, "default", lambda *a: calls.append("default"))
+    pinned(1)
+    monkeypatch.setattr(_xla, "option_ours", lambda option: False)
+    pinned(1)
+    assert calls == ["fusion", "default"]
 
 
 def test_a_stored_segment_runs_bit_for_bit_like_a_traced_one(monkeypatch, tmp_path):
@@ -204,7 +251,8 @@ def test_a_stored_segment_runs_bit_for_bit_like_a_traced_one(monkeypatch, tmp_pa
                         lambda: os.path.join(str(tmp_path), "marginflow-export"))
 
     def fresh():
-        for program in (_kernels._segment, _kernels._segment_classic):
+        for program in (_kernels._segment, _kernels._segment_classic,
+                        _kernels._segment_fusion):
             program._loaded.clear()
 
     flow, model, data = (RMSPropFlow(eps=1e-5, b=0.9), ToyLeaky(key=jax.random.PRNGKey(6)),

@@ -105,35 +105,46 @@ def test_shard_needs_batch():
 
 
 def _flags_after_import(env_extra):
+    """XLA_FLAGS in a fresh process after `import marginflow`, and whether the code
+    generator is still marginflow's choice there (`_xla.option_ours`)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "MARGINFLOW_XLA_DEFAULTS")}
+           if k not in ("XLA_FLAGS", "MARGINFLOW_XLA_DEFAULTS", "MARGINFLOW_XLA_ADDED")}
     env.update(env_extra)
-    code = "import os, marginflow; print(os.environ.get('XLA_FLAGS', ''))"
+    code = ("import os, marginflow, marginflow._xla as x\n"
+            "print(os.environ.get('XLA_FLAGS', '')); print(x.option_ours(x.EMITTERS))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)
-    return out.stdout.strip()
+    flags, ours = out.stdout.split("\n")[:2]
+    return flags.strip(), ours == "True"
 
 
-def test_import_asks_for_512_bit_vectors_only_on_avx512_and_only_if_not_set():
+def test_import_sets_marginflows_xla_defaults_only_where_they_are_its_to_set():
     """marginflow's import adds --xla_cpu_prefer_vector_width=512 iff the CPU has AVX-512
-    (read here from /proc/cpuinfo independently), and never overrides a user's choice."""
+    (read here from /proc/cpuinfo independently) and the classic emitters, never overrides
+    a user's choice, and a subprocess that inherits the flags it added still counts them as
+    marginflow's (so its programs pin their emitters as the parent's do)."""
     try:
         with open("/proc/cpuinfo") as f:
             avx512 = any(line.startswith("flags") and "avx512f" in line.split() for line in f)
     except OSError:
         avx512 = False
-    flag = "--xla_cpu_prefer_vector_width=512"
-    assert (flag in _flags_after_import({})) == avx512
-    assert _flags_after_import({"MARGINFLOW_XLA_DEFAULTS": "0"}) == ""
+    vector, classic = "--xla_cpu_prefer_vector_width=512", "--xla_cpu_use_fusion_emitters=false"
+    ours = f"{vector} {classic}" if avx512 else classic
+    assert _flags_after_import({}) == (ours, True)
+    assert _flags_after_import({"MARGINFLOW_XLA_DEFAULTS": "0"}) == ("", False)
     mine = "--xla_cpu_prefer_vector_width=256"
-    assert _flags_after_import({"XLA_FLAGS": mine}) == mine
+    assert _flags_after_import({"XLA_FLAGS": mine}) == (f"{mine} {classic}", True)
     other = "--xla_cpu_enable_fast_math=false"
-    assert _flags_after_import({"XLA_FLAGS": other}) == (
-        f"{other} {flag}" if avx512 else other)
+    assert _flags_after_import({"XLA_FLAGS": other}) == (f"{other} {ours}", True)
+    fusion = "--xla_cpu_use_fusion_emitters=true"  # the user's choice: left, and not pinned
+    assert _flags_after_import({"XLA_FLAGS": fusion}) == (
+        f"{fusion} {vector}" if avx512 else fusion, False)
+    inherited = {"XLA_FLAGS": ours, "MARGINFLOW_XLA_ADDED": ours}
+    assert _flags_after_import(inherited) == (ours, True)  # not added twice, still ours
 
 
 def test_batch_in_threads_matches_one_call():
