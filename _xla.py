@@ -9,25 +9,27 @@ starts (XLA reads XLA_FLAGS once, then):
 - `--xla_cpu_use_fusion_emitters=false`: XLA's classic loop emitters instead of its fusion
   emitters. Most of the programs a session compiles are small (a model's random
   initialisation, an eager operation, the first step of a flow), and the classic emitters
-  compile those 30-50% faster; a flow's results are the same bit for bit. The test suite
-  took 469 s instead of 546-557 s with them (docs/performance.md, "Which code generator").
-  The programs whose run time can outweigh their compilation choose for themselves
-  (`FusionPinned`, and `flows/_kernels.segment_program` by problem size), so a large run
-  keeps the faster kernels and a discrete run its results bit for bit, whatever the
-  process default.
+  compile those in 0.5-0.75x the time; a flow's results are the same bit for bit. The test
+  suite took 425.6 s instead of 546.4 s of pytest with them (docs/performance.md, "Which
+  code generator"). The programs whose run time can outweigh their compilation choose for
+  themselves (`FusionPinned`, and `flows/_kernels.segment_program` by problem size), so a
+  large run keeps the faster kernels and a discrete run its results bit for bit, whatever
+  the process default.
 
 The flags are added to os.environ["XLA_FLAGS"], so subprocesses inherit them, and listed in
 MARGINFLOW_XLA_ADDED, so that a subprocess still counts them as marginflow's choice. A
 choice is yours, and nothing is changed or pinned for it, if XLA_FLAGS names the option
-(beyond what marginflow added), with MARGINFLOW_XLA_DEFAULTS=0, or with a jaxlib outside
-the versions the choices were verified with (0.10.x from 0.10.2: XLA aborts on a flag it
-does not know). A computation before `import marginflow` leaves XLA_FLAGS alone (too late:
-the backend has read it), and the pinned programs then compile as they would anyway.
+(beyond what marginflow added), with MARGINFLOW_XLA_DEFAULTS=0 (which also takes back, in
+a subprocess, the flags its parent added), or with a jaxlib outside the versions the
+choices were verified with (0.10.x from 0.10.2: XLA aborts on a flag it does not know). A
+computation before `import marginflow` leaves XLA_FLAGS alone (too late: the backend has
+read it), and the pinned programs then compile as they would anyway.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 EMITTERS = "xla_cpu_use_fusion_emitters"
 _ADDED = "MARGINFLOW_XLA_ADDED"
@@ -44,16 +46,26 @@ def has_avx512() -> bool:
     return False
 
 
+def _declined() -> bool:
+    return os.environ.get("MARGINFLOW_XLA_DEFAULTS", "1") == "0"
+
+
 def user_flags() -> list[str]:
-    """XLA_FLAGS without the flags marginflow added (those listed in MARGINFLOW_XLA_ADDED)."""
-    added = set(os.environ.get(_ADDED, "").split())
-    return [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in added]
+    """XLA_FLAGS without the flags marginflow added (MARGINFLOW_XLA_ADDED lists them, once
+    each: a second copy of one, as a subprocess may append to what it inherited, is yours)."""
+    added = Counter(os.environ.get(_ADDED, "").split())
+    kept = []
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if added[flag]:
+            added[flag] -= 1
+        else:
+            kept.append(flag)
+    return kept
 
 
 def option_ours(option: str) -> bool:
     """Whether marginflow may choose the XLA option `option` (module docstring)."""
-    if (os.environ.get("MARGINFLOW_XLA_DEFAULTS", "1") == "0"
-            or any(option in flag for flag in user_flags())):
+    if _declined() or any(option in flag for flag in user_flags()):
         return False
     import jaxlib
 
@@ -69,6 +81,11 @@ def apply_defaults() -> None:
     from jax._src import xla_bridge
 
     if getattr(xla_bridge, "_backends", None):  # too late: the flags were read already
+        return
+    if _declined():  # also in a subprocess of a process that added them
+        if os.environ.get(_ADDED):
+            os.environ["XLA_FLAGS"] = " ".join(user_flags())
+            del os.environ[_ADDED]
         return
     wanted = []
     if option_ours("prefer_vector_width") and has_avx512():
@@ -86,7 +103,8 @@ def apply_defaults() -> None:
 class FusionPinned:
     """`eqx.filter_jit(fn)` compiled with XLA's fusion emitters where the emitters are
     marginflow's choice (`option_ours`), whatever the process default: for the programs
-    whose run time can outweigh their compilation (a discrete run, the SDE paths), whose
+    whose run time can outweigh their compilation (a discrete run, the SDE's paths and
+    exact minibatch steps), whose
     kernels the classic emitters would make slower on large arrays, and whose results
     would change in the last bits (a discrete run's do). Where the choice is yours, it is
     the plain `eqx.filter_jit(fn)`."""
@@ -98,4 +116,7 @@ class FusionPinned:
         self.fusion = eqx.filter_jit(fn, compiler_options={EMITTERS: True})
 
     def __call__(self, *args, **kwargs):
-        return (self.fusion if option_ours(EMITTERS) else self.default)(*args, **kwargs)
+        import jax
+
+        pinned = option_ours(EMITTERS) and jax.default_backend() == "cpu"
+        return (self.fusion if pinned else self.default)(*args, **kwargs)

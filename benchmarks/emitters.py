@@ -1,12 +1,13 @@
 """XLA's two CPU code generators for the segment program: compile time and run time.
 
 `simulate` compiles the segment of small problems (p n <= CLASSIC_EMITTERS_MAX_WORK, see
-flows/_kernels.py) with XLA's classic loop emitters and larger ones with XLA's default
-fusion emitters. This script measures both on a ladder of problem sizes: each job runs in a
+flows/_kernels.py) with XLA's classic loop emitters and larger ones with the fusion
+emitters (XLA's default; marginflow's import makes the classic ones the process default,
+marginflow/_xla.py). This script measures both on a ladder of problem sizes: each job runs in a
 fresh process with an empty compilation cache, once (first call: compile time from
 `Trajectory.meta["compile_time_s"]`) and again (the compiled run), with XLA_FLAGS choosing
 the code generator for every program of the process (`--xla_cpu_use_fusion_emitters=false`
-or `=true`; `simulate` itself applies the choice to the segment only). The two
+or `=true`, which hands the segment's choice to XLA_FLAGS too). The two
 alternate, so the machine's drift falls on both; medians of the repeats are printed, with
 the ratio classic / default, and whether the final states agree bit for bit.
 Run: python benchmarks/emitters.py [--repeats 3] [--record]
@@ -89,7 +90,7 @@ def main() -> None:
                 f"({med[True]['compile'] / med[False]['compile']:.2f}x)")
         run = (f"{med[True]['run']:.3f} / {med[False]['run']:.3f} s "
                f"({med[True]['run'] / med[False]['run']:.2f}x)")
-        picks = "classic" if work_pn <= CLASSIC_EMITTERS_MAX_WORK else "default"
+        picks = "classic" if work_pn <= CLASSIC_EMITTERS_MAX_WORK else "fusion"
         print(f"{name:<10} {work_pn:>9.1e} {comp:>26} {run:>26} {str(same):>9}  {picks}")
         rows.append([name, f"{work_pn:.1e}", comp, run, "yes" if same else "no", picks])
     if args.record:

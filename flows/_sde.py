@@ -282,8 +282,7 @@ def _adaptive_diffusion(t, y, args):
     return lx.FunctionLinearOperator(apply, tuple(shapes))
 
 
-@eqx.filter_jit
-def _exact_steps(flow, objective, sampling, eta, batch: int, w0, m0, key, steps: int):
+def _exact_steps_traced(flow, objective, sampling, eta, batch: int, w0, m0, key, steps: int):
     """The first `steps` minibatch steps themselves, in flow variables, per path: a batch
     S of B drawn afresh, g_B = sum_{i in S} grad l_i, then m += eta phi(t_k, m, g_B) and
     w -= eta h(m) direction(m, g_B): the run of matching_optimizer(flow, eta), Adam's
@@ -317,6 +316,10 @@ def _exact_steps(flow, objective, sampling, eta, batch: int, w0, m0, key, steps:
         return tuple(jnp.concatenate([a[None], b]) for a, b in ((w, ws), (m, ms), (h0, hs)))
 
     return jax.vmap(one)(w0, m0, jax.random.split(key, w0.shape[0]))
+
+
+# A minibatch run, as `discrete.run` is: its last bits follow the code generator (`_xla`).
+_exact_steps = FusionPinned(_exact_steps_traced)
 
 
 def _adaptive_paths_traced(flow, objective, sampling, w0, m0, grid, n, index, key,

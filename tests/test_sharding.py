@@ -122,11 +122,31 @@ def _flags_after_import(env_extra):
     return flags.strip(), ours == "True"
 
 
-def test_import_sets_marginflows_xla_defaults_only_where_they_are_its_to_set():
+def _flags_applied(monkeypatch, env_extra):
+    """What `_xla.apply_defaults` (the import's step) makes of an environment, run here as
+    if JAX's backend had not started (this process's backend has read its flags already,
+    so nothing here changes it; monkeypatch restores the environment)."""
+    import os
+
+    from jax._src import xla_bridge
+    from marginflow import _xla
+
+    with monkeypatch.context() as m:
+        for name in ("XLA_FLAGS", "MARGINFLOW_XLA_DEFAULTS", "MARGINFLOW_XLA_ADDED"):
+            m.delenv(name, raising=False)
+        for name, value in env_extra.items():
+            m.setenv(name, value)
+        m.setattr(xla_bridge, "_backends", {})
+        _xla.apply_defaults()
+        return os.environ.get("XLA_FLAGS", ""), _xla.option_ours(_xla.EMITTERS)
+
+
+def test_import_sets_marginflows_xla_defaults_only_where_they_are_its_to_set(monkeypatch):
     """marginflow's import adds --xla_cpu_prefer_vector_width=512 iff the CPU has AVX-512
     (read here from /proc/cpuinfo independently) and the classic emitters, never overrides
     a user's choice, and a subprocess that inherits the flags it added still counts them as
-    marginflow's (so its programs pin their emitters as the parent's do)."""
+    marginflow's (so its programs pin their emitters as the parent's do). The import itself
+    in a fresh process, the other cases on the function it calls."""
     try:
         with open("/proc/cpuinfo") as f:
             avx512 = any(line.startswith("flags") and "avx512f" in line.split() for line in f)
@@ -135,16 +155,25 @@ def test_import_sets_marginflows_xla_defaults_only_where_they_are_its_to_set():
     vector, classic = "--xla_cpu_prefer_vector_width=512", "--xla_cpu_use_fusion_emitters=false"
     ours = f"{vector} {classic}" if avx512 else classic
     assert _flags_after_import({}) == (ours, True)
-    assert _flags_after_import({"MARGINFLOW_XLA_DEFAULTS": "0"}) == ("", False)
+
+    def applied(**env):
+        return _flags_applied(monkeypatch, env)
+
+    assert applied() == (ours, True)
+    assert applied(MARGINFLOW_XLA_DEFAULTS="0") == ("", False)
     mine = "--xla_cpu_prefer_vector_width=256"
-    assert _flags_after_import({"XLA_FLAGS": mine}) == (f"{mine} {classic}", True)
+    assert applied(XLA_FLAGS=mine) == (f"{mine} {classic}", True)
     other = "--xla_cpu_enable_fast_math=false"
-    assert _flags_after_import({"XLA_FLAGS": other}) == (f"{other} {ours}", True)
+    assert applied(XLA_FLAGS=other) == (f"{other} {ours}", True)
     fusion = "--xla_cpu_use_fusion_emitters=true"  # the user's choice: left, and not pinned
-    assert _flags_after_import({"XLA_FLAGS": fusion}) == (
-        f"{fusion} {vector}" if avx512 else fusion, False)
+    assert applied(XLA_FLAGS=fusion) == (f"{fusion} {vector}" if avx512 else fusion, False)
     inherited = {"XLA_FLAGS": ours, "MARGINFLOW_XLA_ADDED": ours}
-    assert _flags_after_import(inherited) == (ours, True)  # not added twice, still ours
+    assert applied(**inherited) == (ours, True)  # not added twice, still ours
+    # declined in a subprocess: the flags its parent added are taken back
+    assert applied(**inherited, MARGINFLOW_XLA_DEFAULTS="0") == ("", False)
+    # a second copy, appended to what was inherited, is the user's choice
+    assert applied(**{**inherited, "XLA_FLAGS": f"{ours} {classic}"}) == (f"{ours} {classic}",
+                                                                         False)
 
 
 def test_batch_in_threads_matches_one_call():
