@@ -15,8 +15,8 @@ with a message saying how to turn float64 on, instead of computing in float32.
 Importing marginflow before JAX's first computation also sets two XLA options for the
 process (`_xla.py`, docs/errors.md): 512-bit vectors on a CPU with AVX-512, and XLA's
 classic CPU loop emitters, which compile the many small programs of a session in
-0.5-0.75x the time. Neither is set where XLA_FLAGS names the option, where JAX's backend is already
-running, with a jaxlib outside the versions they were verified with, or with
+0.5-0.75x the time. Neither is set where XLA_FLAGS names the option, where JAX's backend
+is already running, with a jaxlib outside the versions they were verified with, or with
 MARGINFLOW_XLA_DEFAULTS=0 in the environment.
 """
 

@@ -28,6 +28,7 @@ read it), and the pinned programs then compile as they would anyway.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 
@@ -63,10 +64,9 @@ def user_flags() -> list[str]:
     return kept
 
 
-def option_ours(option: str) -> bool:
-    """Whether marginflow may choose the XLA option `option` (module docstring)."""
-    if _declined() or any(option in flag for flag in user_flags()):
-        return False
+@functools.cache
+def _verified_jaxlib() -> bool:
+    """Whether this jaxlib is one the choices were measured with (0.10.x from 0.10.2)."""
     import jaxlib
 
     try:
@@ -74,6 +74,19 @@ def option_ours(option: str) -> bool:
     except ValueError:
         return False
     return (0, 10, 2) <= version < (0, 11, 0)
+
+
+def option_ours(option: str) -> bool:
+    """Whether marginflow may choose the XLA option `option` (module docstring)."""
+    if _declined() or any(option in flag for flag in user_flags()):
+        return False
+    return _verified_jaxlib()
+
+
+def emitters_ours(platform: str) -> bool:
+    """Whether marginflow names the code generator of its programs on `platform`: on the
+    CPU, where the emitters option is its choice (`option_ours`)."""
+    return platform == "cpu" and option_ours(EMITTERS)
 
 
 def apply_defaults() -> None:
@@ -102,12 +115,11 @@ def apply_defaults() -> None:
 
 class FusionPinned:
     """`eqx.filter_jit(fn)` compiled with XLA's fusion emitters where the emitters are
-    marginflow's choice (`option_ours`), whatever the process default: for the programs
+    marginflow's choice (`emitters_ours`), whatever the process default: for the programs
     whose run time can outweigh their compilation (a discrete run, the SDE's paths and
-    exact minibatch steps), whose
-    kernels the classic emitters would make slower on large arrays, and whose results
-    would change in the last bits (a discrete run's do). Where the choice is yours, it is
-    the plain `eqx.filter_jit(fn)`."""
+    exact minibatch steps), whose kernels the classic emitters would make slower on large
+    arrays, and whose results would change in the last bits (a discrete run's do). Where
+    the choice is yours, it is the plain `eqx.filter_jit(fn)`."""
 
     def __init__(self, fn):
         import equinox as eqx
@@ -118,5 +130,5 @@ class FusionPinned:
     def __call__(self, *args, **kwargs):
         import jax
 
-        pinned = option_ours(EMITTERS) and jax.default_backend() == "cpu"
+        pinned = emitters_ours(jax.default_backend())
         return (self.fusion if pinned else self.default)(*args, **kwargs)

@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._xla import EMITTERS, option_ours
+from .._xla import EMITTERS, emitters_ours
 from ._export import StoredProgram
 from ._fields import (
     _decay_over,
@@ -170,10 +170,10 @@ _segment_fusion = StoredProgram("segment", _segment_counted, compiler_options={E
 def segment_program(objective, w0, platform: str):
     """The segment compiled with XLA's classic CPU loop emitters when the problem is small
     (see CLASSIC_EMITTERS_MAX_WORK) and with its fusion emitters otherwise, on CPU; the
-    plain `_segment` elsewhere, or where the choice is not marginflow's (`_xla.option_ours`:
-    XLA_FLAGS names the option, MARGINFLOW_XLA_DEFAULTS=0, or a jaxlib it was not measured
-    with)."""
-    if platform != "cpu" or not option_ours(EMITTERS):
+    plain `_segment` elsewhere, or where the choice is not marginflow's
+    (`_xla.emitters_ours`: XLA_FLAGS names the option, MARGINFLOW_XLA_DEFAULTS=0, or a
+    jaxlib it was not measured with)."""
+    if not emitters_ours(platform):
         return _segment
     work = w0.size * objective.data.X.shape[0]  # p n, times the batch when w0 is (B, p)
     return _segment_classic if work <= CLASSIC_EMITTERS_MAX_WORK else _segment_fusion
