@@ -10,7 +10,7 @@ starts (XLA reads XLA_FLAGS once, then):
   emitters. Most of the programs a session compiles are small (a model's random
   initialisation, an eager operation, the first step of a flow), and the classic emitters
   compile those in 0.5-0.75x the time; a flow's results are the same bit for bit. The test
-  suite took 410-426 s instead of 546 s of pytest with them (docs/performance.md, "Which
+  suite took 410-455 s instead of 546 s of pytest with them (docs/performance.md, "Which
   code generator"). The programs whose run time can outweigh their compilation choose for
   themselves (`FusionPinned`, and `flows/_kernels.segment_program` by problem size), so a
   large run keeps the faster kernels and a discrete run its results bit for bit, whatever
