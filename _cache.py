@@ -95,11 +95,16 @@ def cache_dir() -> str | None:
 # backend's compilation or the load from the persistent cache) as a time span. Phases nest
 # (a jit traced inside another's trace reports its own span), so the clock measures the
 # union of the spans, not their sum.
+# marginflow's stored programs (`_stored`) report the load of a compiled program, which
+# skips JAX's three phases, as STORED_LOAD_EVENT (time.time() spans, as JAX's).
+STORED_LOAD_EVENT = "/marginflow/stored_program_load_duration"
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
+    STORED_LOAD_EVENT,
 )
+_MADE = _COMPILE_EVENTS[2:]  # a program is ready: XLA's step (the last of JAX's), or a load
 
 
 class CompileClock:
@@ -111,14 +116,15 @@ class CompileClock:
     def __init__(self, on_compiled=None):
         self.spans: list[tuple[float, float]] = []
         self.open = False
-        # Called after each program is compiled or loaded (XLA's step, the last of the three;
-        # a progress meter then knows that the call now integrates).
+        # Called after each program is compiled or loaded (XLA's step, the last of JAX's
+        # three, or a stored program's load; a progress meter then knows that the call now
+        # integrates).
         self.on_compiled = on_compiled
 
     def _listen(self, event, start, end, **kwargs):
         if self.open and event in _COMPILE_EVENTS:
             self.spans.append((start, end))
-            if self.on_compiled is not None and event == _COMPILE_EVENTS[-1]:
+            if self.on_compiled is not None and event in _MADE:
                 self.on_compiled()
 
     def __enter__(self):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._stored import StoredProgram
 from .._trajectory import Trajectory
 from ..models import Objective
 
@@ -211,9 +211,11 @@ def constraint_weights_over_loss(objective: Objective, w):
     return jnp.take_along_axis(grad_out, cols, axis=1).reshape(-1)
 
 
-@eqx.filter_jit
-def _margins_stack(objective: Objective, W):
+def _margins_stack_traced(objective: Objective, W):
     return jax.lax.map(objective.margins, W, batch_size=64)
+
+
+_margins_stack = StoredProgram("margins_stack", _margins_stack_traced)
 
 
 def margins_stack(objective: Objective, W) -> np.ndarray:

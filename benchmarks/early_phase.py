@@ -33,8 +33,8 @@ RTOL = 1e-8
 
 
 # Both clocks through classes defined here, so that both are traced in this process: a
-# marginflow class may run from the stored traced program (`flows/_export.py`), whose call
-# measured a few ms slower per run on the toy, which is not what this table compares.
+# marginflow class may run from its stored executable (`_stored.py`), which is not what
+# this table compares.
 class AdaGradInT(AdaGradFlow):
     sqrt_start: ClassVar[bool] = False
 

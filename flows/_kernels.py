@@ -11,8 +11,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._stored import StoredProgram
 from .._xla import EMITTERS, emitters_ours
-from ._export import StoredProgram
 from ._fields import (
     _decay_over,
     _drop,
@@ -42,8 +42,7 @@ def _args(flow, objective, u, clock):
     return flow, objective, decay_rate(flow).astype(u.dtype), clock
 
 
-@eqx.filter_jit
-def _initial_y(flow, objective, w0, lagged: bool, dtype):
+def _initial_y_traced(flow, objective, w0, lagged: bool, dtype):
     """y = (v, m, I) at t0 (v the margin-scale variable of `_w_of_v`, m = 0, I = 0), and for
     a flow with `sqrt_start` max |g(w0)| over coordinates and members (None otherwise; it
     picks the clock, `_clock.starts_in_sqrt_t`), as one program: eager, its few array
@@ -55,8 +54,10 @@ def _initial_y(flow, objective, w0, lagged: bool, dtype):
     return y, jnp.max(jnp.abs(_gradient(objective, w0)))
 
 
-@eqx.filter_jit
-def _start(flow, objective, y0, u_start, u_end, clock, solver, controller):
+_initial_y = StoredProgram("initial_y", _initial_y_traced)
+
+
+def _start_traced(flow, objective, y0, u_start, u_end, clock, solver, controller):
     """The first step size and the initial controller / solver states (no integration)."""
     args = _args(flow, objective, u_start, clock)
     terms = _terms(solver)
@@ -68,8 +69,10 @@ def _start(flow, objective, y0, u_start, u_end, clock, solver, controller):
     return cstate, sstate
 
 
-@eqx.filter_jit
-def _restart(flow, objective, y, u_start, clock, solver, state, step_scale):
+_start = StoredProgram("start", _start_traced)
+
+
+def _restart_traced(flow, objective, y, u_start, clock, solver, state, step_scale):
     """`state` with the solver's own state made anew for `solver` at y, in a new clock or
     state (a momentum flow's m1 turned into its lag where u becomes log t, see `_fields`;
     the switch from sqrt t to log t, whose FSAL derivative is in the old variable).
@@ -86,11 +89,16 @@ def _restart(flow, objective, y, u_start, clock, solver, state, step_scale):
     return controller_state, (inner, band.moved_to(u_start))
 
 
-@eqx.filter_jit
-def _band_to_log_time(state):
+_restart = StoredProgram("restart", _restart_traced)
+
+
+def _band_to_log_time_traced(state):
     """`state` with the band of Lemma 3's I in u = log t from u = 0 (t = 1) on."""
     controller_state, (inner, band) = state
     return controller_state, (inner, band.moved_to(0.0))
+
+
+_band_to_log_time = StoredProgram("band_to_log_time", _band_to_log_time_traced)
 
 
 def _segment_traced(
@@ -147,7 +155,7 @@ def _segment_traced(
 # The trace counter (eqx.debug.get_num_traces(_segment_counted)) lets the tests check that a
 # new t1, n_save, eps, b or data set of the same shape does not retrace the segment.
 _segment_counted = eqx.debug.assert_max_traces(_segment_traced, max_traces=None)
-# A warm process loads the traced segment instead of tracing it (`_export`).
+# A warm process loads the traced segment instead of tracing it (`_stored`).
 _segment = StoredProgram("segment", _segment_counted)
 
 # XLA's CPU backend has two code generators for fused loops: its fusion emitters (XLA's

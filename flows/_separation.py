@@ -18,8 +18,9 @@ result code stays what the solver said (a slow saddle looks the same).
 
 from __future__ import annotations
 
-import equinox as eqx
 import numpy as np
+
+from .._stored import StoredProgram
 
 NOT_SEPARABLE = "not_separable"
 
@@ -44,11 +45,13 @@ def _is_linear(model) -> bool:
     return isinstance(model, (Linear, DeepLinear))
 
 
-@eqx.filter_jit
-def _log_ell_at_zero(loss):
+def _log_ell_at_zero_traced(loss):
     """log ell(0) = -f(0), as one program: evaluated eagerly, f's dozen array operations
     compiled one small program each, 0.8 s of a fresh process's first `simulate`."""
     return -loss.f(0.0)
+
+
+_log_ell_at_zero = StoredProgram("log_ell_at_zero", _log_ell_at_zero_traced)
 
 
 def separation_verdict(

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._stored import StoredProgram
+
 N_ROWS = 16  # compared samples: half of largest norm, half evenly spread
 TOL = 1e-8
 MAX_DEGREE = 1023  # the largest L with 2.0**L finite in float64
@@ -50,8 +52,7 @@ def _direction(p: int, dtype):
     return jnp.mod(jnp.sin(12.9898 * i + 78.233) * 43758.5453, 1.0) - 0.5
 
 
-@eqx.filter_jit
-def _compare(objective, rows, w):
+def _compare_traced(objective, rows, w):
     """Per point (w0, the second point): (relative error, NaN/inf among Phi(w), among
     Phi(2w)) on the sampled rows, and the second point's norm. w: (p,) or (B, p)."""
     w = w.reshape(-1, w.shape[-1])[0].astype(jnp.float64)  # float64: float32 would fail
@@ -70,6 +71,9 @@ def _compare(objective, rows, w):
     bad_a = jnp.sum(~jnp.isfinite(a), axis=1)
     bad_b = jnp.sum(~jnp.isfinite(b), axis=1)
     return jnp.stack([err, bad_a, bad_b], axis=1), jnp.linalg.norm(w1)
+
+
+_compare = StoredProgram("compare", _compare_traced)
 
 
 def check_homogeneous(objective, w0, where: str) -> None:

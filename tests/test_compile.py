@@ -103,18 +103,30 @@ def test_the_clock_says_when_a_program_is_made():
     assert len(made) == 1 and 0 < made[0] == clock.seconds
 
 
-def test_compiled_segment_persists_across_processes(tmp_path):
-    """The segment holds no host callback, so JAX writes it to the cache folder, and a
-    second process loads it from there instead of compiling it again."""
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "jax-cache"])
+def test_compiled_segment_persists_across_processes(tmp_path, stored):
+    """The segment holds no host callback, so it persists: as marginflow's stored
+    executable (`_stored`), or with MARGINFLOW_EXPORT=0 in JAX's cache; a second process
+    loads it (and every other program of the run) instead of compiling anything anew."""
     folder = tmp_path / "cache"
-    first = _run(_RUN, MARGINFLOW_CACHE_DIR=str(folder))
+    env = {"MARGINFLOW_CACHE_DIR": str(folder), "MARGINFLOW_EXPORT": "1" if stored else "0"}
+
+    def listing():  # a stored program compiled anew would be written again: mtime
+        return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns)
+                      for p in folder.rglob("*") if p.is_file())
+
+    first = _run(_RUN, **env)
     assert first["dir"] == str(folder)
     assert oct(folder.stat().st_mode & 0o777) == oct(0o700)  # JAX runs what it loads
-    written = _segments(folder)
-    assert written, f"no compiled segment in the cache: {os.listdir(folder)}"
-    second = _run(_RUN, MARGINFLOW_CACHE_DIR=str(folder))
-    assert second["hits"] >= 1
-    assert _segments(folder) == written  # loaded, not compiled anew
+    written = listing()
+    if stored:
+        assert any(p.startswith("marginflow-export/") for p, _ in written), written
+        assert not _segments(folder)  # JAX keeps no second copy of a stored program
+    else:
+        assert _segments(folder), f"no compiled segment in the cache: {written}"
+    second = _run(_RUN, **env)
+    assert listing() == written  # loaded, nothing compiled anew
+    assert second["hits"] >= 1  # the model's eager programs, at least, from JAX's cache
 
 
 def test_cache_opt_out_and_a_users_jax_configuration_are_kept(tmp_path):
@@ -253,39 +265,76 @@ def test_fusion_pinned_programs_follow_the_choice(monkeypatch):
 
 
 def test_a_stored_segment_runs_bit_for_bit_like_a_traced_one(monkeypatch, tmp_path):
-    """The segment exported and stored (`flows/_export.py`), then loaded as a later process
+    """The segment compiled and stored (`_stored.py`), then loaded as a later process
     loads it (here: the in-process copies dropped), runs without being traced and gives the
-    trajectory of the traced segment bit for bit; a damaged stored file is exported anew."""
-    from marginflow.flows import _export, _kernels
+    trajectory of the traced segment bit for bit; a damaged stored file is compiled and
+    stored anew, and that copy loads and runs too (JAX's persistent cache holds the program
+    by then: a copy of the executable JAX loaded from it would lack its kernels)."""
+    from marginflow import _stored
 
-    monkeypatch.setitem(_export.__dict__, "_folder",
+    monkeypatch.setitem(_stored.__dict__, "_folder",
                         lambda: os.path.join(str(tmp_path), "marginflow-export"))
 
     def fresh():
-        for program in (_kernels._segment, _kernels._segment_classic,
-                        _kernels._segment_fusion):
+        for program in _stored.PROGRAMS:
             program._loaded.clear()
 
     flow, model, data = (RMSPropFlow(eps=1e-5, b=0.9), ToyLeaky(key=jax.random.PRNGKey(6)),
                          toy_dataset(seed=0))
     fresh()
     stored = simulate(flow, model, data, t1=1e4, n_save=11)  # exported and stored
-    files = os.listdir(tmp_path / "marginflow-export")
-    assert len(files) == 1 and files[0].endswith(".pkl")
+    folder = tmp_path / "marginflow-export"
+    files = os.listdir(folder)  # the segment's, and the run's small programs'
+    assert files and all(f.endswith(".pkl") for f in files)
     fresh()
     n0 = eqx.debug.get_num_traces(_segment_counted)
     loaded = simulate(flow, model, data, t1=1e4, n_save=11)
     assert eqx.debug.get_num_traces(_segment_counted) == n0  # loaded, not traced
-    (tmp_path / "marginflow-export" / files[0]).write_bytes(b"not a program")
+    for name in files:
+        (folder / name).write_bytes(b"not a program")
     fresh()
     again = simulate(flow, model, data, t1=1e4, n_save=11)
-    assert eqx.debug.get_num_traces(_segment_counted) == n0 + 1  # exported anew
+    assert eqx.debug.get_num_traces(_segment_counted) == n0 + 1  # compiled anew
+    fresh()
+    reloaded = simulate(flow, model, data, t1=1e4, n_save=11)
+    assert eqx.debug.get_num_traces(_segment_counted) == n0 + 1  # loaded, not traced
     monkeypatch.setenv("MARGINFLOW_EXPORT", "0")
     traced = simulate(flow, model, data, t1=1e4, n_save=11)
-    for run in (stored, loaded, again, traced):
+    for run in (stored, loaded, again, reloaded, traced):
         assert run.success and run.stats["num_steps"] == traced.stats["num_steps"]
         for name in ("w", "m", "I", "log_loss"):
             np.testing.assert_array_equal(getattr(run, name), getattr(traced, name))
+
+
+_LAPACK = textwrap.dedent(
+    """
+    import json, os
+    import jax.numpy as jnp
+    import numpy as np
+    import marginflow
+    from marginflow._stored import StoredProgram
+    marginflow.use_cache()
+    qr = StoredProgram("test_lapack_qr", lambda a: jnp.linalg.qr(a)[1])
+    r = np.asarray(qr(jnp.asarray(np.arange(16.0).reshape(4, 4) + 5 * np.eye(4))))
+    folder = os.path.join(marginflow.cache_dir(), "marginflow-export")
+    print(json.dumps({"r": r.tolist(), "stored": sorted(
+        (f, os.stat(os.path.join(folder, f)).st_mtime_ns) for f in os.listdir(folder))}))
+    """
+)
+
+
+def test_a_stored_program_calling_lapack_runs_in_a_new_process(tmp_path):
+    """A process that loads a stored program calling LAPACK (a QR: `newton_solver`'s GMRES)
+    without lowering any linear algebra itself must set up JAX's LAPACK kernels first: it
+    crashed on a null function pointer before. R is compared with numpy's (up to signs)."""
+    env = {"MARGINFLOW_CACHE_DIR": str(tmp_path), "MARGINFLOW_EXPORT": "1"}
+    first = _run(_LAPACK, **env)
+    second = _run(_LAPACK, **env)  # loads the stored program: nothing written again
+    assert first["stored"] and second["stored"] == first["stored"]
+    expected = np.abs(np.linalg.qr(np.arange(16.0).reshape(4, 4) + 5 * np.eye(4))[1])
+    for run in (first, second):  # Householder QR in float64: rounding of order 1e-15 |R|
+        np.testing.assert_allclose(np.abs(run["r"]), expected, rtol=0,
+                                   atol=1e-12 * np.max(expected))
 
 
 def test_stored_programs_are_keyed_by_exact_values_only():
@@ -294,7 +343,7 @@ def test_stored_programs_are_keyed_by_exact_values_only():
     libraries has no key (it is traced: two notebooks may define different functions under
     one name)."""
     import jax.numpy as jnp
-    from marginflow.flows._export import program_key
+    from marginflow._stored import program_key
 
     def key(*args, options=None):
         return program_key("segment", args, options or {}, "cpu")
@@ -328,11 +377,11 @@ def test_stored_programs_stop_when_the_source_changes(monkeypatch):
     a running kernel): the process's traces are of the old code, so nothing is stored or
     loaded any more."""
     import jax.numpy as jnp
-    from marginflow.flows import _export
+    from marginflow import _stored
 
     args = (RMSPropFlow(1e-5, 0.9), jnp.zeros(3))
-    assert _export.program_key("segment", args, {}, "cpu") is not None
-    path, mtime, size = _export._SOURCE_STAMPS[0]
-    monkeypatch.setattr(_export, "_SOURCE_STAMPS",
-                        [(path, mtime - 1, size), *_export._SOURCE_STAMPS[1:]])
-    assert _export.program_key("segment", args, {}, "cpu") is None
+    assert _stored.program_key("segment", args, {}, "cpu") is not None
+    path, mtime, size = _stored._SOURCE_STAMPS[0]
+    monkeypatch.setattr(_stored, "_SOURCE_STAMPS",
+                        [(path, mtime - 1, size), *_stored._SOURCE_STAMPS[1:]])
+    assert _stored.program_key("segment", args, {}, "cpu") is None

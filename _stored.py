@@ -1,11 +1,15 @@
-"""The segment program stored traced: `jax.export` of `_segment` kept beside JAX's cache.
+"""Compiled programs stored whole: marginflow's own programs loaded without tracing.
 
-A warm process loads the segment's compiled code from JAX's persistent cache, but it still
-traces the segment in Python first (about 1.3 s for the toy on the 2-core machine, a
-quarter of a warm `marginflow simulate`), because JAX's cache is keyed by the traced
-program. This module keeps the traced program too: the first process exports it
-(`jax.export`: StableHLO, serialised) under a key made of everything the trace depends
-on, and later processes deserialise it and call it, without tracing.
+JAX's persistent cache keeps a compiled program on disk, but a process finds it only by
+tracing and lowering the function first, because the cache is keyed by the lowered
+program. For the segment of the toy that is about 1.3 s of Python on the 2-core machine,
+half of a warm `marginflow simulate`; for the run's small programs (its first step,
+initial state, homogeneity check, margins) 20-50 ms each. This module keeps the compiled
+executable itself (`jax.experimental.serialize_executable`), zlib-compressed, in
+`marginflow-export/` beside JAX's cache, under a key made of everything the trace and the
+compiled code depend on; a later process deserialises it and calls it, without tracing or
+lowering. `StoredProgram(name, fn)` is such a program; marginflow uses it for programs
+called a few times per run (a key costs about 1 ms to compute).
 
 The key must tell apart any two programs that could differ, or a process would run the
 wrong one. So it is made only of things whose identity is exact, and a call with
@@ -14,6 +18,8 @@ anything else is traced as before:
   imported; if a file changes later, by an edit or a checkout under a running kernel, the
   process stops storing and loading, as its traces are of the old code) and the versions
   of Python, jax, jaxlib, diffrax, equinox, optimistix and lineax;
+- the machine: the CPU's model and instruction-set flags (the executable is native code,
+  compiled for this CPU; a cache folder shared by different machines keeps one per CPU);
 - every JAX setting but those of caching and logging, the JAX_*, XLA_* and EQX_*
   environment variables, the platform and device kind, and the compiler options;
 - the arguments: every array as its shape, dtype and weak type; every other value as
@@ -26,11 +32,11 @@ anything else is traced as before:
   two notebooks may define different functions under one name.
 
 Off with MARGINFLOW_EXPORT=0, when JAX's cache is off (`marginflow.cache_dir()` is None),
-for batched runs, runs over several devices or with a default device set, and where
-`flatbuffers` (which jax.export's serialisation needs) is missing. Any failure to export,
-store, load or call falls back to tracing, and is remembered for the process. The stored program
-compiles to the same code: a run through it equals a traced run bit for bit
-(`tests/test_compile.py`).
+under jax_disable_jit, jax_debug_nans or jax_debug_infs, and for calls under a
+transformation (vmap: batched runs), on several devices or with a default device set.
+Any failure to compile, store, load or call falls back to tracing, and is remembered for
+the process. The stored program is the one `jax.jit` compiles: a run through it equals a
+traced run bit for bit (`tests/test_compile.py`).
 """
 
 from __future__ import annotations
@@ -40,10 +46,14 @@ import hashlib
 import os
 import pickle
 import sys
+import time
+import zlib
 
 import equinox as eqx
 import jax
 import numpy as np
+
+from ._cache import STORED_LOAD_EVENT, cache_dir
 
 # Where a class or function may come from and still be keyed by its name: marginflow (its
 # source digest is in the key) and the libraries whose versions are in the key.
@@ -52,8 +62,8 @@ _TRUSTED = ("marginflow", *_LIBRARIES, "builtins", "numpy", "typing")
 # JAX settings left out of the key: where programs are cached and what is logged.
 _CONFIG_IGNORED = ("cache", "log", "explain", "traceback", "persistent")
 _ENV_PREFIXES = ("JAX_", "XLA_", "EQX_")
-_FORMAT = "marginflow-export-2"
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # marginflow's folder
+_FORMAT = "marginflow-export-4"
+_ROOT = os.path.dirname(os.path.abspath(__file__))  # marginflow's folder (the package root)
 
 
 class _Unkeyable(Exception):
@@ -118,7 +128,26 @@ def _environment() -> str:
             versions.append(f"{lib}=none")
     # The variables as the process started with them: JAX, XLA and equinox read them then.
     env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)]
-    return repr((_FORMAT, _SOURCE_DIGEST, sys.version, versions, env))
+    return repr((_FORMAT, _SOURCE_DIGEST, sys.version, versions, env, _machine()))
+
+
+def _machine() -> str:
+    """The CPU the executables are compiled for: its model name and instruction-set flags
+    (the first processor of /proc/cpuinfo on Linux; the platform module's names elsewhere)."""
+    import platform
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor's block
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
+    except OSError:
+        pass
+    return repr((platform.machine(), platform.processor(), fields.get("vendor_id"),
+                 fields.get("model name"), fields.get("flags")))
 
 
 def _config() -> list[str]:
@@ -205,8 +234,6 @@ def program_key(name: str, args, compiler_options: dict, platform: str) -> str |
 
 
 def _folder() -> str | None:
-    from .._cache import cache_dir
-
     base = cache_dir()
     return None if base is None else os.path.join(base, "marginflow-export")
 
@@ -217,19 +244,19 @@ def available() -> bool:
         return False
     if jax.config.jax_disable_jit or _folder() is None:
         return False
-    try:
-        import flatbuffers  # noqa: F401
-    except ImportError:
-        return False
+    if jax.config.jax_debug_nans or jax.config.jax_debug_infs:
+        return False  # their checks re-run a traced program op by op: keep them whole
     return True
 
 
 _MISSING = object()  # a key this process has not looked up yet
+PROGRAMS: list[StoredProgram] = []  # every one made (the tests drop their loaded copies)
 
 
 class StoredProgram:
     """`fn` (a function of arrays and static values, as `eqx.filter_jit` takes it) called
-    through its exported program where the call is keyable, else through `jitted`, its
+    through its stored executable where the call is keyable (loaded from the folder, or
+    compiled and stored there at the first call), else through `jitted`, its
     `eqx.filter_jit` with the same compiler options."""
 
     def __init__(self, name: str, fn, compiler_options: dict | None = None):
@@ -239,6 +266,7 @@ class StoredProgram:
                                             if self.compiler_options else {}))
         # key -> (compiled call, out static, out tree), or None where it could not be used
         self._loaded: dict[str, tuple | None] = {}
+        PROGRAMS.append(self)
 
     def __call__(self, *args):
         platform = _single_device_platform(args)
@@ -253,15 +281,17 @@ class StoredProgram:
         dyn, static = eqx.partition(args, eqx.is_array)
         dyn_leaves, dyn_tree = jax.tree_util.tree_flatten(dyn)
         if program is _MISSING:
-            program = (self._load(key)
-                       or self._export(key, dyn_leaves, dyn_tree, static, platform))
+            start = time.time()
+            program = (self._load(key, platform)
+                       or self._compile_and_store(key, dyn_leaves, dyn_tree, static, platform))
+            # For CompileClock (and the progress meter's phases): a load is no JAX event.
+            jax.monitoring.record_event_time_span(STORED_LOAD_EVENT, start, time.time(),
+                                                  fun_name=self.name)
             self._loaded[key] = program  # None: remembered, this process traces it
             if program is None:
                 return self.jitted(*args)
         call, out_static, out_tree = program
-        # Committed to the device, all of them: the first call's inputs (numpy, uncommitted)
-        # and the next's (the last call's outputs, committed) would otherwise lower and
-        # compile the program twice.
+        # On the platform's first device, which the executable was compiled for.
         try:
             out = call(*jax.device_put(dyn_leaves, jax.devices(platform)[0]))
         except Exception:  # noqa: BLE001  (inputs the stored program does not take: trace)
@@ -269,25 +299,23 @@ class StoredProgram:
             return self.jitted(*args)
         return eqx.combine(jax.tree_util.tree_unflatten(out_tree, out), out_static)
 
-    def _compiled(self, exported):
-        def call(*args):
-            return exported.call(*args)
-
-        # JAX names the compiled program (and its cache file) after the function.
-        call.__name__ = call.__qualname__ = f"_{self.name}_stored"
-        return jax.jit(call, compiler_options=self.compiler_options or None)
-
-    def _load(self, key: str):
+    def _load(self, key: str, platform: str):
         path = os.path.join(_folder(), key + ".pkl")
         try:
             with open(path, "rb") as fh:
-                blob, out_static, out_tree = pickle.load(fh)
-            exported = jax.export.deserialize(blob)
-        except Exception:  # noqa: BLE001  (none stored yet, or a damaged file: export anew)
-            return None
-        return self._compiled(exported), out_static, out_tree
+                blob, in_tree, out_flat, out_static, out_tree, targets = pickle.loads(
+                    zlib.decompress(fh.read()))
+            from jax.experimental.serialize_executable import deserialize_and_load
 
-    def _export(self, key: str, dyn_leaves, dyn_tree, static, platform: str):
+            _prepare_custom_calls(targets)
+
+            compiled = deserialize_and_load(blob, in_tree, out_flat, backend=platform,
+                                            execution_devices=jax.devices(platform)[:1])
+        except Exception:  # noqa: BLE001  (none stored yet, or a damaged file: compile anew)
+            return None
+        return compiled, out_static, out_tree
+
+    def _compile_and_store(self, key: str, dyn_leaves, dyn_tree, static, platform: str):
         holder = {}
 
         def flat(*leaves):
@@ -296,16 +324,76 @@ class StoredProgram:
             out_leaves, holder["tree"] = jax.tree_util.tree_flatten(out_dyn)
             return out_leaves
 
+        # The name (JAX names the program after the function) is new each time, so that JAX
+        # compiles it afresh: XLA's CPU backend serialises an executable it loaded from JAX's
+        # persistent cache without its kernels (a later process that loads that copy fails
+        # with "Function ... not found"). And JAX does not store its own copy, which no
+        # process would read again.
+        flat.__name__ = flat.__qualname__ = f"_{self.name}_stored_{os.urandom(6).hex()}"
         avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False))
                  for x in dyn_leaves]
         try:
-            exported = jax.export.export(jax.jit(flat), platforms=[platform])(*avals)
-            blob = exported.serialize()
-            payload = pickle.dumps((blob, holder["static"], holder["tree"]))
-        except Exception:  # noqa: BLE001  (not exportable or not picklable: trace instead)
+            from jax.experimental.serialize_executable import serialize
+
+            with _not_in_jax_cache():
+                compiled = jax.jit(flat, compiler_options=self.compiler_options or None).lower(
+                    *avals).compile()
+            targets = _custom_call_targets(compiled)
+            if _calls_the_host(compiled) or any("callback" in t for t in targets):
+                # The executable holds pointers into this process (equinox's runtime checks,
+                # say): it runs here, and is not stored.
+                return compiled, holder["static"], holder["tree"]
+            blob, in_tree, out_flat = serialize(compiled)
+            # zlib level 1: a fifth of the size (1.3 MB -> 0.27 MB, the toy's segment) for
+            # 4 ms to read back.
+            payload = zlib.compress(pickle.dumps(
+                (blob, in_tree, out_flat, holder["static"], holder["tree"], targets)), 1)
+        except Exception:  # noqa: BLE001  (not serialisable or not picklable: trace instead)
             return None
         _write(os.path.join(_folder(), key + ".pkl"), payload)
-        return self._compiled(exported), holder["static"], holder["tree"]
+        return compiled, holder["static"], holder["tree"]
+
+
+def _calls_the_host(compiled) -> bool:
+    """Whether the compiled program calls back into Python (host callbacks, effects): its
+    executable refers to objects of this process, and another process that loaded it would
+    crash. JAX's persistent cache refuses such programs too. True where it cannot tell."""
+    unloaded = getattr(getattr(compiled, "_executable", None), "_unloaded_executable", None)
+    try:
+        return bool(unloaded.host_callbacks or unloaded.keepalive
+                    or unloaded.ordered_effects or unloaded.unordered_effects)
+    except AttributeError:
+        return True
+
+
+def _custom_call_targets(compiled) -> tuple[str, ...]:
+    """The custom calls (library kernels: LAPACK's, callbacks) of the compiled program."""
+    import re
+
+    return tuple(sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))))
+
+
+def _prepare_custom_calls(targets) -> None:
+    """What lowering would have done before the program runs: JAX fills in its LAPACK
+    kernels' function pointers (from scipy) when it lowers a linear-algebra operation, and
+    a process that loads a program calling them without lowering one crashes (a null
+    pointer: seen with `newton_solver`'s QR). jax.export's own loader does the same."""
+    if any(t.startswith("lapack_") for t in targets):
+        from jax._src.lax import linalg
+
+        linalg.initialize_lapack()
+
+
+def _not_in_jax_cache():
+    """A context in which JAX writes no program to its persistent cache (its minimum compile
+    time for an entry raised to infinity, in this thread only); a no-op where this JAX
+    lacks the setting."""
+    import contextlib
+
+    from jax._src import config
+
+    setting = getattr(config, "persistent_cache_min_compile_time_secs", None)
+    return contextlib.nullcontext() if setting is None else setting(float("inf"))
 
 
 def _single_device_platform(args) -> str | None:
