@@ -17,9 +17,10 @@ code has had its say):
 - and never over a cache the user configured in JAX (jax_compilation_cache_dir, or
   jax.config's enable_compilation_cache = False): that choice is kept as it is.
 When marginflow sets the folder it also lowers JAX's minimum compile time for an entry
-from 1 s to 0, so that the segment of a small model (about a second to compile on a fast
-machine) is kept, and so are the small programs of eager operations (a model's random
-initialisation: about 25 ms each to compile, less to load). Measured on the main job
+from 1 s to 0, so that the small programs of eager operations are kept (a model's random
+initialisation: about 25 ms each to compile, less to load), and so is the segment where it
+is not stored by marginflow itself (`_stored`: MARGINFLOW_EXPORT=0, a model class of your
+own; about a second to compile for a small model on a fast machine). Measured on the main job
 (`benchmarks/first_result.py`): 0.15 s less per warm process than with a 0.1 s minimum;
 and switching the cache on before the model is built, so that its initialisation's 11
 programs load instead of compiling, 0.57 s less (medians of 5, 6.33 s against 6.90 s,

@@ -46,23 +46,33 @@ import hashlib
 import os
 import pickle
 import sys
+import threading
 import time
 import zlib
 
 import equinox as eqx
 import jax
 import numpy as np
+from jax._src import core as jax_core
 
 from ._cache import STORED_LOAD_EVENT, cache_dir
 
 # Where a class or function may come from and still be keyed by its name: marginflow (its
 # source digest is in the key) and the libraries whose versions are in the key.
-_LIBRARIES = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax")
+_LIBRARIES = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax", "numpy")
 _TRUSTED = ("marginflow", *_LIBRARIES, "builtins", "numpy", "typing")
 # JAX settings left out of the key: where programs are cached and what is logged.
 _CONFIG_IGNORED = ("cache", "log", "explain", "traceback", "persistent")
 _ENV_PREFIXES = ("JAX_", "XLA_", "EQX_")
 _FORMAT = "marginflow-export-4"
+# JAX's context managers that change a trace but are not among its settings (a mesh, a
+# device, compute_on, XLA metadata): a call inside one is traced, as it cannot be keyed.
+_CONTEXTS = ("mesh_context_manager", "abstract_mesh_context_manager", "device_context",
+             "compute_on_context_manager", "xla_metadata_context_manager",
+             "pallas_tpu_interpret_mode_context_manager")
+# Where a stored program not used for this long is deleted (a folder per environment:
+# marginflow's source and the libraries' versions; an edit or an upgrade makes a new one).
+_UNUSED_DAYS = 30
 _ROOT = os.path.dirname(os.path.abspath(__file__))  # marginflow's folder (the package root)
 
 
@@ -132,22 +142,25 @@ def _environment() -> str:
 
 
 def _machine() -> str:
-    """The CPU the executables are compiled for: its model name and instruction-set flags
-    (the first processor of /proc/cpuinfo on Linux; the platform module's names elsewhere)."""
+    """The CPU the executables are compiled for: the first processor's block of
+    /proc/cpuinfo on Linux (model and instruction-set features: `flags` on x86, `Features`
+    and `CPU part` on Arm) without the fields that change while it runs; the platform
+    module's names elsewhere (XLA's CPU loader checks the features on load too)."""
     import platform
 
-    fields = {}
+    volatile = ("mhz", "bogomips", "processor", "core id", "apicid", "initial apicid")
+    fields = []
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if not line.strip():
                     break  # the first processor's block
                 name, _, value = line.partition(":")
-                fields[name.strip()] = value.strip()
+                if not any(v in name.strip().lower() for v in volatile):
+                    fields.append((name.strip(), value.strip()))
     except OSError:
         pass
-    return repr((platform.machine(), platform.processor(), fields.get("vendor_id"),
-                 fields.get("model name"), fields.get("flags")))
+    return repr((platform.machine(), platform.processor(), fields))
 
 
 def _config() -> list[str]:
@@ -215,7 +228,7 @@ def program_key(name: str, args, compiler_options: dict, platform: str) -> str |
     try:
         if _SOURCE_DIGEST is None or not _sources_unchanged():
             return None
-        if jax.config.jax_default_device is not None:
+        if jax.config.jax_default_device is not None or _in_a_jax_context():
             return None  # the stored program runs on the platform's first device
         leaves, treedef = jax.tree_util.tree_flatten(args)
         parts = [_tree(treedef)]
@@ -233,9 +246,40 @@ def program_key(name: str, args, compiler_options: dict, platform: str) -> str |
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _in_a_jax_context() -> bool:
+    from jax._src import config
+
+    for name in _CONTEXTS:
+        state = getattr(config, name, None)
+        if state is not None and state.value not in (None, ()):
+            return True
+    return False
+
+
 def _folder() -> str | None:
+    """The folder of this environment's stored programs (one per `_environment()`)."""
     base = cache_dir()
-    return None if base is None else os.path.join(base, "marginflow-export")
+    if base is None:
+        return None
+    env = hashlib.sha256(_environment().encode()).hexdigest()[:16]
+    return os.path.join(base, "marginflow-export", env)
+
+
+def _prune(folder: str) -> None:
+    """Once per process that stores a program: delete the stored programs of other
+    environments (other marginflow sources or library versions) not used for _UNUSED_DAYS
+    days (a load marks its folder used), so that edits and upgrades do not fill the disk."""
+    import shutil
+
+    parent, mine = os.path.split(folder)
+    cutoff = time.time() - _UNUSED_DAYS * 86400
+    try:
+        for name in os.listdir(parent):
+            path = os.path.join(parent, name)
+            if name != mine and os.path.isdir(path) and os.stat(path).st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def available() -> bool:
@@ -249,6 +293,11 @@ def available() -> bool:
     return True
 
 
+_state = {"pruned": False, "unwritable": False}
+# False (so: traced) where this JAX lacks the check.
+_trace_state_clean = getattr(jax_core, "trace_state_clean", lambda: False)
+
+
 _MISSING = object()  # a key this process has not looked up yet
 PROGRAMS: list[StoredProgram] = []  # every one made (the tests drop their loaded copies)
 
@@ -257,65 +306,84 @@ class StoredProgram:
     """`fn` (a function of arrays and static values, as `eqx.filter_jit` takes it) called
     through its stored executable where the call is keyable (loaded from the folder, or
     compiled and stored there at the first call), else through `jitted`, its
-    `eqx.filter_jit` with the same compiler options."""
+    `eqx.filter_jit` with the same compiler options. `name` and the compiler options name
+    the program in the key: they must be unique among the stored programs."""
 
     def __init__(self, name: str, fn, compiler_options: dict | None = None):
         self.name, self.fn = name, fn
         self.compiler_options = dict(compiler_options or {})
+        ident = (name, sorted(self.compiler_options.items()))
+        if any((p.name, sorted(p.compiler_options.items())) == ident for p in PROGRAMS):
+            raise ValueError(f"StoredProgram: the name {name!r} with compiler options "
+                             f"{self.compiler_options} is taken; the key holds the name, "
+                             "not the function: give each program its own name.")
         self.jitted = eqx.filter_jit(fn, **({"compiler_options": self.compiler_options}
                                             if self.compiler_options else {}))
         # key -> (compiled call, out static, out tree), or None where it could not be used
         self._loaded: dict[str, tuple | None] = {}
+        self._lock = threading.Lock()  # one thread loads or compiles a key, the others wait
         PROGRAMS.append(self)
 
     def __call__(self, *args):
         platform = _single_device_platform(args)
-        if platform is None or not available():
+        # Inside another program's trace a call must be staged into it, not run now.
+        if platform is None or not available() or not _trace_state_clean():
             return self.jitted(*args)
         key = program_key(self.name, args, self.compiler_options, platform)
         if key is None:  # not keyable
             return self.jitted(*args)
-        program = self._loaded.get(key, _MISSING)
-        if program is None:  # it failed before in this process
-            return self.jitted(*args)
         dyn, static = eqx.partition(args, eqx.is_array)
         dyn_leaves, dyn_tree = jax.tree_util.tree_flatten(dyn)
+        program = self._loaded.get(key, _MISSING)
         if program is _MISSING:
-            start = time.time()
-            program = (self._load(key, platform)
-                       or self._compile_and_store(key, dyn_leaves, dyn_tree, static, platform))
-            # For CompileClock (and the progress meter's phases): a load is no JAX event.
-            jax.monitoring.record_event_time_span(STORED_LOAD_EVENT, start, time.time(),
-                                                  fun_name=self.name)
-            self._loaded[key] = program  # None: remembered, this process traces it
-            if program is None:
-                return self.jitted(*args)
-        call, out_static, out_tree = program
-        # On the platform's first device, which the executable was compiled for.
+            with self._lock:
+                program = self._loaded.get(key, _MISSING)
+                if program is _MISSING:
+                    program = self._make(key, dyn_leaves, dyn_tree, static, platform)
+                    self._loaded[key] = program  # None: remembered, this process traces it
+        if program is None:
+            return self.jitted(*args)
+        call, out_static, out_tree, path = program
         try:
             out = call(*jax.device_put(dyn_leaves, jax.devices(platform)[0]))
         except Exception:  # noqa: BLE001  (inputs the stored program does not take: trace)
             self._loaded[key] = None
+            if path is not None:  # a stored file that does not run is not loaded again
+                _remove(path)
             return self.jitted(*args)
         return eqx.combine(jax.tree_util.tree_unflatten(out_tree, out), out_static)
 
-    def _load(self, key: str, platform: str):
-        path = os.path.join(_folder(), key + ".pkl")
+    def _make(self, key: str, dyn_leaves, dyn_tree, static, platform: str):
+        """The program for `key`: loaded, else compiled (and stored where the folder can be
+        written; a read-only folder, such as a shared cache, leaves it to `jitted` and JAX's
+        own cache); None where neither works."""
+        start = time.time()
+        folder = _folder()
+        path = os.path.join(folder, key + ".pkl")
+        program = self._load(path, platform)
+        if program is None and _writable(folder):
+            program = self._compile_and_store(path, dyn_leaves, dyn_tree, static, platform)
+        # For CompileClock (and the progress meter's phases): a load is no JAX event.
+        jax.monitoring.record_event_time_span(STORED_LOAD_EVENT, start, time.time(),
+                                              fun_name=self.name)
+        return program
+
+    def _load(self, path: str, platform: str):
         try:
             with open(path, "rb") as fh:
-                blob, in_tree, out_flat, out_static, out_tree, targets = pickle.loads(
+                blob, in_tree, out_def, out_static, out_tree, targets = pickle.loads(
                     zlib.decompress(fh.read()))
             from jax.experimental.serialize_executable import deserialize_and_load
 
             _prepare_custom_calls(targets)
-
-            compiled = deserialize_and_load(blob, in_tree, out_flat, backend=platform,
+            compiled = deserialize_and_load(blob, in_tree, out_def, backend=platform,
                                             execution_devices=jax.devices(platform)[:1])
         except Exception:  # noqa: BLE001  (none stored yet, or a damaged file: compile anew)
             return None
-        return compiled, out_static, out_tree
+        _mark_used(os.path.dirname(path))
+        return compiled, out_static, out_tree, path
 
-    def _compile_and_store(self, key: str, dyn_leaves, dyn_tree, static, platform: str):
+    def _compile_and_store(self, path: str, dyn_leaves, dyn_tree, static, platform: str):
         holder = {}
 
         def flat(*leaves):
@@ -330,28 +398,35 @@ class StoredProgram:
         # with "Function ... not found"). And JAX does not store its own copy, which no
         # process would read again.
         flat.__name__ = flat.__qualname__ = f"_{self.name}_stored_{os.urandom(6).hex()}"
-        avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False))
-                 for x in dyn_leaves]
+        device = jax.sharding.SingleDeviceSharding(jax.devices(platform)[0])
+        avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False),
+                                      sharding=device) for x in dyn_leaves]
         try:
-            from jax.experimental.serialize_executable import serialize
-
             with _not_in_jax_cache():
                 compiled = jax.jit(flat, compiler_options=self.compiler_options or None).lower(
                     *avals).compile()
+        except Exception:  # noqa: BLE001  (not compilable this way: trace instead)
+            return None
+        program = compiled, holder["static"], holder["tree"], None
+        try:
+            from jax.experimental.serialize_executable import serialize
+
             targets = _custom_call_targets(compiled)
             if _calls_the_host(compiled) or any("callback" in t for t in targets):
                 # The executable holds pointers into this process (equinox's runtime checks,
                 # say): it runs here, and is not stored.
-                return compiled, holder["static"], holder["tree"]
-            blob, in_tree, out_flat = serialize(compiled)
+                return program
+            blob, in_tree, out_def = serialize(compiled)
             # zlib level 1: a fifth of the size (1.3 MB -> 0.27 MB, the toy's segment) for
             # 4 ms to read back.
             payload = zlib.compress(pickle.dumps(
-                (blob, in_tree, out_flat, holder["static"], holder["tree"], targets)), 1)
-        except Exception:  # noqa: BLE001  (not serialisable or not picklable: trace instead)
-            return None
-        _write(os.path.join(_folder(), key + ".pkl"), payload)
-        return compiled, holder["static"], holder["tree"]
+                (blob, in_tree, out_def, holder["static"], holder["tree"], targets)), 1)
+        except Exception:  # noqa: BLE001  (not serialisable or not picklable: run it here)
+            return program
+        if _write(path, payload) and not _state["pruned"]:
+            _state["pruned"] = True
+            _prune(os.path.dirname(path))
+        return program
 
 
 def _calls_the_host(compiled) -> bool:
@@ -414,13 +489,55 @@ def _single_device_platform(args) -> str | None:
     return platform or jax.default_backend()
 
 
-def _write(path: str, payload: bytes) -> None:
-    """Atomically, in the private cache folder; a failure only loses the stored copy."""
+def _write(path: str, payload: bytes) -> bool:
+    """Atomically, in the private cache folder; False where it failed (then the program is
+    only lost to later processes), and no more stores are tried in this process."""
+    import tempfile
+
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+    except OSError:
+        _state["unwritable"] = True
+        return False
+    return True
+
+
+def _writable(folder: str) -> bool:
+    """Whether programs can be stored in `folder` (or the folder it will be made in)."""
+    if _state["unwritable"]:
+        return False
+    probe = folder
+    while not os.path.isdir(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return False
+        probe = parent
+    return os.access(probe, os.W_OK | os.X_OK)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
     except OSError:
         pass
+
+
+_used: set[str] = set()
+
+
+def _mark_used(folder: str) -> None:
+    """The folder's mtime set to now, once per process: `_prune` keeps used folders."""
+    if folder not in _used:
+        _used.add(folder)
+        try:
+            os.utime(folder)
+        except OSError:
+            pass

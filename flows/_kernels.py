@@ -1,8 +1,8 @@
 """The compiled programs of `simulate`: the first step and solver state of a run (`_start`),
 the solver state made anew at a change of state variables (`_restart`), and one segment's
 integration with its saves (`_segment`). Each is jit-compiled once per flow class, model
-structure, shapes and solver, and kept by JAX's persistent cache (nothing in them calls
-back to the host)."""
+structure, shapes and solver, and stored compiled for later processes (`_stored`; nothing
+in them calls back to the host)."""
 
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ def _segment_traced(
     """Integrate one segment [u_start, u_end] in u (t, sqrt t or log t), saving at save_us.
 
     Nothing in this program calls back to the host (the saves are `SavedAt`'s, the first
-    step size is the controller's field), so JAX's persistent cache keeps it; the result
-    code and the number of saves made are checked on the host afterwards."""
+    step size is the controller's field), so it can be stored for later processes; the
+    result code and the number of saves made are checked on the host afterwards."""
     controller_state, solver_state = state
     args = _args(flow, objective, u_start, clock)
     saving = SavedAt(_wrap(solver, controller), save_us, _save_fn)
@@ -155,7 +155,7 @@ def _segment_traced(
 # The trace counter (eqx.debug.get_num_traces(_segment_counted)) lets the tests check that a
 # new t1, n_save, eps, b or data set of the same shape does not retrace the segment.
 _segment_counted = eqx.debug.assert_max_traces(_segment_traced, max_traces=None)
-# A warm process loads the traced segment instead of tracing it (`_stored`).
+# A warm process loads the compiled segment instead of tracing it (`_stored`).
 _segment = StoredProgram("segment", _segment_counted)
 
 # XLA's CPU backend has two code generators for fused loops: its fusion emitters (XLA's

@@ -282,7 +282,7 @@ def test_a_stored_segment_runs_bit_for_bit_like_a_traced_one(monkeypatch, tmp_pa
     flow, model, data = (RMSPropFlow(eps=1e-5, b=0.9), ToyLeaky(key=jax.random.PRNGKey(6)),
                          toy_dataset(seed=0))
     fresh()
-    stored = simulate(flow, model, data, t1=1e4, n_save=11)  # exported and stored
+    stored = simulate(flow, model, data, t1=1e4, n_save=11)  # compiled and stored
     folder = tmp_path / "marginflow-export"
     files = os.listdir(folder)  # the segment's, and the run's small programs'
     assert files and all(f.endswith(".pkl") for f in files)
@@ -318,7 +318,8 @@ _LAPACK = textwrap.dedent(
     r = np.asarray(qr(jnp.asarray(np.arange(16.0).reshape(4, 4) + 5 * np.eye(4))))
     folder = os.path.join(marginflow.cache_dir(), "marginflow-export")
     print(json.dumps({"r": r.tolist(), "stored": sorted(
-        (f, os.stat(os.path.join(folder, f)).st_mtime_ns) for f in os.listdir(folder))}))
+        (os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
+        for d, _, files in os.walk(folder) for f in files)}))
     """
 )
 
@@ -335,6 +336,61 @@ def test_a_stored_program_calling_lapack_runs_in_a_new_process(tmp_path):
     for run in (first, second):  # Householder QR in float64: rounding of order 1e-15 |R|
         np.testing.assert_allclose(np.abs(run["r"]), expected, rtol=0,
                                    atol=1e-12 * np.max(expected))
+
+
+def _stored_in(monkeypatch, folder):
+    """marginflow's stored programs in `folder` for this test (as a new process sees it)."""
+    from marginflow import _stored
+
+    monkeypatch.setitem(_stored.__dict__, "_folder", lambda: str(folder))
+    monkeypatch.setitem(_stored._state, "unwritable", False)
+
+
+def _stored_files(folder):
+    return sorted(p.name for p in folder.glob("*.pkl")) if folder.exists() else []
+
+
+def test_stored_programs_in_unusual_places(monkeypatch, tmp_path):
+    """The stored path steps aside where it cannot be right: a read-only folder (the
+    program is traced, as JAX's cache can still serve it, instead of compiled afresh in
+    every process), a call staged inside another program's trace, a mesh or compute_on
+    context (not in the key); a stored file that does not take the call is deleted; and
+    two programs may not share a name (the key holds the name, not the function)."""
+    import jax.numpy as jnp
+    from marginflow import _stored
+
+    folder = tmp_path / "stored"
+    _stored_in(monkeypatch, folder)
+    monkeypatch.setattr(_stored, "PROGRAMS", list(_stored.PROGRAMS))  # this test's names
+    plus = _stored.StoredProgram("test_plus_one", lambda x: x + 1.0)
+    x = jnp.arange(3.0)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(
+        tmp_path) in str(path) else real_access(path, mode, **kw))
+    np.testing.assert_array_equal(plus(x), [1.0, 2.0, 3.0])
+    assert _stored_files(folder) == [] and list(plus._loaded.values()) == [None]
+    monkeypatch.setattr(os, "access", real_access)
+
+    plus._loaded.clear()
+    traced = jax.jit(lambda y: plus(x) * y)(2.0)  # x is concrete, but the call is staged
+    np.testing.assert_array_equal(traced, [2.0, 4.0, 6.0])
+    assert plus._loaded == {} and _stored_files(folder) == []
+    with jax.set_mesh(jax.make_mesh((1,), ("b",))):
+        assert _stored.program_key("test_plus_one", (x,), {}, "cpu") is None
+    from jax.experimental.compute_on import compute_on
+
+    with compute_on("device_host"):
+        assert _stored.program_key("test_plus_one", (x,), {}, "cpu") is None
+
+    np.testing.assert_array_equal(plus(x), [1.0, 2.0, 3.0])  # compiled and stored
+    (stored,) = _stored_files(folder)
+    two = _stored.StoredProgram("test_two_args", lambda a, b: a * b)
+    key = _stored.program_key("test_two_args", (x, x), {}, "cpu")
+    (folder / stored).rename(folder / f"{key}.pkl")  # a file that does not take (x, x)
+    np.testing.assert_array_equal(two(x, x), [0.0, 1.0, 4.0])
+    assert _stored_files(folder) == []  # deleted, and the call traced
+    with pytest.raises(ValueError, match="is taken"):
+        _stored.StoredProgram("test_plus_one", lambda x: x)
 
 
 def test_stored_programs_are_keyed_by_exact_values_only():
