@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import equinox as eqx
 import jax
@@ -391,6 +392,24 @@ def test_stored_programs_in_unusual_places(monkeypatch, tmp_path):
     assert _stored_files(folder) == []  # deleted, and the call traced
     with pytest.raises(ValueError, match="is taken"):
         _stored.StoredProgram("test_plus_one", lambda x: x)
+
+
+def test_stored_programs_of_other_environments_are_pruned_when_unused(tmp_path):
+    """One folder per environment (marginflow's source, the libraries' versions): the
+    folders of other environments not used for _UNUSED_DAYS days are deleted, used ones
+    and this environment's are kept."""
+    from marginflow import _stored
+
+    parent = tmp_path / "marginflow-export"
+    mine, recent, stale = parent / "mine", parent / "recent", parent / "stale"
+    for folder in (mine, recent, stale):
+        folder.mkdir(parents=True)
+        (folder / "x.pkl").write_bytes(b"")
+    old = time.time() - (_stored._UNUSED_DAYS + 1) * 86400
+    os.utime(stale, (old, old))
+    os.utime(mine, (old, old))  # this process's own folder is never deleted
+    _stored._prune(str(mine))
+    assert sorted(p.name for p in parent.iterdir()) == ["mine", "recent"]
 
 
 def test_stored_programs_are_keyed_by_exact_values_only():
