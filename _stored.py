@@ -6,9 +6,10 @@ program. For the segment of the toy that is about 1.3 s of Python on the 2-core 
 half of a warm `marginflow simulate`; for the run's small programs (its first step,
 initial state, homogeneity check, margins) 20-50 ms each. This module keeps the compiled
 executable itself (`jax.experimental.serialize_executable`), zlib-compressed, in
-`marginflow-export/` beside JAX's cache, under a key made of everything the trace and the
-compiled code depend on; a later process deserialises it and calls it, without tracing or
-lowering. `StoredProgram(name, fn)` is such a program; marginflow uses it for programs
+`marginflow-export/<environment>/` beside JAX's cache, under a key made of everything the
+trace and the compiled code depend on; a later process deserialises it and calls it,
+without tracing or lowering. The folders of other environments (marginflow's source, the
+libraries' versions) are deleted once unused for 30 days. `StoredProgram(name, fn)` is such a program; marginflow uses it for programs
 called a few times per run (a key costs about 1 ms to compute).
 
 The key must tell apart any two programs that could differ, or a process would run the
@@ -268,7 +269,8 @@ def _folder() -> str | None:
 def _prune(folder: str) -> None:
     """Once per process that stores a program: delete the stored programs of other
     environments (other marginflow sources or library versions) not used for _UNUSED_DAYS
-    days (a load marks its folder used), so that edits and upgrades do not fill the disk."""
+    days (a load marks its folder used), so that edits and upgrades do not fill the disk;
+    and files of older releases, which kept their programs in the parent folder itself."""
     import shutil
 
     parent, mine = os.path.split(folder)
@@ -276,8 +278,12 @@ def _prune(folder: str) -> None:
     try:
         for name in os.listdir(parent):
             path = os.path.join(parent, name)
-            if name != mine and os.path.isdir(path) and os.stat(path).st_mtime < cutoff:
+            if name == mine or os.stat(path).st_mtime >= cutoff:
+                continue
+            if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
+            else:
+                _remove(path)
     except OSError:
         pass
 

@@ -405,9 +405,10 @@ def test_stored_programs_of_other_environments_are_pruned_when_unused(tmp_path):
     for folder in (mine, recent, stale):
         folder.mkdir(parents=True)
         (folder / "x.pkl").write_bytes(b"")
+    (parent / "older-release.pkl").write_bytes(b"")  # the layout before folders
     old = time.time() - (_stored._UNUSED_DAYS + 1) * 86400
-    os.utime(stale, (old, old))
-    os.utime(mine, (old, old))  # this process's own folder is never deleted
+    for path in (stale, mine, parent / "older-release.pkl"):
+        os.utime(path, (old, old))  # this process's own folder is never deleted
     _stored._prune(str(mine))
     assert sorted(p.name for p in parent.iterdir()) == ["mine", "recent"]
 
