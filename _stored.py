@@ -9,8 +9,9 @@ executable itself (`jax.experimental.serialize_executable`), zlib-compressed, in
 `marginflow-export/<environment>/` beside JAX's cache, under a key made of everything the
 trace and the compiled code depend on; a later process deserialises it and calls it,
 without tracing or lowering. The folders of other environments (marginflow's source, the
-libraries' versions) are deleted once unused for 30 days. `StoredProgram(name, fn)` is such a program; marginflow uses it for programs
-called a few times per run (a key costs about 1 ms to compute).
+libraries' versions) are deleted once unused for 30 days. `StoredProgram(name, fn)` is
+such a program; marginflow uses it for programs called a few times per run (a key costs
+about 1 ms to compute).
 
 The key must tell apart any two programs that could differ, or a process would run the
 wrong one. So it is made only of things whose identity is exact, and a call with
