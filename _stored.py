@@ -261,10 +261,13 @@ def _in_a_jax_context() -> bool:
 def _folder() -> str | None:
     """The folder of this environment's stored programs (one per `_environment()`)."""
     base = cache_dir()
-    if base is None:
-        return None
-    env = hashlib.sha256(_environment().encode()).hexdigest()[:16]
-    return os.path.join(base, "marginflow-export", env)
+    return None if base is None else os.path.join(base, "marginflow-export", _environment_id())
+
+
+@functools.cache
+def _environment_id() -> str:
+    """A short name for `_environment()`: its folder (hashed once, not on every call)."""
+    return hashlib.sha256(_environment().encode()).hexdigest()[:16]
 
 
 def _prune(folder: str) -> None:
