@@ -30,3 +30,5 @@ from ._surrogate import SurrogateMargin as SurrogateMargin
 from ._surrogate import lemma3_terms as lemma3_terms
 from ._surrogate import monotone_quantity as monotone_quantity
 from ._surrogate import surrogate_margin as surrogate_margin
+from ._switching import SwitchingSurfaces as SwitchingSurfaces
+from ._switching import switching_surfaces as switching_surfaces

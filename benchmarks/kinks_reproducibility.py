@@ -19,8 +19,11 @@ flips a discrete choice of its kink steps (DecayIMEX). A comparison with the tig
 says nothing below that spread. What is seen and why: docs/solvers.md, "How well the runs
 determine w(t1)".
 Instead of that, with
-  --locate     where Adam's DecayHeun runs at kink_tol 1e-3 and 1e-4 part ways, and the
-               one-sided normal velocities on the switching surface there (a minute);
+  --branches   where each flow's run meets a switching surface that turns from sliding to
+               repelling (marginflow.analysis.switching_surfaces), and Adam's branch point
+               at kink_tol 1e-3 and 1e-4 in detail (a minute);
+  --discrete   discrete Adam (b1 = 0) at six steps eta through that branch point, against
+               the flow it follows: which side each run leaves on (a minute);
   --series     DecayHeun's own runs at kink_tol 1e-3, 3e-4 and 1e-4 (a minute);
   --few-kinks  DecayIMEX against DecayHeun on a ReLU MLP with few kinks (a minute).
 Run: python benchmarks/kinks_reproducibility.py [--n 6] [--flows rmsprop,adam]
@@ -36,8 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from kinks import FLOWS, _timed  # the issue's flows (eps 1e-5, b 0.9); compile, then median
-from marginflow.flows import DecayHeun, simulate
-from marginflow.models import MLP, Objective, flatten, separable_gaussians, unflatten
+from marginflow.analysis import switching_surfaces
+from marginflow.analysis._switching import KINDS
+from marginflow.discrete import matching_optimizer, run
+from marginflow.flows import AdamFlow, DecayHeun, simulate
+from marginflow.models import MLP, flatten, separable_gaussians, unflatten
 
 TS = (1e-2, 1.0, 1e2, 1e10)
 
@@ -50,8 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6, help="perturbed runs per kink_tol")
     parser.add_argument("--flows", default="rmsprop,adam")
-    parser.add_argument("--locate", action="store_true",
-                        help="only: where Adam's runs at kink_tol 1e-3 and 1e-4 part ways")
+    parser.add_argument("--branches", action="store_true",
+                        help="only: where each flow's run meets a surface that turns repelling")
+    parser.add_argument("--discrete", action="store_true",
+                        help="only: discrete Adam at several steps through Adam's branch point")
     parser.add_argument("--series", action="store_true",
                         help="only: DecayHeun's own runs at kink_tol 1e-3, 3e-4, 1e-4")
     parser.add_argument("--few-kinks", action="store_true",
@@ -59,13 +67,15 @@ def main() -> None:
     args = parser.parse_args()
     data = separable_gaussians(100, 5, seed=0)
     model = MLP(5, 16, 2, key=jax.random.PRNGKey(0))
-    if args.locate:
-        locate(model, data)
+    if args.branches:
+        branches(model, data)
+    if args.discrete:
+        discrete(model, data)
     if args.series:
         series(model, data)
     if args.few_kinks:
         few_kinks()
-    if args.locate or args.series or args.few_kinks:
+    if args.branches or args.discrete or args.series or args.few_kinks:
         return
     theta = np.asarray(flatten(model))
     rng = np.random.default_rng(1)
@@ -105,68 +115,71 @@ def main() -> None:
             print(flush=True)
 
 
-def locate(model, data) -> None:
-    """Where Adam's runs at kink_tol 1e-3 and 1e-4 (DecayHeun) part: the first save where
-    they differ by more than 1e-3, the hidden unit j whose weights differ most there, its
-    output weight a_j (run b), and the two preactivations <w_j, x_i> nearest 0 in each run.
-    Then, for the sample i nearest the surface, the one-sided normal velocities
-    d<w_j, x_i>/dt = -<h g, x_i> (w_j's coordinates) just above and below the surface
-    along run b: opposite signs pointing at the surface mean sliding, pointing away mean
-    a repelling surface, which a Filippov solution may leave on either side."""
-    ts = np.geomspace(1e-3, 10.0, 400)
-    a, b = (
-        simulate(FLOWS["adam"], model, data, ts[-1], ts=ts, kink_tol=tol,
-                 solver=DecayHeun(), max_steps=200_000)
-        for tol in (1e-3, 1e-4)
-    )
-    wa, wb = np.asarray(a.w), np.asarray(b.w)
-    d = _rel(wa, wb)
-    if d.max() <= 1e-3:
-        print(f"the two runs stay within 1e-3 of each other (at most {d.max():.1e})")
-        return
-    i0 = int(np.argmax(d > 1e-3))
+def branches(model, data) -> None:
+    """Where each flow's run meets a switching surface that turns from sliding to repelling
+    (`marginflow.analysis.switching_surfaces`): the four flows at the default kink_tol,
+    800 saves from t = 1e-4 to 1e4; then Adam's runs at kink_tol 1e-3 and 1e-4 saved every
+    1e-3 over [0.07, 0.13], with unit 11's surface for sample 53 and its output weight."""
+    ts = np.geomspace(1e-4, 1e4, 801)
+    for name, flow in FLOWS.items():
+        traj = simulate(flow, model, data, ts[-1], ts=ts)
+        found = switching_surfaces(traj, model, data)
+        counts = {kind: int(np.sum(found.kind == k)) for k, kind in enumerate(KINDS)}
+        print(f"{name}: triples within 1e-3 of their surface {counts}; branch points "
+              f"(t, unit, sample): {found.branch_points()}", flush=True)
+    ts = np.linspace(0.07, 0.13, 61)
+    for tol in (1e-3, 1e-4):
+        traj = simulate(FLOWS["adam"], model, data, ts[-1], ts=ts, kink_tol=tol)
+        found = switching_surfaces(traj, model, data)
+        print(f"adam, kink_tol {tol:g}, saves every 1e-3 on [0.07, 0.13]: branch points "
+              f"{found.branch_points()}; unit 11, sample 53 (z relative, velocity above / "
+              "below, kind, output weight a_11):")
+        for k in np.flatnonzero((found.unit == 11) & (found.sample == 53))[::3]:
+            a11 = float(unflatten(model, jnp.asarray(traj.w[found.save[k]])).weights[1][0, 11])
+            print(f"  t = {found.ts[k]:.3f}  z {found.z[k]:+.1e}  {found.above[k]:+.2e} / "
+                  f"{found.below[k]:+.2e}  {found.kinds()[k]:<9}  a_11 {a11:+.2e}")
+
+
+def discrete(model, data) -> None:
+    """Discrete Adam (b1 = 0) at step eta against the flow it follows (AdamFlow with the
+    'ema' bias correction, `matching_optimizer`), through the branch point near t = 0.1:
+    the side of unit 11's surface for sample 53 each run leaves on, and pairwise
+    distances at t = 0.4."""
+    flow = AdamFlow(1e-5, 0.9, bias_correction="ema")
+    grid = np.array([0.09, 0.1, 0.11, 0.4])
+    runs = {}
+    window = np.linspace(0.07, 0.13, 61)
+    found = switching_surfaces(simulate(flow, model, data, window[-1], ts=window,
+                                        solver=DecayHeun()), model, data)
+    print(f"the 'ema' flow's branch points on [0.07, 0.13]: {found.branch_points()}")
+    for tol in (1e-3, 1e-4, 1e-5):
+        runs[f"flow, kink_tol {tol:g}"] = np.asarray(simulate(
+            flow, model, data, grid[-1], ts=grid, kink_tol=tol, solver=DecayHeun(),
+            max_steps=1_000_000).w)
+    sides = []
+    for eta in np.geomspace(1e-3, 3e-6, 25):  # which side each leaves on
+        traj = run(matching_optimizer(flow, float(eta)), model, data,
+                   int(round(0.11 / eta)), save_every=int(round(0.11 / eta)))
+        w1 = np.asarray(unflatten(model, jnp.asarray(np.asarray(traj.w)[-1])).weights[0])
+        sides.append(f"{eta:.2g}: {'above' if w1[11] @ np.asarray(data.X)[53] > 0 else 'below'}")
+    print("discrete Adam at 25 steps eta, side of unit 11's surface for sample 53 at t = "
+          "0.11: " + ", ".join(sides))
+    for eta in (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6):
+        traj = run(matching_optimizer(flow, eta), model, data, int(round(grid[-1] / eta)),
+                   save_every=int(round(0.01 / eta)))
+        ts = np.asarray(traj.ts)
+        runs[f"discrete, eta {eta:g}"] = np.asarray(traj.w)[
+            [int(np.argmin(np.abs(ts - t))) for t in grid]]
     X = np.asarray(data.X)
-
-    def layers(w):  # (first layer (width, in), output weights (width,))
-        w1, w2 = unflatten(model, jnp.asarray(w)).weights
-        return np.asarray(w1), np.asarray(w2)[0]
-
-    (a1, a2), (b1, b2) = layers(wa[i0]), layers(wb[i0])
-    j = int(np.argmax(np.linalg.norm(a1 - b1, axis=1) + np.abs(a2 - b2)))
-    print(f"Adam, DecayHeun, kink_tol 1e-3 (a) and 1e-4 (b): they first differ by more than "
-          f"1e-3 at t = {ts[i0]:.3g}; hidden unit {j} differs most. Its output weight a_j "
-          "(run b) and its two preactivations <w_j, x_i> nearest 0 (sample: value):")
-    rows = range(max(0, i0 - 30), min(len(ts), i0 + 8), 3)
-    for i in rows:
-        cells = []
-        for w in (wa[i], wb[i]):
-            z = X @ layers(w)[0][j]
-            near = np.argsort(np.abs(z))[:2]
-            cells.append(" ".join(f"{k}:{z[k]:+.1e}" for k in near))
-        print(f"  t = {ts[i]:.4e}  |a - b| / |b| {d[i]:.1e}  a_j {layers(wb[i])[1][j]:+.2e}  "
-              f"a {cells[0]}  b {cells[1]}")
-    # The sample that sits on unit j's surface in run b just before the runs part.
-    sample = int(np.argmin(np.abs(X @ layers(wb[i0 - 5])[0][j])))
-    x = X[sample]
-    objective = Objective(model, data)
-    grad = jax.jit(lambda w: objective.grad(w))
-    # The positions of w_j in the flat w: unflatten the positions themselves.
-    positions = unflatten(model, jnp.arange(wb.shape[1], dtype=jnp.float64))
-    index = np.asarray(positions.weights[0])[j].astype(int)
-    h = np.asarray(b.h())
-    print(f"Sample {sample} on unit {j}'s surface, run b: d<w_{j}, x_{sample}>/dt just above "
-          "(z = +1e-9) and below (z = -1e-9) the surface")
-    for i in rows:
-        w = wb[i]
-        z = w[index] @ x
-        sides = []
-        for side in (1e-9, -1e-9):
-            moved = w.copy()
-            moved[index] = w[index] + (side - z) * x / (x @ x)
-            g = np.asarray(grad(jnp.asarray(moved)))
-            sides.append(-(h[i][index] * g[index]) @ x)
-        print(f"  t = {ts[i]:.4e}  a_j {layers(w)[1][j]:+.2e}  above {sides[0]:+.2e}  "
-              f"below {sides[1]:+.2e}")
+    print("z = <w_11, x_53> at t = " + ", ".join(f"{t:g}" for t in grid[:3]) + "; then the "
+          "distance at t = 0.4 to each run, in the order listed")
+    for label, w in runs.items():
+        z = [float(np.asarray(unflatten(model, jnp.asarray(x)).weights[0])[11] @ X[53])
+             for x in w[:3]]
+        far = [_rel(w[-1], other[-1]) for other in runs.values()]
+        side = "above" if z[2] > 0 else "below"
+        print(f"  {label:<22} " + " ".join(f"{x:+.1e}" for x in z) + f"  ({side})  "
+              + " ".join(f"{x:.1e}" for x in far), flush=True)
 
 
 def series(model, data) -> None:

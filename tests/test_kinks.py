@@ -379,9 +379,11 @@ def test_relu_mlp_agrees_with_a_tighter_kink_tol(flow):
     # measured 1.9e-5 and 3.1e-4 in benchmarks/kinks.py) meet it. RMSProp and Adam keep
     # the 10 * kink_tol bound (benchmarks/kinks_reproducibility.py): RMSProp's default run
     # lands on one of two outcomes, 2.3-2.8e-4 or 1.4e-3 from the tight run, and a 1e-10
-    # change of w0 or other save times pick which. Adam's flow is not unique from t ~ 0.1
-    # (a sliding surface turns repelling; docs/solvers.md): its runs at 1e-3 and 1e-4 end
-    # 2.1e-4 to 3.2e-3 apart, depending on the branches they take.
+    # change of w0 or other save times pick which (they part where a unit crosses three
+    # samples' surfaces at once). Adam's flow is not unique from t ~ 0.097 (a sliding
+    # surface turns repelling, test_adams_flow_branches_where_an_output_weight_changes_sign;
+    # discrete Adam leaves it on either side as its step falls, docs/solvers.md): its runs
+    # at 1e-3 and 1e-4 end 2.1e-4 to 3.2e-3 apart across starts and solvers.
     model, data = _issue_problem()
     a = simulate(FLOWS[flow], model, data, 1e10, n_save=3)
     b = simulate(FLOWS[flow], model, data, 1e10, n_save=3, kink_tol=1e-4)
@@ -549,3 +551,156 @@ def test_loss_rise_is_the_largest_relative_rise_between_saves():
     assert float(np.max(_loss_rise(AdaGradFlow(1e-5), [-1.0, -2.0, -1.5, -3.0]))) == 0.25
     assert float(np.max(_loss_rise(AdaGradFlow(1e-5), [0.5, 0.2, -4.0]))) == 0.0
     assert _loss_rise(MomentumFlow(0.9), [-1.0, -0.5]) is None
+
+
+# --------------------------------------------------------------- where the flow branches
+def _hand_velocities(w, h, X, y, j, i):
+    """(above, below): dz_ji/dt = -<h_j * g_j, x_i> of the reference problem's ReLU MLP
+    (W1 row by row, then W2; loss sum_k exp(-y_k Phi(x_k))), g the gradient written out by
+    hand with unit j's activation on sample i set to 1 (above) or 0 (below)."""
+    W1, W2 = w[: WIDTH * IN].reshape(WIDTH, IN), w[WIDTH * IN:]
+    Z = X @ W1.T
+    out = []
+    for side in (1.0, 0.0):
+        M = (Z > 0).astype(float)
+        M[i, j] = side
+        c = -np.exp(-y * ((Z * M) @ W2)) * y  # dL/dPhi(x_k)
+        g_j = W2[j] * ((c * M[:, j]) @ X)
+        out.append(-(h[: WIDTH * IN].reshape(WIDTH, IN)[j] * g_j) @ X[i])
+    return out
+
+
+def test_switching_surfaces_against_velocities_written_out_by_hand():
+    # The reference problem's GD flow slides before t = 4; its saves there are examined
+    # with a random positive conditioner put in place of GD's h = 1, so that h's weighting
+    # is checked too. Each one-sided velocity is a sum of a few dozen O(1) terms: 1e-10
+    # relative to the largest term bounds its rounding, and a wrong side or factor is O(1).
+    import equinox as eqx
+    from marginflow.analysis import switching_surfaces
+
+    model, data = _problem()
+    traj = simulate(GradientFlow(), model, data, T, ts=[3.0, 3.5, T], kink_tol=1e-2)
+    h = np.random.default_rng(0).uniform(0.5, 2.0, traj.w.shape)
+    traj = eqx.tree_at(lambda t: t.conditioner, traj, h)
+    found = switching_surfaces(traj, model, data, band=1e-2)
+    assert len(found.ts) > 0 and (found.kind == 1).any()  # it slides: both sides push on
+    X, y = np.asarray(data.X), np.asarray(data.y)
+    for k in range(len(found.ts)):
+        s, j, i = found.save[k], found.unit[k], found.sample[k]
+        assert found.ts[k] == traj.ts[s]
+        W1 = traj.w[s][: WIDTH * IN].reshape(WIDTH, IN)
+        z = W1[j] @ X[i]
+        assert abs(z) <= 1e-2 * np.linalg.norm(W1[j]) * np.linalg.norm(X[i])
+        np.testing.assert_allclose(found.z[k], z / np.linalg.norm(W1[j]) / np.linalg.norm(X[i]))
+        above, below = _hand_velocities(traj.w[s], h[s], X, y, j, i)
+        size = np.abs(traj.w[s]).max() * np.abs(X).max() ** 2 * len(X) * 10
+        np.testing.assert_allclose([found.above[k], found.below[k]], [above, below],
+                                   rtol=0, atol=1e-10 * size)
+        expected = 1 if above < 0 < below else 2 if below < 0 < above else 0
+        assert found.kind[k] == expected
+    # Bad input: the rule, the value and the fix.
+    with pytest.raises(ValueError, match="band"):
+        switching_surfaces(traj, model, data, band=0.0)
+    with pytest.raises(ValueError, match="batched"):
+        switching_surfaces(eqx.tree_at(lambda t: t.w, traj, traj.w[None]), model, data)
+    with pytest.raises(ValueError, match="momentum"):
+        switching_surfaces(eqx.tree_at(lambda t: t.m, traj, np.concatenate([traj.m] * 2, -1)),
+                           model, data)
+
+
+def test_switching_surfaces_rejects_models_without_hyperplane_kinks():
+    from marginflow.analysis import switching_surfaces
+
+    model, data = _problem()
+    traj = simulate(GradientFlow(), model, data, T, ts=[3.0, 3.5, T], kink_tol=1e-2)
+    for other in (MLP(IN, WIDTH, 2, activation=2, key=jax.random.key(3)),
+                  Linear(IN, key=jax.random.key(3))):
+        with pytest.raises(ValueError, match="needs a ReLU or leaky-ReLU MLP"):
+            switching_surfaces(traj, other, data)
+
+
+def test_branch_points_need_a_sliding_surface_that_turns_repelling():
+    # Read off the records alone: a pair sliding at save k and repelling at save k + 1 is a
+    # branch point; repelling after a crossing (the state has left the surface), or after a
+    # gap in the saves at which the pair was examined, is not.
+    from marginflow.analysis import SwitchingSurfaces
+
+    rows = [  # (save, unit, sample, kind)
+        (3, 0, 5, 1), (4, 0, 5, 2),  # sliding -> repelling: a branch point at ts[4]
+        (3, 1, 2, 0), (4, 1, 2, 2),  # crossing -> repelling: none
+        (2, 2, 7, 1), (4, 2, 7, 2),  # not examined at save 3: none
+        (5, 0, 5, 2),  # the same pair again: counted once
+        (6, 3, 1, 1), (7, 3, 1, 1), (8, 3, 1, 2),  # a later one
+    ]
+    save, unit, sample, kind = (np.array(c) for c in zip(*rows, strict=True))
+    ts = 0.1 * save
+    record = SwitchingSurfaces(ts=ts, save=save, unit=unit, sample=sample, z=0 * ts,
+                               above=0 * ts, below=0 * ts, kind=kind, band=1e-3)
+    assert record.branch_points() == [(0.4, 0, 5), (0.8, 3, 1)]
+    assert record.kinds()[:2] == ["sliding", "repelling"]
+
+
+@pytest.mark.slow
+def test_adams_flow_branches_where_an_output_weight_changes_sign():
+    # The issue's problem (benchmarks/kinks_reproducibility.py --branches): Adam's flow slides
+    # on unit 11's surface for sample 53 until that unit's output weight a_11 passes through
+    # 0 near t = 0.097; the one-sided velocities carry the factor a_11, so the surface
+    # repels from there. Checked: the branch point is found there, and a_11, read off the
+    # weights independently of the classification, changes sign between the two saves.
+    from marginflow.analysis import switching_surfaces
+    from marginflow.models import unflatten
+
+    model, data = _issue_problem()
+    ts = np.linspace(0.07, 0.13, 61)
+    traj = simulate(FLOWS["adam"], model, data, ts[-1], ts=ts)
+    found = switching_surfaces(traj, model, data)
+    branch = [b for b in found.branch_points() if b[1:] == (11, 53)]
+    assert len(branch) == 1, found.branch_points()
+    k = int(np.argmin(np.abs(ts - branch[0][0])))
+    a11 = [float(unflatten(model, jnp.asarray(traj.w[s])).weights[1][0, 11]) for s in (k - 1, k)]
+    assert a11[0] > 0 > a11[1], a11
+
+
+@pytest.mark.parametrize("activation, out_dim, depth", [("leaky_relu", 3, 3), ("relu", 1, 2)])
+def test_one_sided_fields_are_the_limits_of_the_field_from_each_side(activation, out_dim,
+                                                                     depth):
+    # The field switching_surfaces reads on each side of <w_j, x_i> = 0 (that activation
+    # forced onto one linear piece) against autodiff of the real model at points just
+    # above and just below the surface (w_j moved along x_i to z = +-delta): the same
+    # linear piece there, so equal up to the O(delta) change of w. Leaky ReLU, a deeper
+    # net and cross-entropy included; the other pieces stay as they are at delta 1e-7
+    # (checked: no other preactivation of unit j is that close).
+    from marginflow.analysis._switching import _one_sided_grads
+    from marginflow.models import Objective, flatten
+
+    model = MLP(4, 6, depth, activation=activation, out_dim=out_dim, key=jax.random.key(7))
+    data = separable_gaussians(12, 4, seed=7)
+    if out_dim > 1:
+        data = type(data)(data.X, jnp.asarray(np.arange(12) % out_dim))
+    objective = Objective(model, data)
+    w = np.asarray(flatten(model))
+    X = np.asarray(data.X)
+    W1 = np.asarray(model.weights[0])
+    below_slope = 0.01 if activation == "leaky_relu" else 0.0
+    for j, i in [(0, 0), (2, 5), (5, 11)]:
+        delta = 1e-7 * np.linalg.norm(W1[j]) * np.linalg.norm(X[i])
+        others = np.delete(X @ W1[j], i)
+        assert np.abs(others).min() > 1e3 * delta
+        sides = []
+        for side in (1.0, -1.0):
+            moved = w.copy()
+            moved[j * 4:(j + 1) * 4] += (side * delta - W1[j] @ X[i]) * X[i] / (X[i] @ X[i])
+            sides.append(moved)
+        grads = np.asarray(_one_sided_grads(
+            objective, jnp.asarray(np.stack([sides[0], sides[0], sides[1], sides[1]])),
+            jnp.full(4, i), jnp.full(4, j), jnp.asarray([1.0, below_slope] * 2)))
+        exact = [np.asarray(objective.grad(jnp.asarray(s))) for s in sides]
+        scale = np.abs(exact[0]).max()
+        # On the state's own side: the same function, so equal to rounding.
+        np.testing.assert_allclose(grads[0], exact[0], rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(grads[3], exact[1], rtol=0, atol=1e-12 * scale)
+        # Across: the other side's field, from 2 delta away: O(delta) apart, and the jump
+        # itself (the unit's gradient between the two sides) far above that.
+        np.testing.assert_allclose(grads[1], exact[1], rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(grads[2], exact[0], rtol=0, atol=1e-5 * scale)
+        assert np.abs(exact[0] - exact[1]).max() > 1e-3 * scale
