@@ -22,9 +22,18 @@ Instead of that, with
   --branches   where each flow's run meets a switching surface that turns from sliding to
                repelling (marginflow.analysis.switching_surfaces), and Adam's branch point
                at kink_tol 1e-3 and 1e-4 in detail (a minute);
-  --discrete   discrete Adam (b1 = 0) at six steps eta through that branch point, against
-               the flow it follows: which side each run leaves on (a minute);
-  --series     DecayHeun's own runs at kink_tol 1e-3, 3e-4 and 1e-4 (a minute);
+  --figure PNG Adam's branch point drawn: the normal velocities on each side of the
+               surface and the output weight a_11, and DecayHeun's runs at kink_tol
+               1e-3 and 1e-4 leaving it on opposite sides (a minute);
+  --part       where the default runs at kink_tol 1e-3 and 1e-4 part (RMSProp, Adam): their
+               distance at dense saves, and the side Adam's runs take at its branch
+               point (a minute);
+  --discrete   discrete Adam (b1 = 0) through that branch point, against the flow it
+               follows: the side each run leaves on at 25 steps eta, and distances at 6
+               of them (five minutes);
+  --series     DecayHeun's own runs at kink_tol 1e-3, 3e-4 and 1e-4 (Adam also 3e-5 and
+               1e-5), and Adam's compiled time by default and with DecayHeun at 1e-4
+               (three minutes);
   --few-kinks  DecayIMEX against DecayHeun on a ReLU MLP with few kinks (a minute).
 Run: python benchmarks/kinks_reproducibility.py [--n 6] [--flows rmsprop,adam]
 (about 5 minutes on 2 cores with --n 6; printed only)
@@ -34,13 +43,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from kinks import FLOWS, _timed  # the issue's flows (eps 1e-5, b 0.9); compile, then median
 from marginflow.analysis import switching_surfaces
-from marginflow.analysis._switching import KINDS
 from marginflow.discrete import matching_optimizer, run
 from marginflow.flows import AdamFlow, DecayHeun, simulate
 from marginflow.models import MLP, flatten, separable_gaussians, unflatten
@@ -58,6 +67,10 @@ def main() -> None:
     parser.add_argument("--flows", default="rmsprop,adam")
     parser.add_argument("--branches", action="store_true",
                         help="only: where each flow's run meets a surface that turns repelling")
+    parser.add_argument("--figure", metavar="PNG",
+                        help="only: draw Adam's branch point (docs/gallery/adam_branch.png)")
+    parser.add_argument("--part", action="store_true",
+                        help="only: where the default runs at kink_tol 1e-3 and 1e-4 part")
     parser.add_argument("--discrete", action="store_true",
                         help="only: discrete Adam at several steps through Adam's branch point")
     parser.add_argument("--series", action="store_true",
@@ -69,13 +82,17 @@ def main() -> None:
     model = MLP(5, 16, 2, key=jax.random.PRNGKey(0))
     if args.branches:
         branches(model, data)
+    if args.figure:
+        figure(model, data, args.figure)
+    if args.part:
+        part(model, data)
     if args.discrete:
         discrete(model, data)
     if args.series:
         series(model, data)
     if args.few_kinks:
         few_kinks()
-    if args.branches or args.discrete or args.series or args.few_kinks:
+    if args.branches or args.figure or args.part or args.discrete or args.series or args.few_kinks:
         return
     theta = np.asarray(flatten(model))
     rng = np.random.default_rng(1)
@@ -118,14 +135,15 @@ def main() -> None:
 def branches(model, data) -> None:
     """Where each flow's run meets a switching surface that turns from sliding to repelling
     (`marginflow.analysis.switching_surfaces`): the four flows at the default kink_tol,
-    800 saves from t = 1e-4 to 1e4; then Adam's runs at kink_tol 1e-3 and 1e-4 saved every
+    801 saves from t = 1e-4 to 1e4; then Adam's runs at kink_tol 1e-3 and 1e-4 saved every
     1e-3 over [0.07, 0.13], with unit 11's surface for sample 53 and its output weight."""
     ts = np.geomspace(1e-4, 1e4, 801)
     for name, flow in FLOWS.items():
         traj = simulate(flow, model, data, ts[-1], ts=ts)
         found = switching_surfaces(traj, model, data)
-        counts = {kind: int(np.sum(found.kind == k)) for k, kind in enumerate(KINDS)}
-        print(f"{name}: triples within 1e-3 of their surface {counts}; branch points "
+        counts = dict(Counter(found.kinds()))
+        print(f"{name}: triples within 1e-3 of their surface {counts}, "
+              f"{int(found.junction.sum())} of them at junctions; branch points "
               f"(t, unit, sample): {found.branch_points()}", flush=True)
     ts = np.linspace(0.07, 0.13, 61)
     for tol in (1e-3, 1e-4):
@@ -138,6 +156,76 @@ def branches(model, data) -> None:
             a11 = float(unflatten(model, jnp.asarray(traj.w[found.save[k]])).weights[1][0, 11])
             print(f"  t = {found.ts[k]:.3f}  z {found.z[k]:+.1e}  {found.above[k]:+.2e} / "
                   f"{found.below[k]:+.2e}  {found.kinds()[k]:<9}  a_11 {a11:+.2e}")
+
+
+def figure(model, data, path) -> None:
+    """Adam's branch point drawn: left, the normal velocities of unit 11's surface for
+    sample 53 on each side, and the unit's output weight a_11, along the default run at
+    kink_tol 1e-4 (saves every 1e-3 on [0.07, 0.13]); right, <w_11, x_53> / (|w_11||x_53|)
+    along DecayHeun's runs at kink_tol 1e-3 and 1e-4, which leave it on opposite sides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    X = np.asarray(data.X)
+    ts = np.linspace(0.07, 0.13, 61)
+    traj = simulate(FLOWS["adam"], model, data, ts[-1], ts=ts, kink_tol=1e-4)
+    found = switching_surfaces(traj, model, data)
+    pair = np.flatnonzero((found.unit == 11) & (found.sample == 53))
+    a11 = [float(unflatten(model, jnp.asarray(traj.w[s])).weights[1][0, 11])
+           for s in found.save[pair]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    left.plot(found.ts[pair], found.above[pair], "C3.-", label=r"$\dot z$ just above")
+    left.plot(found.ts[pair], found.below[pair], "C0.-", label=r"$\dot z$ just below")
+    left.axhline(0, color="0.6", lw=0.8)
+    for t, _, _ in found.branch_points():
+        left.axvline(t, color="k", ls=":", lw=1)
+    weight = left.twinx()
+    weight.plot(found.ts[pair], a11, "k--", lw=1)
+    weight.set_ylabel(r"output weight $a_{11}$ (dashed)")
+    left.set_ylim(-1.0, 0.5)  # the two axes' zeros at one height: a_11 = 0 where they cross
+    weight.set_ylim(-0.02, 0.01)
+    left.set(xlabel="t", ylabel=r"normal velocity of $z_{11,53}$",
+             title="sliding (above < 0 < below), then repelling")
+    left.legend(loc="lower right", fontsize=8)
+    grid = np.linspace(0.07, 0.2, 131)
+    for tol, style in ((1e-3, "C2-"), (1e-4, "C1-")):
+        w = np.asarray(simulate(FLOWS["adam"], model, data, grid[-1], ts=grid, kink_tol=tol,
+                                solver=DecayHeun()).w)
+        W1 = np.stack([np.asarray(unflatten(model, jnp.asarray(v)).weights[0])[11] for v in w])
+        z = W1 @ X[53] / np.linalg.norm(W1, axis=1) / np.linalg.norm(X[53])
+        right.plot(grid, z, style, label=f"DecayHeun, kink_tol {tol:g}")
+    right.axhline(0, color="0.6", lw=0.8)
+    right.set(xlabel="t", ylabel=r"$z_{11,53} / (\|w_{11}\| \|x_{53}\|)$",
+              title="two runs leave it on opposite sides")
+    right.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}; branch points {found.branch_points()}", flush=True)
+
+
+def part(model, data) -> None:
+    """Where the default (DecayIMEX) runs at kink_tol 1e-3 and 1e-4 from w0 part: both
+    saved at 161 times from 1e-3 to 1 and at 1e10, their relative distance at every tenth
+    save; for Adam, the side of unit 11's surface for sample 53 (its branch point near
+    t = 0.097, --branches) each run is on at t = 0.2. The save times are part of the
+    compiled program, so these runs may take other outcomes than the main table's
+    (module docstring)."""
+    ts = np.concatenate([np.geomspace(1e-3, 1.0, 161), [1e10]])
+    k_side = int(np.argmin(np.abs(ts - 0.2)))
+    X = np.asarray(data.X)
+    for name in ("rmsprop", "adam"):
+        w = {tol: np.asarray(simulate(FLOWS[name], model, data, ts[-1], ts=ts,
+                                      kink_tol=tol).w) for tol in (1e-3, 1e-4)}
+        d = _rel(w[1e-3], w[1e-4])
+        print(f"{name}: distance between the runs at kink_tol 1e-3 and 1e-4 at t = "
+              + ", ".join(f"{ts[k]:.3g}: {d[k]:.1e}" for k in [*range(0, 161, 10), 161]))
+        if name == "adam":
+            z = {tol: float(np.asarray(unflatten(model, jnp.asarray(v[k_side])).weights[0])
+                            [11] @ X[53]) for tol, v in w.items()}
+            print(f"  <w_11, x_53> at t = {ts[k_side]:.3g}: "
+                  + ", ".join(f"kink_tol {tol:g}: {x:+.1e}" for tol, x in z.items()),
+                  flush=True)
 
 
 def discrete(model, data) -> None:
@@ -183,15 +271,32 @@ def discrete(model, data) -> None:
 
 
 def series(model, data) -> None:
-    """DecayHeun's own runs at kink_tol 1e-3, 3e-4 and 1e-4 from w0, pairwise distances."""
-    for name in ("rmsprop", "adam"):
-        w = {tol: np.asarray(simulate(FLOWS[name], model, data, TS[-1], ts=TS, kink_tol=tol,
-                                      solver=DecayHeun(), max_steps=200_000).w)
-             for tol in (1e-3, 3e-4, 1e-4)}
-        for one, other in ((1e-3, 1e-4), (3e-4, 1e-4), (1e-3, 3e-4)):
-            print(f"{name}, DecayHeun, kink_tol {one:g} against {other:g} at t = "
-                  + ", ".join(f"{t:g}" for t in TS) + ": "
+    """DecayHeun's own runs from w0 at kink_tol 1e-3, 3e-4 and 1e-4 (Adam also 3e-5 and
+    1e-5): steps, and pairwise distances at the save times; then Adam's compiled wall time
+    to 1e10 by default and with DecayHeun at kink_tol 1e-4 (median of 3)."""
+    for name, tols in (("rmsprop", (1e-3, 3e-4, 1e-4)),
+                       ("adam", (1e-3, 3e-4, 1e-4, 3e-5, 1e-5))):
+        runs = {tol: simulate(FLOWS[name], model, data, TS[-1], ts=(0.2, *TS[1:]),
+                              kink_tol=tol, solver=DecayHeun(), max_steps=2_000_000)
+                for tol in tols}
+        print(f"{name}, DecayHeun, steps: " + ", ".join(
+            f"{tol:g}: {runs[tol].stats['num_steps']}" for tol in tols))
+        if name == "adam":  # the side of its branch point (--branches) each run is on
+            z = [float(np.asarray(unflatten(model, jnp.asarray(traj.w[0])).weights[0])[11]
+                       @ np.asarray(data.X)[53]) for traj in runs.values()]
+            print("  <w_11, x_53> at t = 0.2: " + ", ".join(
+                f"{tol:g}: {x:+.1e}" for tol, x in zip(tols, z, strict=True)))
+        w = {tol: np.asarray(traj.w) for tol, traj in runs.items()}
+        for one, other in [(a, b) for k, a in enumerate(tols) for b in tols[k + 1:]]:
+            print(f"  kink_tol {one:g} against {other:g} at t = "
+                  + ", ".join(f"{t:g}" for t in (0.2, *TS[1:])) + ": "
                   + " ".join(f"{x:.1e}" for x in _rel(w[one], w[other])), flush=True)
+    for label, kw in (("default (DecayIMEX, kink_tol 1e-3)", {}),
+                      ("DecayHeun, kink_tol 1e-4", {"solver": DecayHeun(), "kink_tol": 1e-4})):
+        traj, seconds = _timed(
+            lambda kw=kw: simulate(FLOWS["adam"], model, data, 1e10, **kw), 3)
+        print(f"adam to 1e10, {label}: {traj.stats['num_steps']} steps, {seconds:.2f} s "
+              "(median of 3, compiled)", flush=True)
 
 
 def few_kinks() -> None:

@@ -379,11 +379,11 @@ def test_relu_mlp_agrees_with_a_tighter_kink_tol(flow):
     # measured 1.9e-5 and 3.1e-4 in benchmarks/kinks.py) meet it. RMSProp and Adam keep
     # the 10 * kink_tol bound (benchmarks/kinks_reproducibility.py): RMSProp's default run
     # lands on one of two outcomes, 2.3-2.8e-4 or 1.4e-3 from the tight run, and a 1e-10
-    # change of w0 or other save times pick which (they part where a unit crosses three
-    # samples' surfaces at once). Adam's flow is not unique from t ~ 0.097 (a sliding
-    # surface turns repelling, test_adams_flow_branches_where_an_output_weight_changes_sign;
-    # discrete Adam leaves it on either side as its step falls, docs/solvers.md): its runs
-    # at 1e-3 and 1e-4 end 2.1e-4 to 3.2e-3 apart across starts and solvers.
+    # change of w0 or other save times pick which. Adam's flow is not unique from
+    # t ~ 0.097 (a sliding surface turns repelling,
+    # test_adams_flow_branches_where_an_output_weight_changes_sign; a run's errors pick the
+    # side, and discrete Adam's step does too, docs/solvers.md): its runs at 1e-3 and 1e-4
+    # end 2.1e-4 to 3.2e-3 apart across starts, save times and solvers.
     model, data = _issue_problem()
     a = simulate(FLOWS[flow], model, data, 1e10, n_save=3)
     b = simulate(FLOWS[flow], model, data, 1e10, n_save=3, kink_tol=1e-4)
@@ -620,24 +620,114 @@ def test_switching_surfaces_rejects_models_without_hyperplane_kinks():
 
 
 def test_branch_points_need_a_sliding_surface_that_turns_repelling():
-    # Read off the records alone: a pair sliding at save k and repelling at save k + 1 is a
-    # branch point; repelling after a crossing (the state has left the surface), or after a
-    # gap in the saves at which the pair was examined, is not.
+    # Read off the records alone: a pair sliding at saves k - 2 and k - 1 and repelling at
+    # save k is a branch point; repelling after a crossing (the state has left the
+    # surface), after one sliding save only, after a gap in the saves at which the pair was
+    # examined, or with any of the three at a junction, is not.
     from marginflow.analysis import SwitchingSurfaces
 
-    rows = [  # (save, unit, sample, kind)
-        (3, 0, 5, 1), (4, 0, 5, 2),  # sliding -> repelling: a branch point at ts[4]
-        (3, 1, 2, 0), (4, 1, 2, 2),  # crossing -> repelling: none
-        (2, 2, 7, 1), (4, 2, 7, 2),  # not examined at save 3: none
-        (5, 0, 5, 2),  # the same pair again: counted once
-        (6, 3, 1, 1), (7, 3, 1, 1), (8, 3, 1, 2),  # a later one
+    rows = [  # (save, unit, sample, kind, junction)
+        (2, 0, 5, 1, 0), (3, 0, 5, 1, 0), (4, 0, 5, 2, 0),  # a branch point at ts[4]
+        (3, 1, 2, 0, 0), (4, 1, 2, 2, 0),  # crossing -> repelling: none
+        (3, 4, 0, 1, 0), (4, 4, 0, 2, 0),  # one sliding save: none
+        (1, 2, 7, 1, 0), (2, 2, 7, 1, 0), (4, 2, 7, 2, 0),  # not examined at save 3: none
+        (2, 5, 3, 1, 0), (3, 5, 3, 1, 1), (4, 5, 3, 2, 0),  # a junction on the way: none
+        (5, 0, 5, 2, 0),  # the same pair again: counted once
+        (6, 3, 1, 1, 0), (7, 3, 1, 1, 0), (8, 3, 1, 2, 0),  # a later one
     ]
-    save, unit, sample, kind = (np.array(c) for c in zip(*rows, strict=True))
+    save, unit, sample, kind, junction = (np.array(c) for c in zip(*rows, strict=True))
     ts = 0.1 * save
     record = SwitchingSurfaces(ts=ts, save=save, unit=unit, sample=sample, z=0 * ts,
-                               above=0 * ts, below=0 * ts, kind=kind, band=1e-3)
+                               above=0 * ts, below=0 * ts, kind=kind,
+                               junction=junction.astype(bool), band=1e-3)
     assert record.branch_points() == [(0.4, 0, 5), (0.8, 3, 1)]
-    assert record.kinds()[:2] == ["sliding", "repelling"]
+    assert record.kinds()[:3] == ["sliding", "sliding", "repelling"]
+
+
+def _states_near_surfaces(model, data, rng, count):
+    # Random states of `model` with three first-layer units each moved to a relative
+    # distance 1e-6 (either side) or 3e-3 from the surfaces of one sample, or at odd k of
+    # two samples at once (w_j moved the least distance onto both hyperplanes: a junction),
+    # so that the band 1e-3 takes some triples in and leaves some out.
+    import equinox as eqx
+    from marginflow.models import flatten, unflatten
+
+    X = np.asarray(data.X).reshape(len(data), -1)
+    w0 = np.asarray(flatten(model))
+    states = []
+    for k in range(count):
+        model_k = unflatten(model, jnp.asarray(w0 + 0.3 * rng.standard_normal(w0.shape)))
+        W1 = np.array(model_k.weights[0])
+        for j in rng.choice(W1.shape[0], 3, replace=False):
+            Xs = X[rng.choice(len(X), 1 + (k % 2), replace=False)]
+            off = rng.choice([1e-6, -1e-6, 3e-3], len(Xs))
+            target = off * np.linalg.norm(W1[j]) * np.linalg.norm(Xs, axis=1)
+            W1[j] += Xs.T @ np.linalg.solve(Xs @ Xs.T, target - Xs @ W1[j])
+        model_k = eqx.tree_at(lambda m: m.weights[0], model_k, jnp.asarray(W1))
+        states.append(np.asarray(flatten(model_k)))
+    return np.stack(states)
+
+
+@pytest.mark.parametrize("activation, out_dim, depth", [("leaky_relu", 3, 3), ("relu", 1, 2)])
+def test_switching_surfaces_finds_every_triple_in_the_band_with_its_own_sides_field(
+        activation, out_dim, depth):
+    # On a synthetic record (states put near surfaces by hand, a random positive
+    # conditioner): the triples found are exactly {(k, j, i): |z| <= band |w_j| |x_i|},
+    # counted here directly; on the state's own side of its surface the velocity read is
+    # the real model's, -<h_j * (grad L)_j, x_i> by autodiff at the state, to rounding
+    # (1e-10 of the largest term: the same function differentiated, in float64); kind and
+    # junction follow their definitions from the velocities found.
+    from marginflow import Trajectory
+    from marginflow.analysis import switching_surfaces
+    from marginflow.models import Objective, unflatten
+
+    model = MLP(4, 6, depth, activation=activation, out_dim=out_dim, key=jax.random.key(7))
+    data = separable_gaussians(12, 4, seed=7)
+    if out_dim > 1:
+        data = type(data)(data.X, jnp.asarray(np.arange(12) % out_dim))
+    objective = Objective(model, data)
+    rng = np.random.default_rng(5)
+    w = _states_near_surfaces(model, data, rng, 6)
+    h = rng.uniform(0.5, 2.0, w.shape)
+    traj = Trajectory(ts=np.arange(6.0), w=w, m=h, conditioner=h,
+                      log_loss=np.array([float(objective.log_loss(jnp.asarray(v))) for v in w]),
+                      I=np.zeros(6), stats={}, result="successful", message="",
+                      meta={"loss": objective.loss.name, "degree": depth})
+    band = 1e-3
+    found = switching_surfaces(traj, model, data, band=band)
+    X = np.asarray(data.X)
+    expected = set()
+    for k in range(6):
+        W1 = np.asarray(unflatten(model, jnp.asarray(w[k])).weights[0])
+        Z = W1 @ X.T
+        near = np.abs(Z) <= band * np.linalg.norm(W1, axis=1)[:, None] * np.linalg.norm(X, axis=1)
+        expected |= {(k, int(j), int(i)) for j, i in zip(*np.nonzero(near), strict=True)}
+    got = list(zip(found.save.tolist(), found.unit.tolist(), found.sample.tolist(),
+                   strict=True))
+    assert set(got) == expected and len(got) == len(expected) and len(expected) >= 12
+    for r, (k, j, i) in enumerate(got):
+        g = np.asarray(unflatten(model, objective.grad(jnp.asarray(w[k]))).weights[0][j])
+        h_j = np.asarray(unflatten(model, jnp.asarray(h[k])).weights[0][j])
+        own = -(h_j * g) @ X[i]
+        side = found.above[r] if found.z[r] > 0 else found.below[r]
+        size = np.abs(h_j * g).max() * np.abs(X[i]).sum()
+        np.testing.assert_allclose(side, own, rtol=0, atol=1e-10 * size)
+        a, b = found.above[r], found.below[r]
+        assert found.kind[r] == (1 if a < 0 < b else 2 if b < 0 < a else 0)
+        others = [q for q, key in enumerate(got) if key[:2] == (k, j) and q != r]
+        assert found.junction[r] == any(found.kind[q] != 0 for q in others)
+
+
+def test_switching_surfaces_rejects_runs_with_momentum():
+    # dw/dt of a momentum run is its integrated first moment, continuous across surfaces:
+    # a flow's run (m1 kept), or a discrete heavy-ball run (named in its meta).
+    from marginflow.analysis import switching_surfaces
+    from marginflow.discrete import SGDMomentum, run
+
+    model, data = _problem()
+    traj = run(SGDMomentum(0.05, momentum=0.9), model, data, 20)
+    with pytest.raises(ValueError, match="momentum"):
+        switching_surfaces(traj, model, data)
 
 
 @pytest.mark.slow
@@ -670,7 +760,7 @@ def test_one_sided_fields_are_the_limits_of_the_field_from_each_side(activation,
     # linear piece there, so equal up to the O(delta) change of w. Leaky ReLU, a deeper
     # net and cross-entropy included; the other pieces stay as they are at delta 1e-7
     # (checked: no other preactivation of unit j is that close).
-    from marginflow.analysis._switching import _one_sided_grads
+    from marginflow.analysis._switching import _one_sided
     from marginflow.models import Objective, flatten
 
     model = MLP(4, 6, depth, activation=activation, out_dim=out_dim, key=jax.random.key(7))
@@ -691,16 +781,26 @@ def test_one_sided_fields_are_the_limits_of_the_field_from_each_side(activation,
             moved = w.copy()
             moved[j * 4:(j + 1) * 4] += (side * delta - W1[j] @ X[i]) * X[i] / (X[i] @ X[i])
             sides.append(moved)
-        grads = np.asarray(_one_sided_grads(
-            objective, jnp.asarray(np.stack([sides[0], sides[0], sides[1], sides[1]])),
-            jnp.full(4, i), jnp.full(4, j), jnp.asarray([1.0, below_slope] * 2)))
-        exact = [np.asarray(objective.grad(jnp.asarray(s))) for s in sides]
-        scale = np.abs(exact[0]).max()
+        h = np.random.default_rng(j).uniform(0.5, 2.0, w.shape)
+        states = jnp.asarray(np.stack([sides[0], sides[0], sides[1], sides[1]]))
+        log_l, u = _one_sided(objective, states, jnp.asarray(np.stack([h] * 4)),
+                              jnp.full(4, i), jnp.full(4, j),
+                              jnp.asarray([1.0, below_slope] * 2))
+        field = np.exp(np.asarray(log_l)) * np.asarray(u)  # dz/dt on each piece
+        h_j = np.asarray(objective.unravel(jnp.asarray(h)).weights[0][j])
+        exact = [-(h_j * np.asarray(objective.unravel(objective.grad(jnp.asarray(v)))
+                                    .weights[0][j])) @ X[i] for v in sides]
+        scale = np.abs(h_j).max() * np.abs(X[i]).sum() * max(
+            np.abs(np.asarray(objective.grad(jnp.asarray(v)))).max() for v in sides)
+        # log L on the state's own side is the model's.
+        for q, v in ((0, sides[0]), (3, sides[1])):
+            np.testing.assert_allclose(log_l[q], objective.log_loss(jnp.asarray(v)),
+                                       rtol=1e-12)
         # On the state's own side: the same function, so equal to rounding.
-        np.testing.assert_allclose(grads[0], exact[0], rtol=0, atol=1e-12 * scale)
-        np.testing.assert_allclose(grads[3], exact[1], rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(field[0], exact[0], rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(field[3], exact[1], rtol=0, atol=1e-12 * scale)
         # Across: the other side's field, from 2 delta away: O(delta) apart, and the jump
-        # itself (the unit's gradient between the two sides) far above that.
-        np.testing.assert_allclose(grads[1], exact[1], rtol=0, atol=1e-5 * scale)
-        np.testing.assert_allclose(grads[2], exact[0], rtol=0, atol=1e-5 * scale)
-        assert np.abs(exact[0] - exact[1]).max() > 1e-3 * scale
+        # itself (the unit's normal velocity between the two sides) far above that.
+        np.testing.assert_allclose(field[1], exact[1], rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(field[2], exact[0], rtol=0, atol=1e-5 * scale)
+        assert abs(exact[0] - exact[1]) > 1e-3 * scale

@@ -55,6 +55,11 @@ def _check_solvers(ns):
              for f in (AdaGradFlow(1e-5), RMSPropFlow(1e-5, 0.9))]
     assert names == [("Dopri8", "Dopri8"), ("DecayIMEX", "DecayIMEX")]
     assert ns["traj"].result == "successful"
+    # the branch point printed in "Where the flow branches": (t, unit 11, sample 53)
+    from marginflow.analysis import switching_surfaces
+
+    found = switching_surfaces(ns["traj"], ns["model"], ns["data"]).branch_points()
+    assert [b[1:] for b in found] == [(11, 53)] and abs(found[0][0] - 0.097) < 2e-3, found
 
 
 def _check_discrete(ns):
