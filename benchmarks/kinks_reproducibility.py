@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--discrete", action="store_true",
                         help="only: discrete Adam at several steps through Adam's branch point")
     parser.add_argument("--series", action="store_true",
-                        help="only: DecayHeun's own runs at kink_tol 1e-3, 3e-4, 1e-4")
+                        help="only: DecayHeun's own runs at kink_tol 1e-3 to 1e-4 (Adam to 1e-5)")
     parser.add_argument("--few-kinks", action="store_true",
                         help="only: DecayIMEX against DecayHeun on a ReLU MLP with few kinks")
     args = parser.parse_args()
