@@ -17,6 +17,9 @@ Filippov's classification of the surface at that state:
 In a two-layer net with one output, the gradient of w_j carries the factor a_j, the unit's
 output weight, on both sides, so a sliding surface turns repelling where a_j changes sign
 while the run slides on it (deeper nets and several outputs: a vector of weights instead).
+In a deeper net only the first layer's surfaces are examined (a later layer's are not
+hyperplanes of w): every later activation is taken as it is at the saved state, so a state
+that also sits on a later layer's surface is classified on one side of it, unflagged.
 
 Each surface is classified with every other activation as it is at the saved state. Where
 two surfaces of one unit meet (a junction: the state also slides on, or is repelled by,
@@ -57,7 +60,9 @@ class SwitchingSurfaces(eqx.Module):
     z: np.ndarray  # (N,) <w_j, x_i> / (|w_j| |x_i|) at the save
     above: np.ndarray  # (N,) dz_ji/dt on the surface's side z > 0
     below: np.ndarray  # (N,) dz_ji/dt on its side z < 0
-    kind: np.ndarray  # (N,) 0 crossing, 1 sliding, 2 repelling (KINDS); a zero side: 0
+    kind: np.ndarray  # (N,) 0 crossing, 1 sliding, 2 repelling (KINDS), from the signs of
+    # the sides' velocities before the factor L (which can underflow both to 0 late in
+    # training); a side exactly 0: crossing
     junction: np.ndarray  # (N,) the state also slides on or is repelled by another surface of j
     band: float = eqx.field(static=True)
 
@@ -122,10 +127,12 @@ def _one_sided(objective, ws, hs, sample, unit, slope):
 
 def _is_momentum_run(traj) -> bool:
     # A flow's run keeps its first moments in m; a discrete run keeps only h's moments and
-    # names its flow: 'momentum' (SGD with momentum), or Adam's hyper-parameter b1.
-    hyper = traj.meta.get("hyper") or {}
-    return (traj.m1 is not None or traj.meta.get("flow") == "momentum"
-            or float(hyper.get("b1", 0.0) or 0.0) != 0.0)
+    # names its flow ('momentum', or Adam's b1) and, always, its optimiser's own
+    # hyper-parameters (b1, or heavy ball's momentum), read here in case no flow matched.
+    meta = traj.meta
+    hyper = {**(meta.get("optimizer_hyper") or {}), **(meta.get("hyper") or {})}
+    return (traj.m1 is not None or meta.get("flow") == "momentum"
+            or any(float(hyper.get(k) or 0.0) != 0.0 for k in ("b1", "momentum")))
 
 
 def switching_surfaces(traj, model, data, *, band: float = 1e-3) -> SwitchingSurfaces:
@@ -153,7 +160,9 @@ def switching_surfaces(traj, model, data, *, band: float = 1e-3) -> SwitchingSur
             (traj.member(b) of a batch).
         model, data: the MLP (ReLU or leaky ReLU, depth >= 2) and data set of the run.
         band: the relative distance |z_ji| / (|w_j| |x_i|) within which a triple is
-            examined (> 0; a run's kink steps keep a sliding state within about kink_tol).
+            examined (> 0). A kink step's error is bounded relative to the whole state,
+            not to |w_j|: a small unit may slide farther from its surface than kink_tol
+            relative, so if a sliding phase seen in the runs is missing here, widen it.
 
     Returns:
         SwitchingSurfaces with one entry per triple found, in save order.
@@ -174,6 +183,13 @@ def switching_surfaces(traj, model, data, *, band: float = 1e-3) -> SwitchingSur
     if traj.batched:
         raise ValueError(f"{where}: the trajectory is batched; pass one member, "
                          "traj.member(b).")
+    if traj.meta.get("kind") == "sde" or traj.meta.get("batch_size") is not None:
+        raise ValueError(
+            f"{where}: the run is a minibatch one (traj.meta: kind {traj.meta.get('kind')!r}, "
+            f"batch_size {traj.meta.get('batch_size')}): it follows a stochastic flow, to "
+            "which the surfaces' sliding and branching do not apply. Pass a flow's run "
+            "(simulate) or a full-batch discrete run (discrete.run without batch_size)."
+        )
     if _is_momentum_run(traj):
         raise ValueError(
             f"{where}: the run has momentum (traj.meta: flow {traj.meta.get('flow')!r}, "

@@ -3,7 +3,8 @@
 The problem of benchmarks/kinks.py (MLP(5, 16, 2) with ReLU on separable_gaussians(100, 5,
 seed=0), eps 1e-5, b 0.9, rtol 1e-8, t1 = 1e10), saved at t = 1e-2, 1, 1e2 and 1e10
 instead of kinks.py's n_save = 20 (the save times change the compiled program, and with
-it which outcome a DecayIMEX run at kink_tol 1e-3 takes: 2.8e-4 here, 1.4e-3 there). For
+it which outcome a DecayIMEX run at kink_tol 1e-3 takes: 2.8e-4 here; 1.4e-3 in one
+recording of kinks.py's table and 2.8e-4 in the latest). For
 RMSProp and Adam, at kink_tol 1e-4 and at the default 1e-3: one run from w0 and N runs
 from w0 + e, e random with |e| = 1e-10 |w0| (rounding-sized changes). Printed per flow
 and kink_tol:

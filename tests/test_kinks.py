@@ -632,6 +632,8 @@ def test_branch_points_need_a_sliding_surface_that_turns_repelling():
         (3, 4, 0, 1, 0), (4, 4, 0, 2, 0),  # one sliding save: none
         (1, 2, 7, 1, 0), (2, 2, 7, 1, 0), (4, 2, 7, 2, 0),  # not examined at save 3: none
         (2, 5, 3, 1, 0), (3, 5, 3, 1, 1), (4, 5, 3, 2, 0),  # a junction on the way: none
+        (2, 5, 4, 1, 1), (3, 5, 4, 1, 0), (4, 5, 4, 2, 0),  # a junction first: none
+        (2, 1, 6, 1, 0), (3, 1, 6, 1, 0), (4, 1, 6, 2, 1),  # repelling at a junction: none
         (5, 0, 5, 2, 0),  # the same pair again: counted once
         (6, 3, 1, 1, 0), (7, 3, 1, 1, 0), (8, 3, 1, 2, 0),  # a later one
     ]
@@ -647,8 +649,9 @@ def test_branch_points_need_a_sliding_surface_that_turns_repelling():
 def _states_near_surfaces(model, data, rng, count):
     # Random states of `model` with three first-layer units each moved to a relative
     # distance 1e-6 (either side) or 3e-3 from the surfaces of one sample, or at odd k of
-    # two samples at once (w_j moved the least distance onto both hyperplanes: a junction),
-    # so that the band 1e-3 takes some triples in and leaves some out.
+    # two samples at once (w_j moved the least distance onto both hyperplanes: a junction
+    # where the state slides on or is repelled by both), so that the band 1e-3 takes some
+    # triples in and leaves some out.
     import equinox as eqx
     from marginflow.models import flatten, unflatten
 
@@ -705,6 +708,9 @@ def test_switching_surfaces_finds_every_triple_in_the_band_with_its_own_sides_fi
     got = list(zip(found.save.tolist(), found.unit.tolist(), found.sample.tolist(),
                    strict=True))
     assert set(got) == expected and len(got) == len(expected) and len(expected) >= 12
+    if activation == "leaky_relu":  # checked: sliding, repelling and junction triples all
+        # occur among these states, so the definitions below are exercised, not vacuous
+        assert {0, 1, 2} <= set(found.kind.tolist()) and found.junction.any()
     for r, (k, j, i) in enumerate(got):
         g = np.asarray(unflatten(model, objective.grad(jnp.asarray(w[k]))).weights[0][j])
         h_j = np.asarray(unflatten(model, jnp.asarray(h[k])).weights[0][j])
@@ -720,13 +726,18 @@ def test_switching_surfaces_finds_every_triple_in_the_band_with_its_own_sides_fi
 
 def test_switching_surfaces_rejects_runs_with_momentum():
     # dw/dt of a momentum run is its integrated first moment, continuous across surfaces:
-    # a flow's run (m1 kept), or a discrete heavy-ball run (named in its meta).
+    # a flow's run (m1 kept), or a discrete heavy-ball or Adam (b1 > 0) run (its meta).
     from marginflow.analysis import switching_surfaces
-    from marginflow.discrete import SGDMomentum, run
+    from marginflow.discrete import Adam, SGDMomentum, run
 
     model, data = _problem()
-    traj = run(SGDMomentum(0.05, momentum=0.9), model, data, 20)
-    with pytest.raises(ValueError, match="momentum"):
+    for opt in (SGDMomentum(0.05, momentum=0.9), Adam(0.01, b1=0.9)):
+        traj = run(opt, model, data, 20)
+        with pytest.raises(ValueError, match="momentum"):
+            switching_surfaces(traj, model, data)
+    # A minibatch run follows a stochastic flow: rejected too, and named.
+    traj = run(Adam(0.01), model, data, 20, batch_size=4, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="minibatch"):
         switching_surfaces(traj, model, data)
 
 
