@@ -66,18 +66,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6, help="perturbed runs per kink_tol")
     parser.add_argument("--flows", default="rmsprop,adam")
-    parser.add_argument("--branches", action="store_true",
-                        help="only: where each flow's run meets a surface that turns repelling")
     parser.add_argument("--figure", metavar="PNG",
                         help="only: draw Adam's branch point (docs/gallery/adam_branch.png)")
-    parser.add_argument("--part", action="store_true",
-                        help="only: where the default runs at kink_tol 1e-3 and 1e-4 part")
-    parser.add_argument("--discrete", action="store_true",
-                        help="only: discrete Adam at several steps through Adam's branch point")
-    parser.add_argument("--series", action="store_true",
-                        help="only: DecayHeun's own runs at kink_tol 1e-3 to 1e-4 (Adam to 1e-5)")
-    parser.add_argument("--few-kinks", action="store_true",
-                        help="only: DecayIMEX against DecayHeun on a ReLU MLP with few kinks")
+    for flag, what in (
+            ("--branches", "where each flow's run meets a surface that turns repelling"),
+            ("--part", "where the default runs at kink_tol 1e-3 and 1e-4 part"),
+            ("--discrete", "discrete Adam at several steps through Adam's branch point"),
+            ("--series", "DecayHeun's own runs at kink_tol 1e-3 to 1e-4 (Adam to 1e-5)"),
+            ("--few-kinks", "DecayIMEX against DecayHeun on a ReLU MLP with few kinks")):
+        parser.add_argument(flag, action="store_true", help=f"only: {what}")
     args = parser.parse_args()
     data = separable_gaussians(100, 5, seed=0)
     model = MLP(5, 16, 2, key=jax.random.PRNGKey(0))
