@@ -62,6 +62,21 @@ def _rel(a, b):
     return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
+# Adam's branch point (--branches): hidden unit 11's surface for sample 53.
+UNIT, SAMPLE = 11, 53
+
+
+def _z(model, data, w) -> float:
+    """<w_11, x_53> at the flat state w: its sign is the side of the surface."""
+    w1 = np.asarray(unflatten(model, jnp.asarray(w)).weights[0])[UNIT]
+    return float(w1 @ np.asarray(data.X)[SAMPLE])
+
+
+def _a(model, w) -> float:
+    """The output weight a_11 of unit 11 at the flat state w."""
+    return float(unflatten(model, jnp.asarray(w)).weights[1][0, UNIT])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6, help="perturbed runs per kink_tol")
@@ -151,7 +166,7 @@ def branches(model, data) -> None:
               f"{found.branch_points()}; unit 11, sample 53 (z relative, velocity above / "
               "below, kind, output weight a_11):")
         for k in np.flatnonzero((found.unit == 11) & (found.sample == 53))[::3]:
-            a11 = float(unflatten(model, jnp.asarray(traj.w[found.save[k]])).weights[1][0, 11])
+            a11 = _a(model, traj.w[found.save[k]])
             print(f"  t = {found.ts[k]:.3f}  z {found.z[k]:+.1e}  {found.above[k]:+.2e} / "
                   f"{found.below[k]:+.2e}  {found.kinds()[k]:<9}  a_11 {a11:+.2e}")
 
@@ -171,8 +186,7 @@ def figure(model, data, path) -> None:
     traj = simulate(FLOWS["adam"], model, data, ts[-1], ts=ts, kink_tol=1e-4)
     found = switching_surfaces(traj, model, data)
     pair = np.flatnonzero((found.unit == 11) & (found.sample == 53))
-    a11 = [float(unflatten(model, jnp.asarray(traj.w[s])).weights[1][0, 11])
-           for s in found.save[pair]]
+    a11 = [_a(model, traj.w[s]) for s in found.save[pair]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     left.plot(found.ts[pair], found.above[pair], "C3.-", label=r"$\dot z$ just above")
     left.plot(found.ts[pair], found.below[pair], "C0.-", label=r"$\dot z$ just below")
@@ -191,8 +205,8 @@ def figure(model, data, path) -> None:
     for tol, style in ((1e-3, "C2-"), (1e-4, "C1-")):
         w = np.asarray(simulate(FLOWS["adam"], model, data, grid[-1], ts=grid, kink_tol=tol,
                                 solver=DecayHeun()).w)
-        W1 = np.stack([np.asarray(unflatten(model, jnp.asarray(v)).weights[0])[11] for v in w])
-        z = W1 @ X[53] / np.linalg.norm(W1, axis=1) / np.linalg.norm(X[53])
+        norms = [np.linalg.norm(unflatten(model, jnp.asarray(v)).weights[0][UNIT]) for v in w]
+        z = np.array([_z(model, data, v) for v in w]) / norms / np.linalg.norm(X[SAMPLE])
         right.plot(grid, z, style, label=f"DecayHeun, kink_tol {tol:g}")
     right.axhline(0, color="0.6", lw=0.8)
     right.set(xlabel="t", ylabel=r"$z_{11,53} / (\|w_{11}\| \|x_{53}\|)$",
@@ -211,7 +225,6 @@ def part(model, data) -> None:
     (module docstring)."""
     ts = np.concatenate([np.geomspace(1e-3, 1.0, 161), [1e10]])
     k_side = int(np.argmin(np.abs(ts - 0.2)))
-    X = np.asarray(data.X)
     for name in ("rmsprop", "adam"):
         w = {tol: np.asarray(simulate(FLOWS[name], model, data, ts[-1], ts=ts,
                                       kink_tol=tol).w) for tol in (1e-3, 1e-4)}
@@ -219,8 +232,7 @@ def part(model, data) -> None:
         print(f"{name}: distance between the runs at kink_tol 1e-3 and 1e-4 at t = "
               + ", ".join(f"{ts[k]:.3g}: {d[k]:.1e}" for k in [*range(0, 161, 10), 161]))
         if name == "adam":
-            z = {tol: float(np.asarray(unflatten(model, jnp.asarray(v[k_side])).weights[0])
-                            [11] @ X[53]) for tol, v in w.items()}
+            z = {tol: _z(model, data, v[k_side]) for tol, v in w.items()}
             print(f"  <w_11, x_53> at t = {ts[k_side]:.3g}: "
                   + ", ".join(f"kink_tol {tol:g}: {x:+.1e}" for tol, x in z.items()),
                   flush=True)
@@ -246,8 +258,8 @@ def discrete(model, data) -> None:
     for eta in np.geomspace(1e-3, 3e-6, 25):  # which side each leaves on
         traj = run(matching_optimizer(flow, float(eta)), model, data,
                    int(round(0.11 / eta)), save_every=int(round(0.11 / eta)))
-        w1 = np.asarray(unflatten(model, jnp.asarray(np.asarray(traj.w)[-1])).weights[0])
-        sides.append(f"{eta:.2g}: {'above' if w1[11] @ np.asarray(data.X)[53] > 0 else 'below'}")
+        side = "above" if _z(model, data, np.asarray(traj.w)[-1]) > 0 else "below"
+        sides.append(f"{eta:.2g}: {side}")
     print("discrete Adam at 25 steps eta, side of unit 11's surface for sample 53 at t = "
           "0.11: " + ", ".join(sides))
     for eta in (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6):
@@ -256,12 +268,10 @@ def discrete(model, data) -> None:
         ts = np.asarray(traj.ts)
         runs[f"discrete, eta {eta:g}"] = np.asarray(traj.w)[
             [int(np.argmin(np.abs(ts - t))) for t in grid]]
-    X = np.asarray(data.X)
     print("z = <w_11, x_53> at t = " + ", ".join(f"{t:g}" for t in grid[:3]) + "; then the "
           "distance at t = 0.4 to each run, in the order listed")
     for label, w in runs.items():
-        z = [float(np.asarray(unflatten(model, jnp.asarray(x)).weights[0])[11] @ X[53])
-             for x in w[:3]]
+        z = [_z(model, data, x) for x in w[:3]]
         far = [_rel(w[-1], other[-1]) for other in runs.values()]
         side = "above" if z[2] > 0 else "below"
         print(f"  {label:<22} " + " ".join(f"{x:+.1e}" for x in z) + f"  ({side})  "
@@ -280,8 +290,7 @@ def series(model, data) -> None:
         print(f"{name}, DecayHeun, steps: " + ", ".join(
             f"{tol:g}: {runs[tol].stats['num_steps']}" for tol in tols))
         if name == "adam":  # the side of its branch point (--branches) each run is on
-            z = [float(np.asarray(unflatten(model, jnp.asarray(traj.w[0])).weights[0])[11]
-                       @ np.asarray(data.X)[53]) for traj in runs.values()]
+            z = [_z(model, data, traj.w[0]) for traj in runs.values()]
             print("  <w_11, x_53> at t = 0.2: " + ", ".join(
                 f"{tol:g}: {x:+.1e}" for tol, x in zip(tols, z, strict=True)))
         w = {tol: np.asarray(traj.w) for tol, traj in runs.items()}
