@@ -671,15 +671,17 @@ def _states_near_surfaces(model, data, rng, count):
     return np.stack(states)
 
 
-@pytest.mark.parametrize("activation, out_dim, depth", [("leaky_relu", 3, 3), ("relu", 1, 2)])
+@pytest.mark.parametrize("activation, out_dim, depth, loss", [
+    ("leaky_relu", 3, 3, None), ("relu", 1, 2, None), ("relu", 1, 2, "logistic")])
 def test_switching_surfaces_finds_every_triple_in_the_band_with_its_own_sides_field(
-        activation, out_dim, depth):
+        activation, out_dim, depth, loss):
     # On a synthetic record (states put near surfaces by hand, a random positive
     # conditioner): the triples found are exactly {(k, j, i): |z| <= band |w_j| |x_i|},
     # counted here directly; on the state's own side of its surface the velocity read is
     # the real model's, -<h_j * (grad L)_j, x_i> by autodiff at the state, to rounding
     # (1e-10 of the largest term: the same function differentiated, in float64); kind and
-    # junction follow their definitions from the velocities found.
+    # junction follow their definitions from the velocities found. Losses: cross-entropy
+    # (3 classes), exponential and logistic (binary).
     from marginflow import Trajectory
     from marginflow.analysis import switching_surfaces
     from marginflow.models import Objective, unflatten
@@ -688,7 +690,7 @@ def test_switching_surfaces_finds_every_triple_in_the_band_with_its_own_sides_fi
     data = separable_gaussians(12, 4, seed=7)
     if out_dim > 1:
         data = type(data)(data.X, jnp.asarray(np.arange(12) % out_dim))
-    objective = Objective(model, data)
+    objective = Objective(model, data, loss)
     rng = np.random.default_rng(5)
     w = _states_near_surfaces(model, data, rng, 6)
     h = rng.uniform(0.5, 2.0, w.shape)
